@@ -1,0 +1,124 @@
+"""``tidemark-agent``: the agent's command line (run, status).
+
+Rule: exit 0 on success, 1 on failure, 2 on usage errors; ``--json`` prints one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.cli import (
+    print_disk_table,
+    print_json,
+    query_status,
+    run_loop,
+    run_until_signal,
+    setup_logging,
+)
+from common.config import AgentConfig, load_agent_config
+from common.durable import read_json
+from common.errors import TidemarkError
+
+STATUS_COLUMNS = [
+    "disk",
+    "state",
+    "journaled_seq",
+    "acked_seq",
+    "lag_bytes",
+    "rpo_seconds",
+    "journal_bytes",
+    "path",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidemark-agent", description="tidemark agent (source server)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("run", help="protect the configured disks and replicate them")
+    p.add_argument("--config", required=True, type=Path, help="agent.toml")
+    p.add_argument("--log-level", default="INFO")
+    p = sub.add_parser("status", help="per-disk replication status")
+    p.add_argument("--config", required=True, type=Path, help="agent.toml")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+async def _run(config: Path) -> int:
+    from agent.service import Agent
+
+    agent = Agent(load_agent_config(config))
+    await run_until_signal(agent.start, agent.stop)
+    return 0
+
+
+def offline_status(cfg: AgentConfig) -> dict[str, Any]:
+    """What the state directory says while the agent is not running."""
+    disks = []
+    for dc in cfg.disks:
+        row: dict[str, Any] = {
+            "agent": cfg.name,
+            "disk": dc.id,
+            "path": str(dc.path),
+            "state": "stopped",
+        }
+        state_file = cfg.state_dir / "disks" / dc.id / "state.json"
+        if state_file.exists():
+            state = read_json(state_file)
+            if state.get("resync_required"):
+                row["state"] = "resync-required"
+            row["resync_reason"] = state.get("resync_reason")
+        journal = cfg.state_dir / "disks" / dc.id / "journal"
+        row["journal_bytes"] = (
+            sum(p.stat().st_size for p in journal.glob("*.seg")) if journal.is_dir() else 0
+        )
+        row["journal_quota"] = cfg.journal_quota
+        for key in ("journaled_seq", "acked_seq", "applied_seq", "lag_bytes", "rpo_seconds"):
+            row.setdefault(key, None)
+        disks.append(row)
+    return {"role": "agent", "name": cfg.name, "running": False, "disks": disks}
+
+
+async def _status(config: Path, as_json: bool) -> int:
+    cfg = load_agent_config(config)
+    status = await query_status(cfg.admin_socket)
+    if status is None:
+        status = await asyncio.to_thread(offline_status, cfg)
+    status.pop("ok", None)
+    if as_json:
+        print_json(status)
+    else:
+        link = status.get("link") or {}
+        state = "running" if status.get("running") else "not running"
+        print(
+            f"agent {status.get('name')} ({state}), process server {cfg.process_server}, "
+            f"link {'up' if link.get('connected') else 'down'}"
+        )
+        print_disk_table(status["disks"], STATUS_COLUMNS)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            setup_logging(args.log_level)
+            return run_loop(_run(args.config))
+        if args.command == "status":
+            return run_loop(_status(args.config, args.json))
+    except TidemarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""A protected disk: the write path every writer goes through (Python API and NBD export).
+
+Rules it keeps:
+- A write is journaled, then written to the image, in one event-loop step, so the
+  journal order is the image order however many writers there are.
+- ``flush()`` / ``fua=True`` return only after the journal and the image are both
+  fdatasync'ed (one group commit shared by every caller of the disk).
+- After an unclean stop the journal is replayed onto the image (redo), so a write
+  that reached the journal but not the image cannot make the replica diverge.
+- When the journal quota is exhausted the disk switches to a persisted dirty
+  bitmap and the state ``resync-required``; nothing is ever silently dropped.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.dirty_bitmap import DirtyBitmap
+from agent.journal import Journal
+from common.durable import (
+    GroupCommit,
+    atomic_write_json,
+    pread_exact,
+    pwrite_all,
+    read_json,
+    zero_range,
+)
+from common.errors import DiskError, IntegrityError
+
+log = logging.getLogger("tidemark.agent.disk")
+
+STATE_FILE = "state.json"
+BITMAP_FILE = "dirty.bitmap"
+MAX_IO = 64 << 20  # largest single read or data write accepted from any writer
+MAX_ZERO = (1 << 32) - 1  # largest single write-zeroes / trim (the NBD length field is 32-bit)
+
+
+class _PendingWrites:
+    """Seq, size and time of every journaled write not yet acknowledged by the process server.
+
+    Three flat arrays (24 bytes a write), so memory is bounded by the journal quota."""
+
+    def __init__(self) -> None:
+        self.seqs = array.array("q")
+        self.sizes = array.array("q")
+        self.times = array.array("q")
+        self.start = 0
+        self.bytes = 0
+
+    def add(self, seq: int, size: int, time_ns: int) -> None:
+        self.seqs.append(seq)
+        self.sizes.append(size)
+        self.times.append(time_ns)
+        self.bytes += size
+
+    def ack_through(self, seq: int) -> None:
+        while self.start < len(self.seqs) and self.seqs[self.start] <= seq:
+            self.bytes -= self.sizes[self.start]
+            self.start += 1
+        if self.start > 4096 and self.start * 2 > len(self.seqs):
+            del self.seqs[: self.start]
+            del self.sizes[: self.start]
+            del self.times[: self.start]
+            self.start = 0
+
+    @property
+    def oldest_ns(self) -> int:
+        return self.times[self.start] if self.start < len(self.times) else 0
+
+    def __len__(self) -> int:
+        return len(self.seqs) - self.start
+
+
+class ProtectedDisk:
+    """One protected disk: image file (or block device) + journal + persisted state."""
+
+    def __init__(
+        self,
+        disk_id: str,
+        image_path: Path,
+        state_dir: Path,
+        image_fd: int,
+        size: int,
+        journal: Journal,
+        state: dict[str, Any],
+    ) -> None:
+        self.disk_id = disk_id
+        self.image_path = image_path
+        self.state_dir = state_dir
+        self.size = size
+        self.read_only = False
+        self.journal = journal
+        self._fd = image_fd
+        self._state = state
+        self._image_commit = GroupCommit(lambda: os.fdatasync(self._fd))
+        self._pending = _PendingWrites()
+        self.acked_seq = journal.first_seq - 1
+        self.new_records = asyncio.Event()
+        self.link_state = (
+            "standalone"  # set by the shipper: connecting / replicating / disconnected
+        )
+        self.bitmap: DirtyBitmap | None = None
+        self._closed = False
+        self.redo_records = 0
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    async def open(
+        cls,
+        disk_id: str,
+        image_path: Path,
+        journal_dir: Path,
+        *,
+        journal_quota: int = 1 << 30,
+        segment_bytes: int = 64 << 20,
+    ) -> ProtectedDisk:
+        """Open a disk for protection. ``journal_dir`` is the disk's own state directory
+        (journal, dirty bitmap, state file). Raises DiskError, IntegrityError."""
+        return await asyncio.to_thread(
+            cls._open_blocking, disk_id, image_path, journal_dir, journal_quota, segment_bytes
+        )
+
+    @classmethod
+    def _open_blocking(
+        cls, disk_id: str, image_path: Path, state_dir: Path, quota: int, segment_bytes: int
+    ) -> ProtectedDisk:
+        try:
+            fd = os.open(image_path, os.O_RDWR)
+        except OSError as exc:
+            raise DiskError(
+                exc.errno or errno.EIO, f"{image_path}: cannot open: {exc.strerror}"
+            ) from exc
+        mode = os.fstat(fd).st_mode
+        size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(mode) else os.fstat(fd).st_size
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state_path = state_dir / STATE_FILE
+        state: dict[str, Any]
+        if state_path.exists():
+            state = read_json(state_path)
+            if state.get("size") != size:
+                os.close(fd)
+                raise DiskError(
+                    errno.EINVAL,
+                    f"{disk_id}: image size changed from {state.get('size')} to {size}; "
+                    "resizing a protected disk is not supported",
+                )
+        else:
+            state = {
+                "disk_id": disk_id,
+                "size": size,
+                "image": str(image_path),
+                "created_ns": time.time_ns(),
+                "clean": True,
+                "resync_required": not _image_is_all_holes(fd, size),
+                "resync_reason": "initial",
+            }
+            if not state["resync_required"]:
+                state["resync_reason"] = None
+        journal = Journal(state_dir / "journal", quota=quota, segment_bytes=segment_bytes)
+        disk = cls(disk_id, image_path, state_dir, fd, size, journal, state)
+        if journal.log.truncated_bytes:
+            log.warning(
+                "disk=%s event=journal_tail_truncated bytes=%d",
+                disk_id,
+                journal.log.truncated_bytes,
+            )
+        bitmap_path = state_dir / BITMAP_FILE
+        if state.get("resync_required"):
+            disk.bitmap = (
+                DirtyBitmap.load(bitmap_path) if bitmap_path.exists() else DirtyBitmap(size)
+            )
+            if not state.get("clean", False) or state.get("resync_reason") == "initial":
+                disk.bitmap.mark_all()  # the in-memory bitmap of the last run was lost
+        elif not state.get("clean", False):
+            disk._redo_journal()
+        disk._rebuild_pending()
+        state["clean"] = False
+        disk._save_state()
+        if disk.bitmap is not None:
+            disk.bitmap.save(bitmap_path)
+        return disk
+
+    def _redo_journal(self) -> None:
+        """Replay every journaled record onto the image (after an unclean stop)."""
+        seq = self.journal.first_seq
+        while seq <= self.journal.last_seq:
+            entries = self.journal.read(seq, 8 << 20)
+            for entry in entries:
+                self._apply_to_image(entry.offset, entry.length, entry.data, entry.may_trim)
+                seq = entry.seq + 1
+                self.redo_records += 1
+        os.fdatasync(self._fd)
+        if self.redo_records:
+            log.info("disk=%s event=journal_redo records=%d", self.disk_id, self.redo_records)
+
+    def _rebuild_pending(self) -> None:
+        seq = self.journal.first_seq
+        while seq <= self.journal.last_seq:
+            for entry in self.journal.read(seq, 8 << 20):
+                self._pending.add(
+                    entry.seq, entry.length if entry.data is not None else 0, entry.time_ns
+                )
+                seq = entry.seq + 1
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.state_dir / STATE_FILE, self._state)
+
+    # ----------------------------------------------------------------- status
+    @property
+    def resync_required(self) -> bool:
+        return bool(self._state.get("resync_required"))
+
+    @property
+    def state(self) -> str:
+        if self.resync_required:
+            return "resync-required"
+        return self.link_state
+
+    @property
+    def journaled_seq(self) -> int:
+        return self.journal.last_seq
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending.bytes
+
+    @property
+    def oldest_pending_ns(self) -> int:
+        return self._pending.oldest_ns
+
+    def rpo_seconds(self, now_ns: int) -> float:
+        """Age of the oldest write not yet durable at the process server (0 when none)."""
+        oldest = self._pending.oldest_ns
+        return max(0.0, (now_ns - oldest) / 1e9) if oldest else 0.0
+
+    def status(self, now_ns: int) -> dict[str, Any]:
+        return {
+            "disk": self.disk_id,
+            "path": str(self.image_path),
+            "size": self.size,
+            "state": self.state,
+            "resync_reason": self._state.get("resync_reason"),
+            "journaled_seq": self.journaled_seq,
+            "acked_seq": self.acked_seq,
+            "lag_bytes": self.pending_bytes,
+            "lag_writes": len(self._pending),
+            "rpo_seconds": round(self.rpo_seconds(now_ns), 3),
+            "journal_bytes": self.journal.bytes_used,
+            "journal_quota": self.journal.quota,
+            "dirty_bytes": self.bitmap.dirty_bytes if self.bitmap else 0,
+            "read_only": self.read_only,
+        }
+
+    # ----------------------------------------------------------------- I/O
+    def _check(self, offset: int, length: int, *, writing: bool, limit: int = MAX_IO) -> None:
+        if self._closed:
+            raise DiskError(errno.ESHUTDOWN, f"{self.disk_id}: disk is closed")
+        if writing and self.read_only:
+            raise DiskError(errno.EROFS, f"{self.disk_id}: disk is read-only")
+        if offset < 0 or length <= 0 or length > limit or offset + length > self.size:
+            code = errno.ENOSPC if writing and offset + length > self.size else errno.EINVAL
+            raise DiskError(code, f"{self.disk_id}: bad range offset={offset} length={length}")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length, writing=False)
+        try:
+            return pread_exact(self._fd, length, offset)
+        except OSError as exc:
+            raise DiskError(exc.errno or errno.EIO, f"{self.disk_id}: read failed: {exc}") from exc
+
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> int:
+        self._check(offset, len(data), writing=True)
+        seq = self._record(offset, len(data), data, may_trim=False)
+        if fua:
+            await self.flush()
+        return seq
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
+    ) -> int:
+        self._check(offset, length, writing=True, limit=MAX_ZERO)
+        seq = self._record(offset, length, None, may_trim=may_trim)
+        if fua:
+            await self.flush()
+        return seq
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> int:
+        """Discard a range. Trimmed ranges read back as zeros here (and so on the replica)."""
+        return await self.write_zeroes(offset, length, fua=fua, may_trim=True)
+
+    def _record(
+        self, offset: int, length: int, data: bytes | memoryview | None, *, may_trim: bool
+    ) -> int:
+        """Journal then apply one write, synchronously (one event-loop step)."""
+        now = time.time_ns()
+        seq = 0
+        payload = length if data is not None else 0
+        if self.bitmap is None and self.journal.fits(payload + 32):
+            try:
+                if data is not None:
+                    seq = self.journal.append_write(offset, data, now)
+                else:
+                    seq = self.journal.append_zero(offset, length, now, may_trim=may_trim)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskError(
+                        errno.EIO, f"{self.disk_id}: journal write failed: {exc}"
+                    ) from exc
+                self._overflow(f"journal device full: {exc.strerror}")
+        elif self.bitmap is None:
+            self._overflow("journal quota exhausted")
+        if seq:
+            self._pending.add(seq, payload, now)
+            self.new_records.set()
+        else:
+            assert self.bitmap is not None
+            self.bitmap.mark(offset, length)
+        try:
+            self._apply_to_image(offset, length, data, may_trim)
+        except OSError as exc:
+            raise DiskError(
+                exc.errno or errno.EIO, f"{self.disk_id}: image write failed: {exc}"
+            ) from exc
+        self._image_commit.mark()
+        return seq
+
+    def _apply_to_image(
+        self, offset: int, length: int, data: bytes | memoryview | None, may_trim: bool
+    ) -> None:
+        if data is not None:
+            pwrite_all(self._fd, data, offset)
+        else:
+            zero_range(self._fd, offset, length, punch=may_trim)
+
+    def _overflow(self, reason: str) -> None:
+        """Switch to the dirty bitmap: the journal can take no more."""
+        log.error(
+            "disk=%s event=journal_overflow reason=%r journal_bytes=%d quota=%d state=resync-required",
+            self.disk_id,
+            reason,
+            self.journal.bytes_used,
+            self.journal.quota,
+        )
+        self.bitmap = DirtyBitmap(self.size)
+        self._state["resync_required"] = True
+        self._state["resync_reason"] = "journal-overflow"
+        self._state["overflow_at_seq"] = self.journal.last_seq
+        self._save_state()
+        self.bitmap.save(self.state_dir / BITMAP_FILE)
+
+    async def flush(self) -> None:
+        """Make every completed write durable in the journal and the image. Raises DiskError."""
+        try:
+            await asyncio.gather(self.journal.sync(), self._image_commit.commit())
+            if self.bitmap is not None and self.bitmap.changed:
+                await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
+        except OSError as exc:
+            raise DiskError(exc.errno or errno.EIO, f"{self.disk_id}: flush failed: {exc}") from exc
+
+    # ----------------------------------------------------------------- replication
+    async def acknowledge(self, seq: int) -> None:
+        """The process server holds everything ``<= seq`` durably: drop it from the journal."""
+        if seq <= self.acked_seq:
+            return
+        self.acked_seq = min(seq, self.journal.last_seq)
+        self._pending.ack_through(self.acked_seq)
+        await self.journal.release_through(self.acked_seq)
+
+    def mark_resync_required(self, reason: str) -> None:
+        """The replica cannot be proven level by the journal (seq mismatch, lost state...)."""
+        if self.resync_required:
+            return
+        log.error("disk=%s event=resync_required reason=%r", self.disk_id, reason)
+        self.bitmap = DirtyBitmap(self.size)
+        self.bitmap.mark_all()
+        self._state["resync_required"] = True
+        self._state["resync_reason"] = reason
+        self._save_state()
+        self.bitmap.save(self.state_dir / BITMAP_FILE)
+
+    async def close(self) -> None:
+        """Flush everything and record a clean stop."""
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        self._state["clean"] = True
+        await asyncio.to_thread(self._save_state)
+        self.journal.close()
+        os.close(self._fd)
+
+
+def _image_is_all_holes(fd: int, size: int) -> bool:
+    """True when the image has no allocated data at all (a fresh sparse file)."""
+    if size == 0:
+        return True
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO
+    return False
+
+
+__all__ = ["MAX_IO", "DiskError", "IntegrityError", "ProtectedDisk"]

@@ -1,0 +1,330 @@
+"""The shipper: journal → batches → one mutually authenticated TLS connection to the process server.
+
+Rules it keeps:
+- After every (re)connection each disk resumes at the process server's durable
+  ``cached_seq + 1``, so a batch is stored exactly once whatever was in flight.
+- At most ``window_batches`` / ``window_bytes`` of unacknowledged batches are in
+  flight per disk; the journal, not memory, holds the backlog.
+- A journal segment is deleted only after the process server acknowledged it.
+- Failures are classified once: connection and protocol errors are temporary
+  (reconnect with backoff); an AUTH refusal is logged loudly and retried slowly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from agent.disk import ProtectedDisk
+from agent.journal import JournalEntry
+from common.aio import first_leaf
+from common.config import AgentConfig
+from common.errors import IntegrityError
+from common.framed import FramedStream
+from common.segment_log import Cursor
+from common.tls import CLIENT_SERVER_HOSTNAME, client_context
+from process_server.pki import Credentials
+from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batch
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.frames import (
+    Ack,
+    BatchMsg,
+    Connection,
+    DiskReport,
+    Heartbeat,
+    Hello,
+    HelloOk,
+    Register,
+    Registered,
+)
+
+log = logging.getLogger("tidemark.agent.shipper")
+MAX_EXTENT = (1 << 32) - 1
+INLINE_ENCODE_BYTES = 128 << 10  # smaller batches are encoded on the loop, larger ones in a thread
+
+
+@dataclass
+class _DiskLink:
+    """Per-disk shipping state of one connection."""
+
+    disk: ProtectedDisk
+    next_seq: int
+    inflight: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
+    inflight_bytes: int = 0
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class ShipperStats:
+    connects: int = 0
+    batches_sent: int = 0
+    raw_bytes_sent: int = 0
+    wire_bytes_sent: int = 0
+    last_error: str | None = None
+    connected_since: float | None = None
+
+
+class Shipper:
+    """Replicates every disk of one agent to its process server, reconnecting forever."""
+
+    def __init__(
+        self, cfg: AgentConfig, creds: Credentials, disks: dict[str, ProtectedDisk]
+    ) -> None:
+        self.cfg = cfg
+        self.creds = creds
+        self.disks = disks
+        self.stats = ShipperStats()
+        self._ssl = client_context(creds)
+        self._heartbeat_counter = 0
+
+    async def run(self) -> None:
+        """Connect, replicate, reconnect with backoff; returns only when cancelled."""
+        delay = self.cfg.reconnect_min
+        while True:
+            started = time.monotonic()
+            try:
+                try:
+                    await self._session()
+                except BaseExceptionGroup as group:
+                    raise first_leaf(group) from None
+            except ProtocolError as exc:
+                self._note_error(f"protocol error {exc.code.name}: {exc}")
+                if exc.code == ErrorCode.AUTH:
+                    delay = self.cfg.reconnect_max
+            except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                self._note_error(f"{type(exc).__name__}: {exc}")
+            except IntegrityError as exc:
+                self._note_error(f"journal integrity: {exc}")
+                delay = self.cfg.reconnect_max
+            for disk in self.disks.values():
+                disk.link_state = "disconnected"
+            self.stats.connected_since = None
+            if time.monotonic() - started > 5 * self.cfg.reconnect_max:
+                delay = self.cfg.reconnect_min
+            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, self.cfg.reconnect_max)
+
+    def _note_error(self, message: str) -> None:
+        if message != self.stats.last_error:
+            log.warning("event=replication_link_down error=%r", message)
+        self.stats.last_error = message
+
+    async def _session(self) -> None:
+        for disk in self.disks.values():
+            disk.link_state = "connecting"
+        ps = self.cfg.process_server
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                ps.host,
+                ps.port,
+                ssl=self._ssl,
+                server_hostname=CLIENT_SERVER_HOSTNAME,
+                limit=1 << 20,
+            ),
+            self.cfg.connect_timeout,
+        )
+        writer.transport.set_write_buffer_limits(high=8 << 20)
+        stream = FramedStream(reader, writer, Connection("client"))
+        try:
+            await stream.send(Hello(self.cfg.name, "agent"))
+            hello = await asyncio.wait_for(stream.recv(), self.cfg.connect_timeout)
+            if not isinstance(hello, HelloOk):
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED, f"expected HELLO_OK, got {type(hello).__name__}"
+                )
+            max_batch = min(self.cfg.max_batch_bytes, hello.max_batch)
+            links: dict[str, _DiskLink] = {}
+            for disk in self.disks.values():
+                await stream.send(Register(disk.disk_id, disk.size, disk.journaled_seq))
+                reply = await asyncio.wait_for(stream.recv(), self.cfg.connect_timeout)
+                if not isinstance(reply, Registered) or reply.disk_id != disk.disk_id:
+                    raise ProtocolError(
+                        ErrorCode.UNEXPECTED, f"expected REGISTERED for {disk.disk_id}"
+                    )
+                link = await self._resume_point(disk, reply)
+                if link is not None:
+                    links[disk.disk_id] = link
+            self.stats.connects += 1
+            self.stats.connected_since = time.monotonic()
+            self.stats.last_error = None
+            log.info("event=replication_link_up process_server=%s disks=%d", ps, len(links))
+            for disk in self.disks.values():
+                disk.link_state = "replicating"
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(stream, links))
+                tg.create_task(self._heartbeats(stream))
+                for link in links.values():
+                    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=2)
+                    tg.create_task(self._produce(link, queue, max_batch))
+                    tg.create_task(self._send(stream, link, queue))
+        finally:
+            await stream.close()
+
+    async def _resume_point(self, disk: ProtectedDisk, reply: Registered) -> _DiskLink | None:
+        """Where to resume a disk; None (and resync-required) when the journal cannot prove it."""
+        cached = reply.cached_seq
+        if cached > disk.journaled_seq:
+            disk.mark_resync_required(
+                f"process server holds seq {cached}, beyond this journal's {disk.journaled_seq}"
+            )
+            return None
+        if cached < disk.journal.first_seq - 1:
+            disk.mark_resync_required(
+                f"process server holds seq {cached}, but the journal starts at {disk.journal.first_seq}"
+            )
+            return None
+        await disk.acknowledge(cached)
+        return _DiskLink(disk, cached + 1)
+
+    async def _produce(
+        self, link: _DiskLink, queue: asyncio.Queue[tuple[bytes, int, int]], max_batch: int
+    ) -> None:
+        """Read the journal, coalesce and encode batches, respecting the window."""
+        disk = link.disk
+        cursor = Cursor()
+        level = self.cfg.compression_level
+        while True:
+            while (
+                len(link.inflight) + queue.qsize() >= self.cfg.window_batches
+                or link.inflight_bytes >= self.cfg.window_bytes
+            ):
+                link.acked.clear()
+                await link.acked.wait()
+            if link.next_seq > disk.journaled_seq:
+                disk.new_records.clear()
+                if link.next_seq > disk.journaled_seq:
+                    await disk.new_records.wait()
+                if self.cfg.batch_delay:
+                    await asyncio.sleep(self.cfg.batch_delay)
+                continue
+            entries = disk.journal.read(link.next_seq, max_batch, cursor)
+            coalescer = Coalescer()
+            newest = 0
+            taken: list[JournalEntry] = []
+            for entry in entries:
+                if entry.data is not None:
+                    if coalescer.raw_bytes + entry.length > max_batch and taken:
+                        break
+                    coalescer.add_data(entry.offset, entry.data)  # type: ignore[arg-type]  # copies a memoryview
+                else:
+                    coalescer.add_zero(entry.offset, entry.length)
+                newest = max(newest, entry.time_ns)
+                taken.append(entry)
+            first, last = taken[0].seq, taken[-1].seq
+            extents = _split_long_zeroes(coalescer.extents())
+            raw = coalescer.raw_bytes
+            codec = CODEC_ZSTD if level != 0 else CODEC_RAW
+            if raw > INLINE_ENCODE_BYTES:
+                data = await asyncio.to_thread(
+                    encode_batch,
+                    disk.disk_id,
+                    first,
+                    last,
+                    extents,
+                    newest_write_ns=newest,
+                    codec=codec,
+                    level=level,
+                )
+            else:
+                data = encode_batch(
+                    disk.disk_id,
+                    first,
+                    last,
+                    extents,
+                    newest_write_ns=newest,
+                    codec=codec,
+                    level=level,
+                )
+            link.next_seq = last + 1
+            link.inflight_bytes += raw
+            await queue.put((data, last, raw))
+
+    async def _send(
+        self, stream: FramedStream, link: _DiskLink, queue: asyncio.Queue[tuple[bytes, int, int]]
+    ) -> None:
+        while True:
+            data, last, raw = await queue.get()
+            msg = BatchMsg.from_data(data)
+            link.inflight.append((last, raw))
+            await stream.send(msg)
+            self.stats.batches_sent += 1
+            self.stats.raw_bytes_sent += raw
+            self.stats.wire_bytes_sent += len(data)
+
+    async def _receive(self, stream: FramedStream, links: dict[str, _DiskLink]) -> None:
+        timeout = max(3 * self.cfg.heartbeat_interval, 10.0)
+        while True:
+            msg = await asyncio.wait_for(stream.recv(), timeout)
+            if isinstance(msg, Ack):
+                link = links.get(msg.disk_id)
+                if link is None:
+                    raise ProtocolError(ErrorCode.UNEXPECTED, f"ACK for unknown disk {msg.disk_id}")
+                while link.inflight and link.inflight[0][0] <= msg.durable_seq:
+                    _, raw = link.inflight.popleft()
+                    link.inflight_bytes -= raw
+                await link.disk.acknowledge(msg.durable_seq)
+                link.acked.set()
+            elif isinstance(msg, Heartbeat):
+                continue
+            else:
+                raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
+
+    async def _heartbeats(self, stream: FramedStream) -> None:
+        while True:
+            self._heartbeat_counter += 1
+            reports = tuple(
+                DiskReport(
+                    disk_id=d.disk_id,
+                    state=d.state,
+                    journaled_seq=d.journaled_seq,
+                    acked_seq=d.acked_seq,
+                    pending_bytes=d.pending_bytes,
+                    oldest_pending_ns=d.oldest_pending_ns,
+                )
+                for d in self.disks.values()
+            )
+            await stream.send(Heartbeat(self._heartbeat_counter, reports))
+            await asyncio.sleep(self.cfg.heartbeat_interval)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "connected": self.stats.connected_since is not None,
+            "connects": self.stats.connects,
+            "batches_sent": self.stats.batches_sent,
+            "raw_bytes_sent": self.stats.raw_bytes_sent,
+            "wire_bytes_sent": self.stats.wire_bytes_sent,
+            "last_error": self.stats.last_error,
+        }
+
+
+def _split_long_zeroes(extents: list[Extent]) -> list[Extent]:
+    """Zero extents longer than the batch format's 32-bit length are split."""
+    if all(e.length <= MAX_EXTENT for e in extents):
+        return extents
+    out: list[Extent] = []
+    for e in extents:
+        offset, left = e.offset, e.length
+        while left > MAX_EXTENT and e.data is None:
+            out.append(Extent(offset, MAX_EXTENT, None))
+            offset += MAX_EXTENT
+            left -= MAX_EXTENT
+        out.append(Extent(offset, left, e.data))
+    return out
+
+
+async def drained(disks: dict[str, ProtectedDisk], timeout: float) -> bool:
+    """Wait until every disk's journal is acknowledged up to its newest seq."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(d.acked_seq >= d.journaled_seq for d in disks.values()):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+__all__ = ["Shipper", "contextlib", "drained"]

@@ -1,0 +1,1 @@
+"""tidemark-bench: throughput, RPO and RTO measured against baselines in the same run."""

@@ -1,0 +1,242 @@
+"""``tidemark-bench``: the benchmark harness.
+
+    tidemark-bench                      every scenario, full length
+    tidemark-bench --quick              every scenario, short form (5 s, 1 GiB disks)
+    tidemark-bench replication [--seconds N] [--disk-size 4GiB] [--json FILE]
+    tidemark-bench --list
+
+Each scenario is a module with ``NAME``, ``SUMMARY`` and ``run(Params) -> ScenarioResult``,
+registered in :data:`SCENARIOS` (imported lazily, so one broken scenario does not stop the
+others from being listed). Exit code: 0 when every scenario ran and its correctness checks
+held, 1 when one FAILED (an error, or e.g. a replica that differs from its source) — or, with
+``--strict``, when a performance target was missed too; 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from benchmarks.metrics import GIB, MIB, Figure, Params, ScenarioResult, machine_info
+
+SCENARIOS: dict[str, str] = {
+    "replication": "benchmarks.replication",
+    # later issues: "nbd", "rpo", "rto", "sync"
+}
+"""Scenario name -> module path."""
+
+FULL_SECONDS = 30.0
+QUICK_SECONDS = 5.0
+FULL_DISK = 4 * GIB
+QUICK_DISK = 1 * GIB
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(SCENARIOS[name])
+
+
+def _size(text: str) -> int:
+    from common.units import parse_size
+
+    try:
+        n = parse_size(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if n < 64 * MIB or n % MIB:
+        raise argparse.ArgumentTypeError("disk size must be a whole number of MiB, at least 64MiB")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.5 <= n <= 24 * 3600:
+        raise argparse.ArgumentTypeError("seconds must be between 0.5 and 86400")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tidemark-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default="all",
+        choices=[*SCENARIOS, "all"],
+        help="scenario to run (default: all)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"short form: {QUICK_SECONDS:g} s, {QUICK_DISK // GIB} GiB disk (unless given)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=_seconds,
+        default=None,
+        help=f"how long to write (default {FULL_SECONDS:g}, {QUICK_SECONDS:g} with --quick)",
+    )
+    p.add_argument(
+        "--disk-size",
+        type=_size,
+        default=None,
+        help="protected disk size, e.g. 4GiB (default 4GiB, 1GiB with --quick)",
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help="write every figure to FILE"
+    )
+    p.add_argument(
+        "--tmpdir",
+        type=Path,
+        default=None,
+        help="where the temporary deployment lives (default: $TMPDIR); removed at the end",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 when a performance target is missed"
+    )
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return p
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.1f}"
+    return str(value)
+
+
+def format_table(results: list[ScenarioResult]) -> str:
+    headers = ["scenario", "figure", "value", "unit", "baseline", "ratio", "target", "result"]
+    rows: list[list[str]] = []
+    for res in results:
+        figs: list[Figure] = res.figures
+        for f in figs:
+            verdict = (
+                ""
+                if f.passed is None
+                else ("pass" if f.passed else ("FAILED" if f.critical else "fail"))
+            )
+            rows.append(
+                [
+                    f.scenario,
+                    f.name,
+                    _fmt(f.value),
+                    f.unit,
+                    _fmt(f.baseline),
+                    "-" if f.ratio is None else f"{f.ratio:.2f}x",
+                    f.target or "-",
+                    verdict,
+                ]
+            )
+        if res.error:
+            rows.append([res.scenario, "error", res.error, "", "", "", "", "FAILED"])
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    right = {2, 4, 5}
+    lines = [
+        "  ".join(
+            h.rjust(w) if i in right else h.ljust(w)
+            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(
+            "  ".join(
+                v.rjust(w) if i in right else v.ljust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name in SCENARIOS:
+            try:
+                summary = _load(name).SUMMARY
+            except Exception as exc:  # a broken scenario must not hide the others
+                summary = f"(cannot load: {exc})"
+            print(f"{name:14} {summary}")
+        return 0
+    params = Params(
+        seconds=args.seconds
+        if args.seconds is not None
+        else (QUICK_SECONDS if args.quick else FULL_SECONDS),
+        disk_size=args.disk_size
+        if args.disk_size is not None
+        else (QUICK_DISK if args.quick else FULL_DISK),
+        quick=args.quick,
+        tmpdir=args.tmpdir,
+    )
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    started = dt.datetime.now(dt.UTC)
+    results: list[ScenarioResult] = []
+    for name in names:
+        print(
+            f"# {name}: {params.seconds:g} s, disk {params.disk_size / GIB:g} GiB ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        t0 = time.monotonic()
+        try:
+            res = _load(name).run(params)
+        except Exception as exc:
+            res = ScenarioResult(name, error=f"{type(exc).__name__}: {exc}")
+            res.details["traceback"] = traceback.format_exc()
+        res.details["wall_seconds"] = round(time.monotonic() - t0, 2)
+        results.append(res)
+
+    print(format_table(results))
+    failed = [r.scenario for r in results if r.failed]
+    missed = [r.scenario for r in results if not r.failed and not r.targets_met]
+    status = "FAILED" if failed else ("targets missed" if missed else "ok")
+    print(f"\nstatus: {status}" + (f" ({', '.join(failed or missed)})" if failed or missed else ""))
+    if args.json is not None:
+        doc = {
+            "tool": "tidemark-bench",
+            "started_at": started.isoformat(timespec="seconds"),
+            "command": shlex.join(["tidemark-bench", *argv]),
+            "cwd": os.getcwd(),
+            "params": {
+                "scenarios": names,
+                "seconds": params.seconds,
+                "disk_size": params.disk_size,
+                "block": params.block,
+                "quick": params.quick,
+            },
+            "machine": machine_info(),
+            "status": status,
+            "results": [r.as_dict() for r in results],
+        }
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        os.replace(tmp, args.json)
+    if failed or (args.strict and missed):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

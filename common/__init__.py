@@ -1,0 +1,1 @@
+"""Code shared by the agent, the process server and the master target (I/O helpers, config, TLS)."""

@@ -1,0 +1,90 @@
+"""Shared command-line plumbing: logging fit for journald, the event loop, signals, status tables.
+
+Rule: exit code 0 on success, 1 on failure, 2 on usage errors (argparse); a
+TidemarkError becomes one ``error: ...`` line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from common.admin import admin_request
+from common.units import format_size
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event, ``key=value`` after the logger name; journald adds the time."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop when installed, else the default asyncio loop."""
+    try:
+        import uvloop
+
+        return uvloop.run(main)
+    except ImportError:
+        return asyncio.run(main)
+
+
+async def run_until_signal(
+    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Start a service, wait for SIGTERM or SIGINT, stop it."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await start()
+    try:
+        await stopping.wait()
+    finally:
+        await stop()
+
+
+async def query_status(socket_path: Path) -> dict[str, Any] | None:
+    """Ask a running service for its status; None when it is not running."""
+    try:
+        reply = await admin_request(socket_path, {"cmd": "status"}, timeout=10)
+    except (TimeoutError, OSError, ValueError):
+        return None
+    return reply if reply.get("ok") else None
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if key in {"lag_bytes", "journal_bytes", "cache_bytes", "size"} and isinstance(value, int):
+        return format_size(value)
+    if key == "rpo_seconds" and isinstance(value, int | float):
+        return f"{value:.2f}s"
+    return str(value)
+
+
+def print_disk_table(disks: list[dict[str, Any]], columns: list[str]) -> None:
+    """A readable fixed-width table of per-disk status rows."""
+    rows = [[_fmt(d.get(c), c) for c in columns] for d in disks]
+    headers = [c.replace("_", " ") for c in columns]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    if not rows:
+        print("(no disks)")

@@ -1,0 +1,320 @@
+"""TOML configuration of the agent and the process server, validated at start.
+
+Rule: every problem is a :class:`ConfigError` whose message names the file, the
+key and what is wrong; unknown keys are errors too (a typo must not silently
+fall back to a default). Every key is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from common.errors import ConfigError
+from common.units import parse_duration, parse_size
+
+DISK_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    id: str
+    path: Path
+    nbd: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path
+    name: str
+    state_dir: Path
+    process_server: HostPort
+    credentials: Path
+    disks: tuple[DiskConfig, ...]
+    journal_quota: int = 4 << 30
+    journal_segment: int = 64 << 20
+    max_batch_bytes: int = 4 << 20
+    window_batches: int = 8
+    window_bytes: int = 64 << 20
+    batch_delay: float = 0.0
+    compression_level: int = 1
+    heartbeat_interval: float = 1.0
+    reconnect_min: float = 0.1
+    reconnect_max: float = 10.0
+    connect_timeout: float = 10.0
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    path: Path
+    listen: HostPort
+    state_dir: Path
+    pki_dir: Path
+    cache_quota: int = 16 << 30
+    cache_segment: int = 64 << 20
+    max_batch_bytes: int = 32 << 20
+    apply_sync_interval: float = 0.05
+    heartbeat_timeout: float = 30.0
+    verify_on_receive: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+
+class _Section:
+    """Typed access to one TOML table that remembers which keys were used."""
+
+    def __init__(self, file: Path, name: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}: [{name}] must be a table")
+        self.file, self.name, self.table = file, name, table
+        self.used: set[str] = set()
+
+    def _err(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {self.name}.{key}: {problem}")
+
+    def get(
+        self,
+        key: str,
+        parse: Callable[[Any], T],
+        default: T | None = None,
+        *,
+        required: bool = False,
+    ) -> T:
+        self.used.add(key)
+        if key not in self.table:
+            if required or default is None:
+                raise self._err(key, "missing (required)")
+            return default
+        try:
+            return parse(self.table[key])
+        except (ValueError, TypeError) as exc:
+            raise self._err(key, str(exc)) from exc
+
+    def optional(self, key: str, parse: Callable[[Any], T]) -> T | None:
+        self.used.add(key)
+        if key not in self.table:
+            return None
+        try:
+            return parse(self.table[key])
+        except (ValueError, TypeError) as exc:
+            raise self._err(key, str(exc)) from exc
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self._err(unknown[0], "unknown key (see docs/configuration.md)")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _path(value: Any) -> Path:
+    text = _str(value)
+    if "\x00" in text:
+        raise ValueError("path contains a NUL byte")
+    return Path(text)
+
+
+def _abs_path(base: Path) -> Callable[[Any], Path]:
+    def parse(value: Any) -> Path:
+        p = _path(value)
+        return p if p.is_absolute() else (base / p)
+
+    return parse
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _size_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        n = parse_size(value)
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi} bytes, got {n}")
+        return n
+
+    return parse
+
+
+def _duration_range(lo: float, hi: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        s = parse_duration(value)
+        if not lo <= s <= hi:
+            raise ValueError(f"must be between {lo}s and {hi}s, got {s}s")
+        return s
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def parse_host_port(value: Any) -> HostPort:
+    """``"127.0.0.1:7700"``, ``"[::1]:7700"`` or ``"localhost:7700"``. Raises ValueError."""
+    text = _str(value)
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", text)
+    if not m:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return HostPort(host, port)
+
+
+def _nbd_endpoint(value: Any) -> str:
+    text = _str(value)
+    if text.startswith("unix:") and len(text) > 5:
+        return text
+    if text.startswith("tcp:"):
+        parse_host_port(text[4:])
+        return text
+    raise ValueError(f'expected "unix:/path.sock" or "tcp:HOST:PORT", got {text!r}')
+
+
+def _disk_id(value: Any) -> str:
+    text = _str(value)
+    if not DISK_ID.match(text) or ".." in text:
+        raise ValueError(f"disk id must match [a-z0-9][a-z0-9._-]{{0,63}}, got {text!r}")
+    return text
+
+
+def _name(value: Any) -> str:
+    text = _str(value)
+    if not NAME.match(text):
+        raise ValueError(f"name must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, got {text!r}")
+    return text
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """Load and validate an agent configuration file. Raises ConfigError."""
+    path = Path(path)
+    doc = _read_toml(path)
+    base = path.parent.resolve()
+    unknown = sorted(set(doc) - {"agent", "disk"})
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown table (expected [agent] and [[disk]])")
+    a = _Section(path, "agent", doc.get("agent", {}))
+    cfg_kwargs: dict[str, Any] = {
+        "path": path,
+        "name": a.get("name", _name, required=True),
+        "state_dir": a.get("state_dir", _abs_path(base), required=True),
+        "process_server": a.get("process_server", parse_host_port, required=True),
+        "credentials": a.get("credentials", _abs_path(base), required=True),
+    }
+    optional = {
+        "journal_quota": _size_range(1 << 20, 1 << 50),
+        "journal_segment": _size_range(64 << 10, 1 << 30),
+        "max_batch_bytes": _size_range(4 << 10, 32 << 20),
+        "window_batches": _int_range(1, 1024),
+        "window_bytes": _size_range(64 << 10, 4 << 30),
+        "batch_delay": _duration_range(0, 10),
+        "compression_level": _int_range(-5, 19),
+        "heartbeat_interval": _duration_range(0.05, 3600),
+        "reconnect_min": _duration_range(0.01, 3600),
+        "reconnect_max": _duration_range(0.01, 3600),
+        "connect_timeout": _duration_range(0.1, 3600),
+    }
+    for key, parser in optional.items():
+        value = a.optional(key, parser)
+        if value is not None:
+            cfg_kwargs[key] = value
+    a.finish()
+    raw_disks = doc.get("disk", [])
+    if not isinstance(raw_disks, list) or not raw_disks:
+        raise ConfigError(f"{path}: disk: at least one [[disk]] table is required")
+    disks: list[DiskConfig] = []
+    for index, raw in enumerate(raw_disks):
+        d = _Section(path, f"disk[{index}]", raw)
+        disk = DiskConfig(
+            id=d.get("id", _disk_id, required=True),
+            path=d.get("path", _abs_path(base), required=True),
+            nbd=d.optional("nbd", _nbd_endpoint),
+        )
+        d.finish()
+        if any(other.id == disk.id for other in disks):
+            raise ConfigError(f"{path}: disk[{index}].id: duplicate disk id {disk.id!r}")
+        disks.append(disk)
+    cfg = AgentConfig(disks=tuple(disks), **cfg_kwargs)
+    if cfg.max_batch_bytes > cfg.window_bytes:
+        raise ConfigError(f"{path}: agent.window_bytes: must be at least agent.max_batch_bytes")
+    return cfg
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Load and validate a process-server configuration file. Raises ConfigError."""
+    path = Path(path)
+    doc = _read_toml(path)
+    base = path.parent.resolve()
+    unknown = sorted(set(doc) - {"server"})
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown table (expected [server])")
+    s = _Section(path, "server", doc.get("server", {}))
+    kwargs: dict[str, Any] = {
+        "path": path,
+        "listen": s.get("listen", parse_host_port, required=True),
+        "state_dir": s.get("state_dir", _abs_path(base), required=True),
+        "pki_dir": s.get("pki_dir", _abs_path(base), required=True),
+    }
+    optional = {
+        "cache_quota": _size_range(16 << 20, 1 << 50),
+        "cache_segment": _size_range(64 << 10, 1 << 30),
+        "max_batch_bytes": _size_range(64 << 10, 32 << 20),
+        "apply_sync_interval": _duration_range(0, 60),
+        "heartbeat_timeout": _duration_range(1, 3600),
+        "verify_on_receive": _bool,
+    }
+    for key, parser in optional.items():
+        value = s.optional(key, parser)
+        if value is not None:
+            kwargs[key] = value
+    s.finish()
+    return ServerConfig(**kwargs)

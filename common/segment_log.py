@@ -1,0 +1,417 @@
+"""An append-only, segmented, checksummed log of seq-numbered records.
+
+Used twice: the agent's write journal (one record per write, keyed by its seq)
+and the process server's batch cache (one record per batch, keyed by its seq
+range). Rules it keeps:
+
+- Every record is ``xxh3_64 | size | tag | first_seq | last_seq | payload``; the
+  checksum covers everything after it. Records are gap-free in seq.
+- On open, a torn or corrupt tail of the last segment is truncated; corruption
+  anywhere else raises :class:`IntegrityError` naming the file and offset.
+- Nothing is durable until :meth:`SegmentLog.sync` returns (group commit: every
+  caller waiting at once shares one fdatasync per dirty segment).
+- Segments are deleted only whole, only when every record in them is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from common.durable import fsync_dir
+from common.errors import IntegrityError
+
+SEGMENT_MAGIC = b"TMSEGLOG"
+SEGMENT_VERSION = 1
+SEGMENT_HEADER = struct.Struct(">8sII")  # magic, version, reserved
+RECORD_HEADER = struct.Struct(">QIBQQ")  # checksum, payload size, tag, first_seq, last_seq
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record as read back from the log."""
+
+    tag: int
+    first_seq: int
+    last_seq: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_seq: int
+    path: Path
+    fd: int
+    size: int
+    last_seq: int  # first_seq - 1 while empty
+    dirty: bool = False
+
+
+@dataclass(slots=True)
+class Cursor:
+    """Where a sequential reader stopped, so the next read does not rescan."""
+
+    segment_first: int = -1
+    offset: int = 0
+    next_seq: int = 0
+
+
+@dataclass(slots=True)
+class _ScanResult:
+    records_end: int
+    last_seq: int
+    error: str | None = None
+    record_count: int = 0
+    first_record_seq: int | None = field(default=None)
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}.seg"
+
+
+def _record_checksum(
+    header_tail: bytes | memoryview, payload_parts: Sequence[bytes | memoryview]
+) -> int:
+    h = xxhash.xxh3_64(header_tail)
+    for part in payload_parts:
+        h.update(part)
+    return h.intdigest()
+
+
+class SegmentLog:
+    """A durable log in one directory. Not thread-safe: use it from one event loop."""
+
+    def __init__(
+        self, directory: Path, segments: list[_Segment], next_seq: int, segment_bytes: int
+    ) -> None:
+        self.directory = directory
+        self._segments = segments
+        self._firsts = [s.first_seq for s in segments]
+        self.next_seq = next_seq
+        self.segment_bytes = segment_bytes
+        self._written = 0
+        self._synced = 0
+        self._dir_dirty = False
+        self._lock = asyncio.Lock()
+        self.truncated_bytes = 0
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(
+        cls, directory: Path, *, base_seq: int = 1, segment_bytes: int = 64 << 20
+    ) -> SegmentLog:
+        """Open (creating if needed) the log in ``directory``; ``base_seq`` is the first seq of an
+        empty new log. Raises IntegrityError when the log is corrupt outside its tail."""
+        directory.mkdir(parents=True, exist_ok=True)
+        names = sorted(p for p in directory.iterdir() if p.suffix == ".seg")
+        for stale in directory.glob(".*.tmp"):
+            stale.unlink()
+        segments: list[_Segment] = []
+        truncated = 0
+        for index, path in enumerate(names):
+            try:
+                first = int(path.stem)
+            except ValueError as exc:
+                raise IntegrityError(f"{path}: not a segment name") from exc
+            fd = os.open(path, os.O_RDWR)
+            size = os.fstat(fd).st_size
+            scan = _scan_segment(fd, path, first, size)
+            is_last = index == len(names) - 1
+            rest_empty = all(_is_empty_segment(p) for p in names[index + 1 :])
+            if scan.error is not None:
+                if not (is_last or rest_empty):
+                    os.close(fd)
+                    raise IntegrityError(scan.error)
+                truncated += size - scan.records_end
+                os.ftruncate(fd, scan.records_end)
+                if scan.records_end < SEGMENT_HEADER.size:
+                    _write_segment_header(fd)
+                    scan.records_end = SEGMENT_HEADER.size
+                os.fsync(fd)
+                size = scan.records_end
+            if segments and first != segments[-1].last_seq + 1:
+                if size == SEGMENT_HEADER.size and is_last:
+                    # Torn roll: an empty new segment whose predecessor lost its tail.
+                    os.close(fd)
+                    path.unlink()
+                    fsync_dir(directory)
+                    break
+                os.close(fd)
+                raise IntegrityError(
+                    f"{path}: starts at seq {first}, expected {segments[-1].last_seq + 1}"
+                )
+            segments.append(_Segment(first, path, fd, size, scan.last_seq))
+            if scan.error is not None and not is_last:
+                # Everything after a torn segment is empty: drop those names.
+                for extra in names[index + 1 :]:
+                    extra.unlink()
+                fsync_dir(directory)
+                break
+        if not segments:
+            segments.append(_create_segment(directory, base_seq))
+            fsync_dir(directory)
+        log = cls(directory, segments, segments[-1].last_seq + 1, segment_bytes)
+        log.truncated_bytes = truncated
+        return log
+
+    # ----------------------------------------------------------------- state
+    @property
+    def last_seq(self) -> int:
+        """The newest seq in the log (first_seq - 1 when it holds nothing)."""
+        return self.next_seq - 1
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq still held (== next_seq when empty)."""
+        for seg in self._segments:
+            if seg.last_seq >= seg.first_seq:
+                return seg.first_seq
+        return self.next_seq
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    @property
+    def dirty(self) -> bool:
+        return self._synced < self._written
+
+    # ----------------------------------------------------------------- writing
+    def record_size(self, payload_len: int) -> int:
+        return RECORD_HEADER.size + payload_len
+
+    def append(
+        self, tag: int, first_seq: int, last_seq: int, parts: Sequence[bytes | memoryview]
+    ) -> None:
+        """Append one record (to the page cache; durable after :meth:`sync`).
+
+        Raises ValueError if ``first_seq`` is not the next seq, OSError on I/O failure
+        (in which case the log is rolled back to its previous end)."""
+        if first_seq != self.next_seq or last_seq < first_seq:
+            raise ValueError(f"append of seq {first_seq}..{last_seq}, expected {self.next_seq}")
+        size = sum(len(p) for p in parts)
+        tail = RECORD_HEADER.pack(0, size, tag, first_seq, last_seq)[8:]
+        header = RECORD_HEADER.pack(_record_checksum(tail, parts), size, tag, first_seq, last_seq)
+        seg = self._segments[-1]
+        if seg.size >= self.segment_bytes and seg.last_seq >= seg.first_seq:
+            seg = self._roll()
+        buffers: list[bytes | memoryview] = [header, *parts]
+        total = RECORD_HEADER.size + size
+        offset = seg.size
+        try:
+            written = os.pwritev(seg.fd, buffers, offset)
+            while written < total:  # short write: finish it piecewise
+                flat = b"".join(bytes(b) for b in buffers)
+                written += os.pwrite(seg.fd, flat[written:], offset + written)
+        except OSError:
+            os.ftruncate(seg.fd, offset)
+            raise
+        seg.size = offset + total
+        seg.last_seq = last_seq
+        seg.dirty = True
+        self.next_seq = last_seq + 1
+        self._written += 1
+
+    def _roll(self) -> _Segment:
+        seg = _create_segment(self.directory, self.next_seq)
+        self._segments.append(seg)
+        self._firsts.append(seg.first_seq)
+        self._dir_dirty = True
+        return seg
+
+    async def sync(self) -> None:
+        """Make every appended record durable (group commit). Raises OSError."""
+        target = self._written
+        if self._synced >= target and not self._dir_dirty:
+            return
+        async with self._lock:
+            if self._synced >= target and not self._dir_dirty:
+                return
+            generation = self._written
+            fds = [s.fd for s in self._segments if s.dirty]
+            for s in self._segments:
+                s.dirty = False
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+            try:
+                await asyncio.to_thread(self._sync_fds, fds, dir_dirty)
+            except OSError:
+                self._dir_dirty = self._dir_dirty or dir_dirty
+                raise
+            self._synced = max(self._synced, generation)
+
+    def sync_blocking(self) -> None:
+        generation = self._written
+        fds = [s.fd for s in self._segments if s.dirty]
+        for s in self._segments:
+            s.dirty = False
+        self._sync_fds(fds, self._dir_dirty)
+        self._dir_dirty = False
+        self._synced = generation
+
+    def _sync_fds(self, fds: list[int], dir_dirty: bool) -> None:
+        for fd in fds:
+            os.fdatasync(fd)
+        if dir_dirty:
+            fsync_dir(self.directory)
+
+    async def release_through(self, seq: int) -> int:
+        """Delete whole segments whose records are all ``<= seq``; returns bytes freed."""
+        async with self._lock:
+            freed = 0
+            active = self._segments[-1]
+            if active.last_seq >= active.first_seq and active.last_seq <= seq:
+                self._roll()
+            while len(self._segments) > 1 and self._segments[0].last_seq <= seq:
+                seg = self._segments.pop(0)
+                self._firsts.pop(0)
+                os.close(seg.fd)
+                seg.path.unlink()
+                freed += seg.size
+                self._dir_dirty = True
+            if self._dir_dirty:
+                await asyncio.to_thread(fsync_dir, self.directory)
+                self._dir_dirty = False
+            return freed
+
+    def close(self) -> None:
+        for seg in self._segments:
+            os.close(seg.fd)
+        self._segments = []
+        self._firsts = []
+
+    # ----------------------------------------------------------------- reading
+    def read_records(
+        self,
+        from_seq: int,
+        max_bytes: int,
+        cursor: Cursor | None = None,
+        max_records: int = 1 << 30,
+    ) -> list[Record]:
+        """Records from the one holding ``from_seq`` on, up to about ``max_bytes`` of payload
+        (at least one record if any). Raises LookupError if ``from_seq`` was released,
+        IntegrityError on a bad checksum."""
+        if from_seq >= self.next_seq:
+            return []
+        if from_seq < self.first_seq:
+            raise LookupError(f"seq {from_seq} was released (log starts at {self.first_seq})")
+        cur = cursor if cursor is not None else Cursor()
+        if cur.next_seq != from_seq or cur.segment_first not in self._firsts:
+            index = bisect.bisect_right(self._firsts, from_seq) - 1
+            cur.segment_first = self._firsts[index]
+            cur.offset = SEGMENT_HEADER.size
+            cur.next_seq = cur.segment_first
+        out: list[Record] = []
+        taken = 0
+        while len(out) < max_records and taken < max_bytes and cur.next_seq < self.next_seq:
+            index = bisect.bisect_left(self._firsts, cur.segment_first)
+            seg = self._segments[index]
+            if cur.offset >= seg.size:
+                if index + 1 >= len(self._segments):
+                    break
+                cur.segment_first = self._segments[index + 1].first_seq
+                cur.offset = SEGMENT_HEADER.size
+                continue
+            chunk = os.pread(
+                seg.fd,
+                min(
+                    max(_READ_CHUNK, max_bytes - taken + RECORD_HEADER.size), seg.size - cur.offset
+                ),
+                cur.offset,
+            )
+            pos = 0
+            full = False
+            while pos + RECORD_HEADER.size <= len(chunk):
+                checksum, size, tag, first, last = RECORD_HEADER.unpack_from(chunk, pos)
+                wanted = last >= from_seq
+                if wanted and out and (taken + size > max_bytes or len(out) >= max_records):
+                    full = True
+                    break
+                end = pos + RECORD_HEADER.size + size
+                if end <= len(chunk):
+                    payload = chunk[pos + RECORD_HEADER.size : end]
+                else:
+                    payload = chunk[pos + RECORD_HEADER.size :] + os.pread(
+                        seg.fd, end - len(chunk), cur.offset + len(chunk)
+                    )
+                tail = chunk[pos + 8 : pos + RECORD_HEADER.size]
+                if len(payload) != size or _record_checksum(tail, (payload,)) != checksum:
+                    raise IntegrityError(
+                        f"{seg.path}: bad record checksum at offset {cur.offset + pos}"
+                    )
+                pos = end
+                if wanted:
+                    out.append(Record(tag, first, last, payload))
+                    taken += size
+                cur.next_seq = last + 1
+                if end >= len(chunk):
+                    break
+            cur.offset += pos
+            if full:
+                break
+        return out
+
+
+def _create_segment(directory: Path, first_seq: int) -> _Segment:
+    path = directory / _segment_name(first_seq)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    _write_segment_header(fd)
+    return _Segment(first_seq, path, fd, SEGMENT_HEADER.size, first_seq - 1, dirty=True)
+
+
+def _write_segment_header(fd: int) -> None:
+    os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0), 0)
+
+
+def _is_empty_segment(path: Path) -> bool:
+    try:
+        return path.stat().st_size <= SEGMENT_HEADER.size
+    except FileNotFoundError:
+        return True
+
+
+def _scan_segment(fd: int, path: Path, first_seq: int, size: int) -> _ScanResult:
+    """Validate every record of one segment; report where valid data ends."""
+    if size < SEGMENT_HEADER.size:
+        return _ScanResult(0, first_seq - 1, f"{path}: short segment header")
+    magic, version, _ = SEGMENT_HEADER.unpack(os.pread(fd, SEGMENT_HEADER.size, 0))
+    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
+        return _ScanResult(0, first_seq - 1, f"{path}: bad segment header")
+    offset = SEGMENT_HEADER.size
+    expected = first_seq
+    result = _ScanResult(offset, first_seq - 1)
+    while offset < size:
+        head = os.pread(fd, RECORD_HEADER.size, offset)
+        if len(head) < RECORD_HEADER.size:
+            result.error = f"{path}: torn record header at offset {offset}"
+            return result
+        checksum, rsize, _tag, first, last = RECORD_HEADER.unpack(head)
+        if first != expected or last < first or offset + RECORD_HEADER.size + rsize > size:
+            result.error = f"{path}: bad or torn record at offset {offset}"
+            return result
+        h = xxhash.xxh3_64(head[8:])
+        pos = offset + RECORD_HEADER.size
+        remaining = rsize
+        while remaining:
+            piece = os.pread(fd, min(remaining, _READ_CHUNK), pos)
+            if not piece:
+                break
+            h.update(piece)
+            pos += len(piece)
+            remaining -= len(piece)
+        if remaining or h.intdigest() != checksum:
+            result.error = f"{path}: bad record checksum at offset {offset}"
+            return result
+        offset = pos
+        expected = last + 1
+        result.records_end = offset
+        result.last_seq = last
+        result.record_count += 1
+    return result

@@ -1,0 +1,1 @@
+"""The process server: receives batches from many agents, caches them durably, applies replicas."""

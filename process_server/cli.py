@@ -1,0 +1,96 @@
+"""``tidemark-ps``: the process server's command line (pki, serve, status).
+
+Rule: exit 0 on success, 1 on failure, 2 on usage errors; ``--json`` prints one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from common.cli import print_disk_table, print_json, query_status, run_loop, setup_logging
+from common.config import load_server_config
+from common.errors import TidemarkError
+from process_server.pki_cli import add_pki_parser, run_pki
+
+STATUS_COLUMNS = [
+    "agent",
+    "disk",
+    "state",
+    "journaled_seq",
+    "acked_seq",
+    "applied_seq",
+    "lag_bytes",
+    "rpo_seconds",
+    "cache_bytes",
+    "replica_path",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidemark-ps", description="tidemark process server")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_pki_parser(sub)
+    p = sub.add_parser("serve", help="run the process server")
+    p.add_argument("--config", required=True, type=Path, help="ps.toml")
+    p.add_argument("--log-level", default="INFO")
+    p = sub.add_parser("status", help="per-disk replication status")
+    p.add_argument("--config", required=True, type=Path, help="ps.toml")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+async def _serve(config: Path) -> int:
+    from process_server.server import ProcessServer, serve
+
+    cfg = load_server_config(config)
+    server = ProcessServer(cfg)
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    await serve(cfg, server=server)
+    return 0
+
+
+async def _status(config: Path, as_json: bool) -> int:
+    from process_server.server import offline_status
+
+    cfg = load_server_config(config)
+    status = await query_status(cfg.admin_socket)
+    if status is None:
+        status = await asyncio.to_thread(offline_status, cfg)
+    status.pop("ok", None)
+    if as_json:
+        print_json(status)
+    else:
+        running = "running" if status.get("running") else "not running"
+        print(f"process server ({running}), state in {status.get('state_dir')}")
+        print_disk_table(status["disks"], STATUS_COLUMNS)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pki":
+            return run_pki(args)
+        if args.command == "serve":
+            setup_logging(args.log_level)
+            return run_loop(_serve(args.config))
+        if args.command == "status":
+            return run_loop(_status(args.config, args.json))
+    except TidemarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""The process server's network shell: mutual-TLS sessions with agents, acks, appliers, status.
+
+Rules it keeps:
+- A peer is who its certificate says (CN and role); its HELLO must agree, and it may
+  register and write only disks it owns (the first registrant owns a disk).
+- One session owns a disk at a time: a new registration fences the old session.
+- A bad frame closes only that connection, with a logged reason; other agents go on.
+- Every batch is acknowledged only once durable in the cache (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from common.admin import AdminServer
+from common.aio import first_leaf
+from common.config import ServerConfig
+from common.errors import IntegrityError, TidemarkError
+from common.framed import FramedStream
+from common.tls import peer_identity, server_context
+from process_server.replica import ReplicaDisk, ReplicaError, check_disk_size
+from protocol.batch import Limits, decode_batch, validate_disk_id
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.frames import (
+    Ack,
+    BatchMsg,
+    Connection,
+    Heartbeat,
+    Hello,
+    HelloOk,
+    Register,
+    Registered,
+)
+
+log = logging.getLogger("tidemark.ps")
+SERVER_NAME = "tidemark-process-server"
+HELLO_TIMEOUT = 10.0
+
+
+class _Session:
+    """One agent connection."""
+
+    def __init__(self, peer: str, role: str, stream: FramedStream, address: str) -> None:
+        self.peer = peer
+        self.role = role
+        self.stream = stream
+        self.address = address
+        self.task: asyncio.Task[None] | None = asyncio.current_task()
+        self.done = asyncio.Event()
+        self.ack_events: dict[str, asyncio.Event] = {}
+        self.started = time.monotonic()
+
+
+class ProcessServer:
+    """Receives, caches and applies the batches of many agents."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.limits = Limits(
+            max_frame_bytes=cfg.max_batch_bytes + (4 << 20),
+            max_batch_raw_bytes=cfg.max_batch_bytes,
+        )
+        self.disks_dir = cfg.state_dir / "disks"
+        self.disks: dict[str, ReplicaDisk] = {}
+        self.sessions: set[_Session] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._admin = AdminServer(cfg.admin_socket, {"status": self._admin_status})
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self.port = 0
+        self.rejected_connections = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until :meth:`stop` is called. Raises OSError when it cannot listen."""
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.disks_dir.mkdir(exist_ok=True, mode=0o700)
+        ssl_ctx = server_context(self.cfg.pki_dir)
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            for path in sorted(self.disks_dir.iterdir()):
+                if (path / "state.json").exists():
+                    disk = await asyncio.to_thread(self._open_disk, path.name, None)
+                    self._start_applier(disk)
+            self._server = await asyncio.start_server(
+                self._handle,
+                self.cfg.listen.host,
+                self.cfg.listen.port,
+                ssl=ssl_ctx,
+                limit=1 << 20,
+                reuse_address=True,
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            await self._admin.start()
+            log.info(
+                "event=listening address=%s:%d disks=%d",
+                self.cfg.listen.host,
+                self.port,
+                len(self.disks),
+            )
+            if ready is not None:
+                ready.set()
+            await self._stop.wait()
+            log.info("event=stopping sessions=%d", len(self.sessions))
+            self._server.close()
+            for session in list(self.sessions):
+                if session.task is not None:
+                    session.task.cancel()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            await self._admin.close()
+            for disk in self.disks.values():
+                with contextlib.suppress(OSError):
+                    await disk.make_applied_durable()
+            raise _Stopped
+        # not reached
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _open_disk(self, disk_id: str, create: tuple[str, int] | None) -> ReplicaDisk:
+        disk = ReplicaDisk.open(
+            self.disks_dir,
+            disk_id,
+            limits=self.limits,
+            apply_sync_interval=self.cfg.apply_sync_interval,
+            cache_quota=self.cfg.cache_quota,
+            cache_segment=self.cfg.cache_segment,
+            create=create,
+        )
+        self.disks[disk_id] = disk
+        return disk
+
+    def _start_applier(self, disk: ReplicaDisk) -> None:
+        assert self._tg is not None
+        self._tg.create_task(self._applier(disk), name=f"applier-{disk.disk_id}")
+
+    async def _applier(self, disk: ReplicaDisk) -> None:
+        try:
+            await disk.run_applier()
+        except (IntegrityError, OSError) as exc:
+            disk.applier_error = str(exc)
+            log.error("disk=%s event=applier_stopped error=%r", disk.disk_id, str(exc))
+
+    # ----------------------------------------------------------------- sessions
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address = str(writer.get_extra_info("peername"))
+        stream = FramedStream(reader, writer, Connection("server", self.limits))
+        try:
+            peer, role = peer_identity(writer.get_extra_info("ssl_object"))
+        except (ValueError, TidemarkError) as exc:
+            log.warning("event=connection_refused peer=%s reason=%r", address, str(exc))
+            self.rejected_connections += 1
+            await stream.close()
+            return
+        session = _Session(peer, role, stream, address)
+        self.sessions.add(session)
+        reason = "closed"
+        try:
+            try:
+                await self._converse(session)
+            except BaseExceptionGroup as group:
+                raise first_leaf(group) from None
+        except ProtocolError as exc:
+            reason = f"protocol error {exc.code.name}: {exc}"
+            self.rejected_connections += 1
+            await stream.send_error(exc.code, str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            reason = f"connection lost: {exc}"
+        except TimeoutError:
+            reason = "timed out"
+        except asyncio.CancelledError:
+            reason = "fenced or stopping"
+        except OSError as exc:
+            reason = f"I/O error: {exc}"
+            await stream.send_error(ErrorCode.INTERNAL, "process server I/O error")
+        finally:
+            for disk in self.disks.values():
+                if disk.session is session:
+                    disk.session = None
+            self.sessions.discard(session)
+            await stream.close()
+            session.done.set()
+            log.info("event=session_closed peer=%s address=%s reason=%r", peer, address, reason)
+
+    async def _converse(self, session: _Session) -> None:
+        stream = session.stream
+        hello = await asyncio.wait_for(stream.recv(), HELLO_TIMEOUT)
+        if not isinstance(hello, Hello):
+            raise ProtocolError(ErrorCode.UNEXPECTED, "expected HELLO")
+        if hello.name != session.peer or hello.role != session.role:
+            raise ProtocolError(
+                ErrorCode.AUTH,
+                f"HELLO says {hello.name}/{hello.role}, certificate says {session.peer}/{session.role}",
+            )
+        await stream.send(
+            HelloOk(SERVER_NAME, self.limits.max_frame_bytes, self.cfg.max_batch_bytes)
+        )
+        log.info(
+            "event=session_opened peer=%s role=%s address=%s",
+            session.peer,
+            session.role,
+            session.address,
+        )
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                msg = await asyncio.wait_for(stream.recv(), self.cfg.heartbeat_timeout)
+                if isinstance(msg, BatchMsg):
+                    await self._on_batch(session, msg)
+                elif isinstance(msg, Register):
+                    await self._on_register(session, msg, tg)
+                elif isinstance(msg, Heartbeat):
+                    await self._on_heartbeat(session, msg)
+                else:
+                    raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
+
+    async def _on_register(self, session: _Session, msg: Register, tg: asyncio.TaskGroup) -> None:
+        disk_id = validate_disk_id(msg.disk_id)
+        disk = self.disks.get(disk_id)
+        try:
+            if disk is None:
+                disk = await asyncio.to_thread(self._open_disk, disk_id, (session.peer, msg.size))
+                self._start_applier(disk)
+                log.info(
+                    "disk=%s event=replica_created owner=%s size=%d",
+                    disk_id,
+                    session.peer,
+                    msg.size,
+                )
+            if disk.owner != session.peer:
+                raise ProtocolError(ErrorCode.AUTH, f"disk {disk_id} belongs to another agent")
+            check_disk_size(disk, msg.size)
+        except ReplicaError as exc:
+            raise ProtocolError(ErrorCode.DISK, str(exc)) from exc
+        old = disk.session
+        if old is not None and old is not session:
+            log.warning("disk=%s event=session_fenced old=%s", disk_id, old.address)
+            if old.task is not None:
+                old.task.cancel()
+            await old.done.wait()
+        disk.session = session
+        await disk.sync_cache()
+        event = asyncio.Event()
+        session.ack_events[disk_id] = event
+        tg.create_task(self._ack_pump(session, disk, event), name=f"acks-{disk_id}")
+        await session.stream.send(Registered(disk_id, disk.durable_seq, disk.applied_seq))
+        log.info(
+            "disk=%s event=registered peer=%s cached_seq=%d applied_seq=%d journaled_seq=%d",
+            disk_id,
+            session.peer,
+            disk.durable_seq,
+            disk.applied_seq,
+            msg.journaled_seq,
+        )
+
+    async def _on_batch(self, session: _Session, msg: BatchMsg) -> None:
+        header = msg.header
+        disk = self.disks.get(header.disk_id)
+        if disk is None or disk.session is not session:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED, f"disk {header.disk_id} is not registered here"
+            )
+        if header.last_seq <= disk.cached_seq:
+            session.ack_events[disk.disk_id].set()  # a resend: acknowledge again, store nothing
+            return
+        if header.first_seq != disk.cached_seq + 1:
+            raise ProtocolError(
+                ErrorCode.SEQ_GAP,
+                f"disk {disk.disk_id}: batch {header.first_seq}..{header.last_seq} after seq {disk.cached_seq}",
+            )
+        if self.cfg.verify_on_receive:
+            batch = await asyncio.to_thread(decode_batch, msg.data, self.limits)
+            for extent in batch.extents:
+                if extent.offset + extent.length > disk.size:
+                    raise ProtocolError(
+                        ErrorCode.BAD_MESSAGE, f"extent past the end of disk {disk.disk_id}"
+                    )
+        await disk.wait_for_cache_space(len(msg.data))
+        disk.append_batch(msg.data, header)
+        session.ack_events[disk.disk_id].set()
+
+    async def _ack_pump(self, session: _Session, disk: ReplicaDisk, event: asyncio.Event) -> None:
+        """Group commit: one fdatasync and one ACK for every batch that arrived meanwhile."""
+        while True:
+            await event.wait()
+            event.clear()
+            seq = await disk.sync_cache()
+            await session.stream.send(Ack(disk.disk_id, seq), drain=False)
+
+    async def _on_heartbeat(self, session: _Session, msg: Heartbeat) -> None:
+        now = time.monotonic()
+        for report in msg.reports:
+            disk = self.disks.get(report.disk_id)
+            if disk is not None and disk.owner == session.peer:
+                disk.report = {
+                    "state": report.state,
+                    "journaled_seq": report.journaled_seq,
+                    "acked_seq": report.acked_seq,
+                    "pending_bytes": report.pending_bytes,
+                    "oldest_pending_ns": report.oldest_pending_ns,
+                }
+                disk.report_time = now
+        await session.stream.send(Heartbeat(msg.counter, ()), drain=False)
+
+    # ----------------------------------------------------------------- status
+    def status(self) -> dict[str, Any]:
+        now = time.time_ns()
+        disks = [
+            d.status(now) for d in sorted(self.disks.values(), key=lambda d: (d.owner, d.disk_id))
+        ]
+        return {
+            "role": "process-server",
+            "running": True,
+            "listen": f"{self.cfg.listen.host}:{self.port}",
+            "state_dir": str(self.cfg.state_dir),
+            "sessions": [
+                {
+                    "peer": s.peer,
+                    "role": s.role,
+                    "address": s.address,
+                    "bytes_in": s.stream.bytes_in,
+                    "bytes_out": s.stream.bytes_out,
+                }
+                for s in self.sessions
+            ],
+            "rejected_connections": self.rejected_connections,
+            "cache_bytes": sum(d.cache.bytes_used for d in self.disks.values()),
+            "cache_quota_per_disk": self.cfg.cache_quota,
+            "disks": disks,
+        }
+
+    async def _admin_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, **self.status()}
+
+
+class _Stopped(Exception):
+    """Raised inside the task group to end :meth:`ProcessServer.run` cleanly."""
+
+
+async def serve(
+    cfg: ServerConfig, ready: asyncio.Event | None = None, server: ProcessServer | None = None
+) -> None:
+    """Run a process server until stopped (SIGTERM/SIGINT in the CLI)."""
+    ps = server or ProcessServer(cfg)
+    try:
+        await ps.run(ready)
+    except* _Stopped:
+        pass
+    finally:
+        for disk in ps.disks.values():
+            disk.close()
+
+
+def offline_status(cfg: ServerConfig) -> dict[str, Any]:
+    """Status from the state directory when the server is not running."""
+    disks_dir = cfg.state_dir / "disks"
+    out: list[dict[str, Any]] = []
+    if disks_dir.is_dir():
+        for path in sorted(disks_dir.iterdir()):
+            if not (path / "state.json").exists():
+                continue
+            disk = ReplicaDisk.open(
+                disks_dir,
+                path.name,
+                limits=Limits(),
+                apply_sync_interval=1,
+                cache_quota=cfg.cache_quota,
+                cache_segment=cfg.cache_segment,
+            )
+            try:
+                out.append(disk.offline_status())
+            finally:
+                disk.close()
+    return {
+        "role": "process-server",
+        "running": False,
+        "state_dir": str(cfg.state_dir),
+        "disks": out,
+    }
+
+
+__all__ = ["Path", "ProcessServer", "offline_status", "serve"]

@@ -1,0 +1,704 @@
+"""Replication frames: messages, framing, and the h11-style connection state machine.
+
+Frame = 24-byte header, then the payload::
+
+    magic "TDMK" | version u8 | type u8 | flags u16 | length u32 | payload xxh3_64 u64
+    | header xxh32 u32 (of the 20 bytes before it)
+
+Rule: sans-I/O and hostile input. Bytes go in through ``receive_data``, typed messages
+come out of ``next_message``/``next_event``, ``send``/``encode_message`` return bytes.
+A header is fully checked (magic, checksum, version, flags, length limit) before a byte of
+its payload is buffered; every byte of a frame is covered by a checksum; buffering never
+exceeds one header + ``max_frame_bytes`` + one ``receive_data`` chunk. Every failure is a
+``ProtocolError`` carrying its wire code, after which the decoder/connection stays failed.
+No sockets, no asyncio, no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal, TypeAlias
+
+import xxhash
+
+from protocol.batch import DEFAULT_LIMITS, BatchHeader, Limits, peek_batch_header
+from protocol.batch import validate_disk_id as _validate_disk_id
+from protocol.errors import ErrorCode, ProtocolError
+
+__all__ = [
+    "EOF",
+    "EOF_EVENT",
+    "HEADER",
+    "MAGIC",
+    "MAX_DISKS_PER_CONNECTION",
+    "MAX_ERROR_MESSAGE_BYTES",
+    "MAX_REPORTS",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "ROLES",
+    "Ack",
+    "BatchMsg",
+    "ConnState",
+    "Connection",
+    "DiskReport",
+    "ErrorMsg",
+    "FrameDecoder",
+    "Heartbeat",
+    "Hello",
+    "HelloOk",
+    "Message",
+    "MsgType",
+    "NeedData",
+    "Register",
+    "Registered",
+    "encode_message",
+]
+
+MAGIC = b"TDMK"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">4sBBHIQI")
+_HEADER_BODY = struct.Struct(">4sBBHIQ")  # the 20 bytes the header xxh32 covers
+_HEADER_CHECK = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+_U16_MAX = 2**16 - 1
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
+ROLES = frozenset({"agent", "master-target", "process-server"})
+MAX_REPORTS = 4096
+MAX_ERROR_MESSAGE_BYTES = 4096
+MAX_DISKS_PER_CONNECTION = 4096
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_STATE_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    HELLO_OK = 2
+    REGISTER = 3
+    REGISTERED = 4
+    BATCH = 5
+    ACK = 6
+    HEARTBEAT = 7
+    ERROR = 8
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_MESSAGE, message)
+
+
+def _check_uint(name: str, value: int, maximum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise _bad(f"{name} {value!r} out of range")
+
+
+def _check_name(value: str) -> None:
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise _bad(f"invalid name {value!r}")
+
+
+def _pack_str(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return _U16.pack(len(raw)) + raw
+
+
+class _Reader:
+    """Cursor over one payload; every read is bounds-checked (BAD_MESSAGE)."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def _take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise _bad("truncated message")
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u16(self) -> int:
+        value: int = _U16.unpack(self._take(2))[0]
+        return value
+
+    def u32(self) -> int:
+        value: int = _U32.unpack(self._take(4))[0]
+        return value
+
+    def u64(self) -> int:
+        value: int = _U64.unpack(self._take(8))[0]
+        return value
+
+    def str(self) -> str:
+        raw = self._take(self.u16())
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad("string is not UTF-8") from None
+
+    def finish(self) -> None:
+        if self._pos != len(self._data):
+            raise _bad(f"{len(self._data) - self._pos} trailing bytes in message")
+
+
+# --- messages -----------------------------------------------------------------------------
+# Each message validates itself on construction (so decoding validates too), knows its
+# wire type, and encodes/decodes its own payload.
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    name: str
+    role: str
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if self.role not in ROLES:
+            raise _bad(f"unknown role {self.role!r}")
+
+    def _encode(self) -> bytes:
+        return _pack_str(self.name) + _pack_str(self.role)
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> Hello:
+        return cls(r.str(), r.str())
+
+
+@dataclass(frozen=True, slots=True)
+class HelloOk:
+    TYPE: ClassVar[MsgType] = MsgType.HELLO_OK
+    name: str
+    max_frame: int
+    max_batch: int
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        _check_uint("max_frame", self.max_frame, _U32_MAX)
+        _check_uint("max_batch", self.max_batch, _U32_MAX)
+
+    def _encode(self) -> bytes:
+        return _pack_str(self.name) + _U32.pack(self.max_frame) + _U32.pack(self.max_batch)
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> HelloOk:
+        return cls(r.str(), r.u32(), r.u32())
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    TYPE: ClassVar[MsgType] = MsgType.REGISTER
+    disk_id: str
+    size: int
+    journaled_seq: int
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("size", self.size, _U64_MAX)
+        _check_uint("journaled_seq", self.journaled_seq, _U64_MAX)
+
+    def _encode(self) -> bytes:
+        return _pack_str(self.disk_id) + _U64.pack(self.size) + _U64.pack(self.journaled_seq)
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> Register:
+        msg = cls(r.str(), r.u64(), r.u64())
+        if msg.size > limits.max_disk_size:
+            raise ProtocolError(
+                ErrorCode.LIMIT, f"disk size {msg.size} exceeds {limits.max_disk_size}"
+            )
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    TYPE: ClassVar[MsgType] = MsgType.REGISTERED
+    disk_id: str
+    cached_seq: int
+    applied_seq: int
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("cached_seq", self.cached_seq, _U64_MAX)
+        _check_uint("applied_seq", self.applied_seq, _U64_MAX)
+
+    def _encode(self) -> bytes:
+        return _pack_str(self.disk_id) + _U64.pack(self.cached_seq) + _U64.pack(self.applied_seq)
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> Registered:
+        return cls(r.str(), r.u64(), r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMsg:
+    """A batch frame: ``data`` is exactly the encoded batch, ``header`` its peeked header.
+
+    Build with ``BatchMsg.from_data(data)``, which checks the batch structure and limits
+    (not the data digests: that is ``decode_batch``'s job).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.BATCH
+    data: bytes
+    header: BatchHeader
+
+    @classmethod
+    def from_data(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> BatchMsg:
+        """Raises ProtocolError (whatever ``peek_batch_header`` raises)."""
+        return cls(data, peek_batch_header(data, limits))
+
+    @property
+    def disk_id(self) -> str:
+        return self.header.disk_id
+
+    def _encode(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def _decode_payload(cls, payload: bytes, limits: Limits) -> BatchMsg:
+        return cls.from_data(payload, limits)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    disk_id: str
+    durable_seq: int
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("durable_seq", self.durable_seq, _U64_MAX)
+
+    def _encode(self) -> bytes:
+        return _pack_str(self.disk_id) + _U64.pack(self.durable_seq)
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> Ack:
+        return cls(r.str(), r.u64())
+
+
+_REPORT_NUMS = struct.Struct(">QQQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class DiskReport:
+    """One disk's watermarks inside a ``Heartbeat`` (not a message on its own)."""
+
+    disk_id: str
+    state: str
+    journaled_seq: int
+    acked_seq: int
+    pending_bytes: int
+    oldest_pending_ns: int
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        if not isinstance(self.state, str) or _STATE_RE.fullmatch(self.state) is None:
+            raise _bad(f"invalid disk state {self.state!r}")
+        for name in ("journaled_seq", "acked_seq", "pending_bytes", "oldest_pending_ns"):
+            _check_uint(name, getattr(self, name), _U64_MAX)
+
+    def _encode(self) -> bytes:
+        return (
+            _pack_str(self.disk_id)
+            + _pack_str(self.state)
+            + _REPORT_NUMS.pack(
+                self.journaled_seq, self.acked_seq, self.pending_bytes, self.oldest_pending_ns
+            )
+        )
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> DiskReport:
+        return cls(r.str(), r.str(), r.u64(), r.u64(), r.u64(), r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    counter: int
+    reports: tuple[DiskReport, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_uint("counter", self.counter, _U64_MAX)
+        if not isinstance(self.reports, tuple):
+            object.__setattr__(self, "reports", tuple(self.reports))
+        if len(self.reports) > MAX_REPORTS:
+            raise ProtocolError(
+                ErrorCode.LIMIT, f"{len(self.reports)} disk reports exceed {MAX_REPORTS}"
+            )
+        for report in self.reports:
+            if not isinstance(report, DiskReport):
+                raise _bad(f"not a DiskReport: {report!r}")
+
+    def _encode(self) -> bytes:
+        parts = [_U64.pack(self.counter), _U16.pack(len(self.reports))]
+        parts.extend(report._encode() for report in self.reports)
+        return b"".join(parts)
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> Heartbeat:
+        counter = r.u64()
+        n = r.u16()
+        if n > MAX_REPORTS:
+            raise ProtocolError(ErrorCode.LIMIT, f"{n} disk reports exceed {MAX_REPORTS}")
+        return cls(counter, tuple(DiskReport._decode(r) for _ in range(n)))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMsg:
+    """The peer's last word: ``code`` is an ``ErrorCode`` value (unknown codes pass through)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: int
+    message: str
+
+    def __post_init__(self) -> None:
+        _check_uint("error code", self.code, _U16_MAX)
+        if not isinstance(self.message, str):
+            raise _bad("error message is not a string")
+        if len(self.message.encode("utf-8")) > MAX_ERROR_MESSAGE_BYTES:
+            raise _bad(f"error message longer than {MAX_ERROR_MESSAGE_BYTES} bytes")
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorMsg:
+        """ERROR for ``exc``: its code if a ProtocolError, else INTERNAL; message truncated."""
+        if isinstance(exc, ProtocolError):
+            code, text = exc.code, exc.message
+        else:
+            code, text = ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        raw = text.encode("utf-8")[:MAX_ERROR_MESSAGE_BYTES]
+        return cls(int(code), raw.decode("utf-8", errors="ignore"))
+
+    def _encode(self) -> bytes:
+        return _U16.pack(self.code) + _pack_str(self.message)
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> ErrorMsg:
+        return cls(r.u16(), r.str())
+
+
+Message: TypeAlias = Hello | HelloOk | Register | Registered | BatchMsg | Ack | Heartbeat | ErrorMsg
+
+_MESSAGE_TYPES = (Hello, HelloOk, Register, Registered, BatchMsg, Ack, Heartbeat, ErrorMsg)
+_SMALL_DECODERS: dict[int, Callable[[_Reader, Limits], Message]] = {
+    int(cls.TYPE): cls._decode
+    for cls in (Hello, HelloOk, Register, Registered, Ack, Heartbeat, ErrorMsg)
+}
+
+
+def encode_message(msg: Message) -> bytes:
+    """Return the whole frame (header + payload) for ``msg``.
+
+    Raises ProtocolError(BAD_MESSAGE) if ``msg`` is not a message or does not fit a frame.
+    """
+    if not isinstance(msg, _MESSAGE_TYPES):
+        raise _bad(f"not a message: {msg!r}")
+    payload = msg._encode()
+    if len(payload) > _U32_MAX:
+        raise _bad(f"payload of {len(payload)} bytes does not fit a frame")
+    head = _HEADER_BODY.pack(
+        MAGIC, PROTOCOL_VERSION, msg.TYPE, 0, len(payload), xxhash.xxh3_64_intdigest(payload)
+    )
+    return b"".join((head, _HEADER_CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
+
+
+def _decode_payload(msg_type: int, payload: bytes, limits: Limits) -> Message:
+    if msg_type == MsgType.BATCH:
+        return BatchMsg._decode_payload(payload, limits)
+    decoder = _SMALL_DECODERS.get(msg_type)
+    if decoder is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type}")
+    reader = _Reader(payload)
+    msg = decoder(reader, limits)
+    reader.finish()
+    return msg
+
+
+# --- decoding frames ---------------------------------------------------------------------
+
+
+class NeedData:
+    """Sentinel: feed more bytes with ``receive_data`` before asking again."""
+
+    __slots__ = ()
+    _instance: ClassVar[NeedData | None] = None
+
+    def __new__(cls) -> NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class EOF:
+    """Sentinel: the peer closed cleanly at a frame boundary."""
+
+    __slots__ = ()
+    _instance: ClassVar[EOF | None] = None
+
+    def __new__(cls) -> EOF:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "EOF_EVENT"
+
+
+NEED_DATA = NeedData()
+EOF_EVENT = EOF()
+
+
+class FrameDecoder:
+    """Bytes in (``receive_data``), messages out (``next_message``).
+
+    Call ``next_message`` until it returns ``NEED_DATA`` before feeding more; feeding a
+    decoder that already holds a whole maximum-size frame raises ProtocolError(INTERNAL),
+    so the buffer stays within one header + ``max_frame_bytes`` + one chunk. After a
+    ProtocolError the decoder is failed and re-raises it.
+    """
+
+    __slots__ = ("_buf", "_eof", "_error", "_limits", "_pending")
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._buf = bytearray()
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._pending: tuple[int, int, int] | None = None  # checked header: type, len, xxh3
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer ``data``; ``b""`` means EOF. Raises ProtocolError(INTERNAL) on misuse."""
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            if data:
+                self._error = ProtocolError(ErrorCode.INTERNAL, "data received after EOF")
+                raise self._error
+            return
+        if not data:
+            self._eof = True
+            return
+        if len(self._buf) > HEADER.size + self._limits.max_frame_bytes:
+            self._error = ProtocolError(
+                ErrorCode.INTERNAL, "receive_data called without draining next_message"
+            )
+            raise self._error
+        self._buf += data
+
+    def next_message(self) -> Message | NeedData | EOF:
+        """The next message, ``NEED_DATA`` or ``EOF_EVENT``.
+
+        Raises ProtocolError: BAD_MAGIC, BAD_CHECKSUM, BAD_VERSION, BAD_MESSAGE (flags,
+        truncated frame, bad payload), FRAME_TOO_LARGE, UNKNOWN_TYPE or LIMIT. A batch is
+        only peeked here; its data digests are checked by ``decode_batch``.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next(self) -> Message | NeedData | EOF:
+        buf = self._buf
+        if self._pending is None:
+            if len(buf) < HEADER.size:
+                if self._eof:
+                    if buf:
+                        raise _bad("truncated frame")
+                    return EOF_EVENT
+                return NEED_DATA
+            magic, version, msg_type, flags, length, payload_sum, header_sum = HEADER.unpack_from(
+                buf
+            )
+            if magic != MAGIC:
+                raise ProtocolError(ErrorCode.BAD_MAGIC, f"bad frame magic {magic!r}")
+            with memoryview(buf) as view, view[: _HEADER_BODY.size] as body:
+                computed = xxhash.xxh32_intdigest(body)
+            if computed != header_sum:
+                raise ProtocolError(ErrorCode.BAD_CHECKSUM, "frame header checksum mismatch")
+            if version != PROTOCOL_VERSION:
+                raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {version}")
+            if flags != 0:
+                raise _bad(f"unknown frame flags {flags:#x}")
+            if length > self._limits.max_frame_bytes:
+                raise ProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"frame of {length} bytes exceeds {self._limits.max_frame_bytes}",
+                )
+            self._pending = (msg_type, length, payload_sum)
+        msg_type, length, payload_sum = self._pending
+        end = HEADER.size + length
+        if len(buf) < end:
+            if self._eof:
+                raise _bad("truncated frame")
+            return NEED_DATA
+        with memoryview(buf) as view, view[HEADER.size : end] as body:
+            payload = bytes(body)
+        del buf[:end]
+        self._pending = None
+        if xxhash.xxh3_64_intdigest(payload) != payload_sum:
+            raise ProtocolError(ErrorCode.BAD_CHECKSUM, "frame payload checksum mismatch")
+        return _decode_payload(msg_type, payload, self._limits)
+
+
+# --- connection state machine -------------------------------------------------------------
+
+
+class ConnState(enum.Enum):
+    START = "start"
+    HELLO_SENT = "hello-sent"
+    HELLO_RECEIVED = "hello-received"
+    READY = "ready"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+Side: TypeAlias = Literal["client-send", "client-recv", "server-send", "server-recv"]
+_S = ConnState
+
+
+def _build_transitions() -> dict[tuple[ConnState, Side, type], ConnState]:
+    table: dict[tuple[ConnState, Side, type], ConnState] = {
+        (_S.START, "client-send", Hello): _S.HELLO_SENT,
+        (_S.HELLO_SENT, "client-recv", HelloOk): _S.READY,
+        (_S.START, "server-recv", Hello): _S.HELLO_RECEIVED,
+        (_S.HELLO_RECEIVED, "server-send", HelloOk): _S.READY,
+    }
+    upstream: tuple[type, ...] = (Register, BatchMsg, Heartbeat)  # client -> server
+    downstream: tuple[type, ...] = (Registered, Ack, Heartbeat)  # server -> client
+    for msg_cls in upstream:
+        table[(_S.READY, "client-send", msg_cls)] = _S.READY
+        table[(_S.READY, "server-recv", msg_cls)] = _S.READY
+    for msg_cls in downstream:
+        table[(_S.READY, "server-send", msg_cls)] = _S.READY
+        table[(_S.READY, "client-recv", msg_cls)] = _S.READY
+    sides: tuple[Side, ...] = ("client-send", "client-recv", "server-send", "server-recv")
+    for state in (_S.START, _S.HELLO_SENT, _S.HELLO_RECEIVED, _S.READY):
+        for side in sides:
+            table[(state, side, ErrorMsg)] = _S.CLOSED
+    return table
+
+
+_TRANSITIONS = _build_transitions()
+
+
+class Connection:
+    """One side of a replication connection (h11 style).
+
+    ``send`` checks a message is legal for our side now and returns its frame bytes;
+    ``receive_data`` buffers; ``next_event`` returns the next legal received message,
+    ``NEED_DATA`` or ``EOF_EVENT`` (clean EOF closes the connection). Beyond the table,
+    a ``Registered`` must answer a ``Register`` of the same disk, and ``BatchMsg``/``Ack``
+    are legal only for disks registered on this connection (the client has received,
+    the server has sent, ``Registered``). Any ProtocolError moves ``state`` to ERROR and
+    every later call raises ProtocolError(UNEXPECTED).
+    """
+
+    def __init__(
+        self, our_role: Literal["client", "server"], limits: Limits = DEFAULT_LIMITS
+    ) -> None:
+        if our_role not in ("client", "server"):
+            raise ValueError(f"our_role must be 'client' or 'server', not {our_role!r}")
+        self.our_role = our_role
+        self.limits = limits
+        self.state = ConnState.START
+        self._decoder = FrameDecoder(limits)
+        self._registering: set[str] = set()
+        self._registered: set[str] = set()
+        self._send_side: Side = "client-send" if our_role == "client" else "server-send"
+        self._recv_side: Side = "client-recv" if our_role == "client" else "server-recv"
+
+    @property
+    def registered(self) -> frozenset[str]:
+        """Disks registered on this connection."""
+        return frozenset(self._registered)
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self.state = ConnState.ERROR
+        return exc
+
+    def _check_alive(self) -> None:
+        if self.state is ConnState.ERROR:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "connection already failed")
+
+    def _apply(self, side: Side, msg: Message) -> None:
+        """Check ``msg`` against the table and the disk rules; move state. Raises UNEXPECTED."""
+        new_state = _TRANSITIONS.get((self.state, side, type(msg)))
+        if new_state is None:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED,
+                f"{type(msg).__name__} not allowed ({side}) in state {self.state.name}",
+            )
+        if isinstance(msg, Register):
+            if (
+                msg.disk_id not in self._registering
+                and len(self._registering) + len(self._registered) >= MAX_DISKS_PER_CONNECTION
+            ):
+                raise ProtocolError(ErrorCode.LIMIT, f"more than {MAX_DISKS_PER_CONNECTION} disks")
+            self._registering.add(msg.disk_id)
+        elif isinstance(msg, Registered):
+            if msg.disk_id not in self._registering:
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED, f"Registered for unrequested disk {msg.disk_id!r}"
+                )
+            self._registering.discard(msg.disk_id)
+            self._registered.add(msg.disk_id)
+        elif isinstance(msg, BatchMsg | Ack) and msg.disk_id not in self._registered:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED,
+                f"{type(msg).__name__} for unregistered disk {msg.disk_id!r}",
+            )
+        self.state = new_state
+
+    def send(self, msg: Message) -> bytes:
+        """Frame bytes for ``msg``. Raises ProtocolError(UNEXPECTED) if illegal now."""
+        self._check_alive()
+        try:
+            data = encode_message(msg)
+            self._apply(self._send_side, msg)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        return data
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer (``b""`` = EOF). Raises ProtocolError on misuse."""
+        self._check_alive()
+        try:
+            self._decoder.receive_data(data)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def next_event(self) -> Message | NeedData | EOF:
+        """Next legal message from the peer, ``NEED_DATA`` or ``EOF_EVENT``.
+
+        Raises ProtocolError: any frame error, or UNEXPECTED for an illegal message.
+        """
+        self._check_alive()
+        try:
+            event = self._decoder.next_message()
+            if isinstance(event, EOF):
+                self.state = ConnState.CLOSED
+            elif not isinstance(event, NeedData):
+                self._apply(self._recv_side, event)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        return event

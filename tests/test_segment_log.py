@@ -1,0 +1,161 @@
+"""The segmented log under the journal and the cache: order, durability bookkeeping, torn tails,
+corruption detection and segment release."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.errors import IntegrityError
+from common.segment_log import RECORD_HEADER, SEGMENT_HEADER, Cursor, SegmentLog
+
+
+def _fill(log: SegmentLog, sizes: list[int]) -> list[bytes]:
+    payloads = []
+    for size in sizes:
+        payload = os.urandom(size)
+        seq = log.next_seq
+        log.append(1, seq, seq, (payload,))
+        payloads.append(payload)
+    return payloads
+
+
+def _segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
+def test_append_read_roundtrip_across_segments(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path, segment_bytes=4096)
+    payloads = _fill(log, [100, 3000, 5000, 1, 0, 2048] * 5)
+    assert log.first_seq == 1 and log.last_seq == len(payloads)
+    assert len(_segments(tmp_path)) > 3
+    records = log.read_records(1, 1 << 30)
+    assert [r.payload for r in records] == payloads
+    assert [r.first_seq for r in records] == list(range(1, len(payloads) + 1))
+    # reading from the middle returns the record holding that seq first
+    assert log.read_records(17, 1 << 30)[0].payload == payloads[16]
+
+
+def test_cursor_reads_equal_fresh_reads(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path, segment_bytes=8192)
+    payloads = _fill(log, [i * 37 % 3000 for i in range(200)])
+    cursor = Cursor()
+    seq = 1
+    got: list[bytes] = []
+    while seq <= log.last_seq:
+        batch = log.read_records(seq, 5000, cursor)
+        assert batch, "a read below last_seq must return at least one record"
+        got.extend(r.payload for r in batch)
+        seq = batch[-1].last_seq + 1
+    assert got == payloads
+
+
+def test_reopen_keeps_everything_and_continues(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path, segment_bytes=4096)
+    payloads = _fill(log, [1000] * 20)
+    log.sync_blocking()
+    log.close()
+    log = SegmentLog.open(tmp_path, segment_bytes=4096)
+    assert log.last_seq == 20 and log.truncated_bytes == 0
+    payloads += _fill(log, [10])
+    assert [r.payload for r in log.read_records(1, 1 << 30)] == payloads
+
+
+@given(cut=st.integers(min_value=1, max_value=999), junk=st.binary(max_size=64))
+@settings(max_examples=60, deadline=None)
+def test_torn_tail_is_truncated(
+    tmp_path_factory: pytest.TempPathFactory, cut: int, junk: bytes
+) -> None:
+    directory = tmp_path_factory.mktemp("torn")
+    log = SegmentLog.open(directory)
+    payloads = _fill(log, [500, 500, 700])
+    log.close()
+    last = _segments(directory)[-1]
+    size = last.stat().st_size
+    with open(last, "r+b") as f:  # tear the last record somewhere inside it, then add garbage
+        f.truncate(size - min(cut, 700 + RECORD_HEADER.size - 1))
+        f.seek(0, os.SEEK_END)
+        f.write(junk)
+    log = SegmentLog.open(directory)
+    assert log.last_seq == 2, "the torn last record must be dropped, the others kept"
+    assert [r.payload for r in log.read_records(1, 1 << 30)] == payloads[:2]
+    assert log.truncated_bytes > 0
+    log.append(1, 3, 3, (b"again",))  # the log stays appendable at the right seq
+    assert log.read_records(3, 100)[0].payload == b"again"
+    log.close()
+
+
+def test_corruption_before_the_tail_raises_integrity_error(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path, segment_bytes=2048)
+    _fill(log, [1500] * 6)
+    log.close()
+    first = _segments(tmp_path)[0]
+    with open(first, "r+b") as f:
+        f.seek(SEGMENT_HEADER.size + RECORD_HEADER.size + 10)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(IntegrityError, match=first.name):
+        SegmentLog.open(tmp_path, segment_bytes=2048)
+
+
+def test_corruption_found_by_readers(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path)
+    _fill(log, [4000, 4000])
+    path = _segments(tmp_path)[0]
+    with open(path, "r+b") as f:
+        f.seek(SEGMENT_HEADER.size + RECORD_HEADER.size + 5)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(IntegrityError):
+        log.read_records(1, 1 << 30)
+
+
+async def test_release_deletes_only_whole_acknowledged_segments(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path, segment_bytes=4096)
+    _fill(log, [1500] * 12)
+    before = _segments(tmp_path)
+    freed = await log.release_through(5)
+    after = _segments(tmp_path)
+    assert freed > 0 and len(after) < len(before)
+    assert log.first_seq <= 6, "a record not yet released must still be readable"
+    assert log.read_records(6, 1 << 30)[0].first_seq == 6
+    with pytest.raises(LookupError):
+        log.read_records(1, 100)
+    await log.release_through(12)
+    assert log.first_seq == 13 == log.next_seq
+    log.close()
+    log = SegmentLog.open(tmp_path, segment_bytes=4096)
+    assert log.next_seq == 13, "an emptied log must remember where seq numbering stands"
+
+
+async def test_group_commit_shares_syncs(tmp_path: Path) -> None:
+    import asyncio
+
+    log = SegmentLog.open(tmp_path)
+    _fill(log, [100])
+    calls = 0
+    real = log._sync_fds
+
+    def counting(fds: list[int], dir_dirty: bool) -> None:
+        nonlocal calls
+        calls += 1
+        real(fds, dir_dirty)
+
+    log._sync_fds = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(log.sync() for _ in range(20)))
+    assert calls == 1
+    assert not log.dirty
+    await log.sync()
+    assert calls == 1, "nothing new was written: no second fdatasync"
+
+
+def test_append_refuses_a_seq_gap(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path, base_seq=10)
+    with pytest.raises(ValueError):
+        log.append(1, 11, 11, (b"x",))
+    log.append(1, 10, 12, (b"x",))
+    assert log.next_seq == 13
