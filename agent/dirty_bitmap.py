@@ -69,10 +69,10 @@ class DirtyBitmap:
         return out
 
     def save(self, path: Path) -> None:
+        self.changed = False  # before the snapshot: a mark made during the save sets it again
         bits = bytes(self.bits)
         header = _HEADER.pack(_MAGIC, self.size, self.granularity, xxhash.xxh3_64_intdigest(bits))
         atomic_write(path, header + bits, mode=0o600)
-        self.changed = False
 
     @classmethod
     def load(cls, path: Path) -> DirtyBitmap:

@@ -109,6 +109,7 @@ class ProtectedDisk:
         )
         self.bitmap: DirtyBitmap | None = None
         self._closed = False
+        self._bitmap_lock = asyncio.Lock()
         self.redo_records = 0
 
     # ----------------------------------------------------------------- opening
@@ -361,7 +362,9 @@ class ProtectedDisk:
         try:
             await asyncio.gather(self.journal.sync(), self._image_commit.commit())
             if self.bitmap is not None and self.bitmap.changed:
-                await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
+                async with self._bitmap_lock:
+                    if self.bitmap.changed:
+                        await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
         except OSError as exc:
             raise DiskError(exc.errno or errno.EIO, f"{self.disk_id}: flush failed: {exc}") from exc
 

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="protected disk size, e.g. 4GiB (default 4GiB, 1GiB with --quick)",
     )
     p.add_argument(
+        "--journal-quota",
+        type=_size,
+        default=None,
+        help="agent journal quota (default: large enough that the journal never overflows)",
+    )
+    p.add_argument(
         "--json", type=Path, default=None, metavar="FILE", help="write every figure to FILE"
     )
     p.add_argument(
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         else (QUICK_DISK if args.quick else FULL_DISK),
         quick=args.quick,
         tmpdir=args.tmpdir,
+        journal_quota=args.journal_quota,
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     started = dt.datetime.now(dt.UTC)
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 "disk_size": params.disk_size,
                 "block": params.block,
                 "quick": params.quick,
+                "journal_quota": params.journal_quota,
             },
             "machine": machine_info(),
             "status": status,

@@ -52,12 +52,14 @@ async def _load(agent: Agent, cmd: dict[str, Any]) -> dict[str, Any]:
     blocks = [gen(i, block) for i in range(16)]
     written = 0
     offset = 0
+    laps = 0
     start = time.monotonic()
     i = 0
     while time.monotonic() - start < seconds:
         if offset + block > disk.size:
             offset = 0
-        await disk.write(offset, blocks[i % 16])
+            laps += 1  # each lap writes other bytes at each offset, so a lost write shows
+        await disk.write(offset, blocks[(i + laps) % 16])
         offset += block
         written += block
         i += 1

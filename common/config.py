@@ -222,6 +222,16 @@ def _name(value: Any) -> str:
     return text
 
 
+MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def _check_socket_path(file: Path, key: str, socket: Path) -> None:
+    if len(str(socket).encode()) > MAX_UNIX_PATH:
+        raise ConfigError(
+            f"{file}: {key}: {socket} is longer than the {MAX_UNIX_PATH} bytes a unix socket path may have"
+        )
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -280,10 +290,13 @@ def load_agent_config(path: Path) -> AgentConfig:
             nbd=d.optional("nbd", _nbd_endpoint),
         )
         d.finish()
+        if disk.nbd and disk.nbd.startswith("unix:"):
+            _check_socket_path(path, f"disk[{index}].nbd", Path(disk.nbd[5:]))
         if any(other.id == disk.id for other in disks):
             raise ConfigError(f"{path}: disk[{index}].id: duplicate disk id {disk.id!r}")
         disks.append(disk)
     cfg = AgentConfig(disks=tuple(disks), **cfg_kwargs)
+    _check_socket_path(path, "agent.state_dir", cfg.admin_socket)
     if cfg.max_batch_bytes > cfg.window_bytes:
         raise ConfigError(f"{path}: agent.window_bytes: must be at least agent.max_batch_bytes")
     return cfg
@@ -317,4 +330,6 @@ def load_server_config(path: Path) -> ServerConfig:
         if value is not None:
             kwargs[key] = value
     s.finish()
-    return ServerConfig(**kwargs)
+    cfg = ServerConfig(**kwargs)
+    _check_socket_path(path, "server.state_dir", cfg.admin_socket)
+    return cfg

@@ -172,3 +172,15 @@ def test_units() -> None:
             parse_size(bad)
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+def test_socket_paths_longer_than_sun_path_are_refused(tmp_path: Path) -> None:
+    deep = "/" + "d" * 120
+    with pytest.raises(ConfigError, match=r"server\.state_dir: .* longer than"):
+        load_server_config(
+            _write(tmp_path, PS_SKETCH.replace('"/var/lib/tidemark/ps"', f'"{deep}"'))
+        )
+    with pytest.raises(ConfigError, match=r"disk\[0\]\.nbd: .* longer than"):
+        load_agent_config(
+            _write(tmp_path, AGENT_SKETCH.replace("/run/tidemark/web01-root.sock", deep + ".sock"))
+        )

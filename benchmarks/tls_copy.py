@@ -1,0 +1,291 @@
+"""The machine's own limit for replication-like work: a plain TLS copy over loopback.
+
+Two processes, the same deployment PKI and TLS contexts as the real link
+(``common.tls.server_context`` / ``client_context``, so cipher, curves and certificates are
+identical):
+
+- ``serve``: accepts one connection and writes what it receives into a file (offsets wrap
+  at ``--size``, like the writer does on the disk), ``fdatasync`` every ``--sync-every``
+  bytes and once at the end, then acknowledges the byte count.
+- ``send``: sends the same bytes the replication driver writes (benchmarks.driver's
+  ``compressible`` 1 MiB blocks) for ``--seconds``, then waits for that acknowledgement.
+  Its clock runs from the first byte sent to the acknowledgement: data durable on the
+  receiving side, which is what the replication figure counts too.
+
+Wire format (not tidemark's, deliberately minimal): ``u32 length | bytes`` per block,
+length 0 ends the stream; the server answers ``u64 total``.
+
+    python -m benchmarks.tls_copy serve --pki DIR --out FILE --size BYTES
+    python -m benchmarks.tls_copy send --bundle FILE --port PORT --seconds 30
+
+:func:`run_baseline` runs both as child processes and samples their RSS and CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.metrics import MIB, ProcessSampler, mb_per_s
+
+PYTHON = sys.executable
+SYNC_EVERY = 64 * MIB
+IO_TIMEOUT = 120.0
+
+
+def _recv_exact(sock: Any, view: memoryview) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionError(f"peer closed after {got} of {n} bytes")
+        got += k
+
+
+def serve(pki_dir: Path, out: Path, size: int, sync_every: int, block: int) -> int:
+    from common.tls import server_context
+
+    ctx = server_context(pki_dir)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)  # sparse, like a fresh replica
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(IO_TIMEOUT)
+            print(json.dumps({"port": listener.getsockname()[1], "pid": os.getpid()}), flush=True)
+            raw, _ = listener.accept()
+        raw.settimeout(IO_TIMEOUT)
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            buf = bytearray(max(block, 1))
+            view = memoryview(buf)
+            hdr = memoryview(bytearray(4))
+            total = offset = since_sync = syncs = 0
+            while True:
+                _recv_exact(conn, hdr)
+                n = int.from_bytes(hdr, "big")
+                if n == 0:
+                    break
+                if n > len(buf):
+                    buf = bytearray(n)
+                    view = memoryview(buf)
+                chunk = view[:n]
+                _recv_exact(conn, chunk)
+                if offset + n > size:
+                    offset = 0
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, chunk[done:], offset + done)
+                offset += n
+                total += n
+                since_sync += n
+                if since_sync >= sync_every:
+                    os.fdatasync(fd)
+                    syncs += 1
+                    since_sync = 0
+            os.fdatasync(fd)
+            syncs += 1
+            conn.sendall(total.to_bytes(8, "big"))
+            cipher = conn.cipher()
+            version = conn.version()
+        print(
+            json.dumps(
+                {
+                    "bytes": total,
+                    "syncs": syncs,
+                    "cipher": cipher[0] if cipher else None,
+                    "tls_version": version,
+                }
+            ),
+            flush=True,
+        )
+    finally:
+        os.close(fd)
+    return 0
+
+
+def send(bundle: Path, port: int, seconds: float, block: int) -> int:
+    from benchmarks.driver import compressible
+    from common.tls import CLIENT_SERVER_HOSTNAME, client_context
+    from process_server.pki import load_bundle
+
+    ctx = client_context(load_bundle(bundle))
+    # Same 16 blocks as benchmarks.driver's "load" op, each with its length prefix.
+    blocks = [len(b).to_bytes(4, "big") + b for b in (compressible(i, block) for i in range(16))]
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as raw,
+        ctx.wrap_socket(raw, server_hostname=CLIENT_SERVER_HOSTNAME) as conn,
+    ):
+        sent = 0
+        i = 0
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            conn.sendall(blocks[i % 16])
+            sent += block
+            i += 1
+        conn.sendall(b"\0\0\0\0")
+        send_done = time.monotonic()
+        ack = memoryview(bytearray(8))
+        _recv_exact(conn, ack)
+        end = time.monotonic()
+        acked = int.from_bytes(ack, "big")
+    if acked != sent:
+        print(json.dumps({"error": f"server acknowledged {acked} bytes, sent {sent}"}), flush=True)
+        return 1
+    print(
+        json.dumps({"bytes": sent, "send_seconds": send_done - start, "seconds": end - start}),
+        flush=True,
+    )
+    return 0
+
+
+def _read_json_line(proc: subprocess.Popen[bytes], what: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{what} exited ({proc.wait()}) without a result")
+    return dict(json.loads(line))
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if proc.poll() is None:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def run_baseline(
+    *,
+    pki_dir: Path,
+    bundle: Path,
+    out: Path,
+    seconds: float,
+    block: int,
+    size: int,
+    sync_every: int = SYNC_EVERY,
+    log: Path | None = None,
+) -> dict[str, Any]:
+    """Run the server and client processes; return throughput and per-process RSS/CPU.
+
+    Raises RuntimeError if either side fails. Both children are gone when this returns, and
+    ``out`` is removed.
+    """
+    log_f = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        server = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "benchmarks.tls_copy",
+                "serve",
+                "--pki",
+                str(pki_dir),
+                "--out",
+                str(out),
+                "--size",
+                str(size),
+                "--sync-every",
+                str(sync_every),
+                "--block",
+                str(block),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log_f,
+            start_new_session=True,
+        )
+        procs.append(server)
+        port = int(_read_json_line(server, "tls_copy server")["port"])
+        client = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "benchmarks.tls_copy",
+                "send",
+                "--bundle",
+                str(bundle),
+                "--port",
+                str(port),
+                "--seconds",
+                str(seconds),
+                "--block",
+                str(block),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log_f,
+            start_new_session=True,
+        )
+        procs.append(client)
+        sampler = ProcessSampler({"client": client.pid, "server": server.pid}).start()
+        try:
+            sent = _read_json_line(client, "tls_copy client")
+            received = _read_json_line(server, "tls_copy server")
+        finally:
+            stats = sampler.stop()
+        if "error" in sent:
+            raise RuntimeError(f"tls_copy: {sent['error']}")
+        for proc in procs:
+            _reap(proc)
+        if client.returncode or server.returncode:
+            raise RuntimeError(
+                f"tls_copy: client exited {client.returncode}, server {server.returncode}"
+            )
+        nbytes = int(sent["bytes"])
+        return {
+            "bytes": nbytes,
+            "seconds": sent["seconds"],
+            "send_seconds": sent["send_seconds"],
+            "mb_per_s": mb_per_s(nbytes, sent["seconds"]),
+            "syncs": received["syncs"],
+            "cipher": received["cipher"],
+            "tls_version": received["tls_version"],
+            "processes": {label: st.as_dict() for label, st in stats.items()},
+        }
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            _reap(proc)
+        if not isinstance(log_f, int):
+            log_f.close()
+        with contextlib.suppress(OSError):
+            out.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.tls_copy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="receive one stream into a file")
+    s.add_argument("--pki", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--size", type=int, required=True)
+    s.add_argument("--sync-every", type=int, default=SYNC_EVERY)
+    s.add_argument("--block", type=int, default=MIB)
+    c = sub.add_parser("send", help="send blocks for N seconds")
+    c.add_argument("--bundle", type=Path, required=True)
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--seconds", type=float, default=30.0)
+    c.add_argument("--block", type=int, default=MIB)
+    args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        return serve(args.pki, args.out, args.size, args.sync_every, args.block)
+    return send(args.bundle, args.port, args.seconds, args.block)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
