@@ -41,6 +41,19 @@ class DirtyBitmap:
             self.bits[chunk >> 3] |= 1 << (chunk & 7)
         self.changed = True
 
+    def clear(self, offset: int, length: int) -> None:
+        """Clear the bits of chunks lying wholly inside the range (they were verified)."""
+        first = -(-offset // self.granularity)
+        end = offset + length
+        last = (end // self.granularity if end < self.size else self.chunks) - 1
+        for chunk in range(first, last + 1):
+            self.bits[chunk >> 3] &= ~(1 << (chunk & 7)) & 0xFF
+        self.changed = True
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.bits)
+
     def mark_all(self) -> None:
         for chunk in range(self.chunks):
             self.bits[chunk >> 3] |= 1 << (chunk & 7)

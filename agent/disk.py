@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.activity_log import ActivityLog
 from agent.dirty_bitmap import DirtyBitmap
 from agent.journal import Journal
 from common.durable import (
@@ -39,6 +41,7 @@ log = logging.getLogger("tidemark.agent.disk")
 
 STATE_FILE = "state.json"
 BITMAP_FILE = "dirty.bitmap"
+ACTIVITY_LOG_FILE = "activity.log"
 MAX_IO = 64 << 20  # largest single read or data write accepted from any writer
 MAX_ZERO = (1 << 32) - 1  # largest single write-zeroes / trim (the NBD length field is 32-bit)
 
@@ -111,6 +114,11 @@ class ProtectedDisk:
         self._closed = False
         self._bitmap_lock = asyncio.Lock()
         self.redo_records = 0
+        self.overflowed = False  # writes bypass the journal (recorded in the bitmap only)
+        self.activity_log: ActivityLog | None = None
+        self.unclean_regions: list[tuple[int, int]] = []
+        self.resync_progress: dict[str, Any] | None = None
+        self.scan_only = False  # scan mode: the agent is not in the write path
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -122,16 +130,29 @@ class ProtectedDisk:
         *,
         journal_quota: int = 1 << 30,
         segment_bytes: int = 64 << 20,
+        activity_extents: int = 1024,
     ) -> ProtectedDisk:
         """Open a disk for protection. ``journal_dir`` is the disk's own state directory
-        (journal, dirty bitmap, state file). Raises DiskError, IntegrityError."""
+        (journal, dirty bitmap, activity log, state file). Raises DiskError, IntegrityError."""
         return await asyncio.to_thread(
-            cls._open_blocking, disk_id, image_path, journal_dir, journal_quota, segment_bytes
+            cls._open_blocking,
+            disk_id,
+            image_path,
+            journal_dir,
+            journal_quota,
+            segment_bytes,
+            activity_extents,
         )
 
     @classmethod
     def _open_blocking(
-        cls, disk_id: str, image_path: Path, state_dir: Path, quota: int, segment_bytes: int
+        cls,
+        disk_id: str,
+        image_path: Path,
+        state_dir: Path,
+        quota: int,
+        segment_bytes: int,
+        activity_extents: int,
     ) -> ProtectedDisk:
         try:
             fd = os.open(image_path, os.O_RDWR)
@@ -173,15 +194,34 @@ class ProtectedDisk:
                 disk_id,
                 journal.log.truncated_bytes,
             )
+        disk.activity_log = ActivityLog(
+            state_dir / ACTIVITY_LOG_FILE, size, capacity=activity_extents
+        )
+        hot = disk.activity_log.load()
+        clean = bool(state.get("clean", False))
         bitmap_path = state_dir / BITMAP_FILE
+        disk.overflowed = bool(state.get("overflowed"))
         if state.get("resync_required"):
             disk.bitmap = (
                 DirtyBitmap.load(bitmap_path) if bitmap_path.exists() else DirtyBitmap(size)
             )
-            if not state.get("clean", False) or state.get("resync_reason") == "initial":
-                disk.bitmap.mark_all()  # the in-memory bitmap of the last run was lost
-        elif not state.get("clean", False):
+            if state.get("resync_reason") == "initial" and not bitmap_path.exists():
+                disk.bitmap.mark_all()
+            if not clean and disk.overflowed:
+                disk.bitmap.mark_all()  # writes of the last run went to an in-memory bitmap: lost
+        if not clean and not disk.overflowed:
             disk._redo_journal()
+        if not clean and hot:
+            # Writes may have been in flight in these extents (a host crash can leave the image
+            # ahead of the journal): re-verify exactly them against the replica.
+            if disk.bitmap is None:
+                disk.bitmap = DirtyBitmap(size)
+                state["resync_required"] = True
+                state["resync_reason"] = "unclean-stop"
+            for offset, length in disk.activity_log.regions(hot):
+                disk.bitmap.mark(offset, length)
+            disk.unclean_regions = disk.activity_log.regions(hot)
+            log.warning("disk=%s event=unclean_stop reverify_extents=%d", disk_id, len(hot))
         disk._rebuild_pending()
         state["clean"] = False
         disk._save_state()
@@ -257,6 +297,7 @@ class ProtectedDisk:
             "journal_bytes": self.journal.bytes_used,
             "journal_quota": self.journal.quota,
             "dirty_bytes": self.bitmap.dirty_bytes if self.bitmap else 0,
+            "resync": self.resync_progress,
             "read_only": self.read_only,
         }
 
@@ -264,7 +305,7 @@ class ProtectedDisk:
     def _check(self, offset: int, length: int, *, writing: bool, limit: int = MAX_IO) -> None:
         if self._closed:
             raise DiskError(errno.ESHUTDOWN, f"{self.disk_id}: disk is closed")
-        if writing and self.read_only:
+        if writing and (self.read_only or self.scan_only):
             raise DiskError(errno.EROFS, f"{self.disk_id}: disk is read-only")
         if offset < 0 or length <= 0 or length > limit or offset + length > self.size:
             code = errno.ENOSPC if writing and offset + length > self.size else errno.EINVAL
@@ -277,8 +318,22 @@ class ProtectedDisk:
         except OSError as exc:
             raise DiskError(exc.errno or errno.EIO, f"{self.disk_id}: read failed: {exc}") from exc
 
+    async def _activate(self, offset: int, length: int) -> None:
+        al = self.activity_log
+        if al is not None and not al.covers(offset, length):
+            try:
+                await al.activate(offset, length, self._sync_data)
+            except OSError as exc:
+                raise DiskError(
+                    errno.EIO, f"{self.disk_id}: activity log write failed: {exc}"
+                ) from exc
+
+    async def _sync_data(self) -> None:
+        await asyncio.gather(self.journal.sync(), self._image_commit.commit())
+
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> int:
         self._check(offset, len(data), writing=True)
+        await self._activate(offset, len(data))
         seq = self._record(offset, len(data), data, may_trim=False)
         if fua:
             await self.flush()
@@ -288,6 +343,7 @@ class ProtectedDisk:
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
     ) -> int:
         self._check(offset, length, writing=True, limit=MAX_ZERO)
+        await self._activate(offset, length)
         seq = self._record(offset, length, None, may_trim=may_trim)
         if fua:
             await self.flush()
@@ -304,7 +360,7 @@ class ProtectedDisk:
         now = time.time_ns()
         seq = 0
         payload = length if data is not None else 0
-        if self.bitmap is None and self.journal.fits(payload + 32):
+        if not self.overflowed and self.journal.fits(payload + 32):
             try:
                 if data is not None:
                     seq = self.journal.append_write(offset, data, now)
@@ -316,7 +372,7 @@ class ProtectedDisk:
                         errno.EIO, f"{self.disk_id}: journal write failed: {exc}"
                     ) from exc
                 self._overflow(f"journal device full: {exc.strerror}")
-        elif self.bitmap is None:
+        elif not self.overflowed:
             self._overflow("journal quota exhausted")
         if seq:
             self._pending.add(seq, payload, now)
@@ -350,7 +406,10 @@ class ProtectedDisk:
             self.journal.bytes_used,
             self.journal.quota,
         )
-        self.bitmap = DirtyBitmap(self.size)
+        if self.bitmap is None:
+            self.bitmap = DirtyBitmap(self.size)
+        self.overflowed = True
+        self._state["overflowed"] = True
         self._state["resync_required"] = True
         self._state["resync_reason"] = "journal-overflow"
         self._state["overflow_at_seq"] = self.journal.last_seq
@@ -389,12 +448,106 @@ class ProtectedDisk:
         self._save_state()
         self.bitmap.save(self.state_dir / BITMAP_FILE)
 
+    # ----------------------------------------------------------------- resync support
+    def resync_ready(self) -> bool:
+        """A resync may run: needed, and the journal has room to carry its data."""
+        return self.bitmap is not None and self.journal.bytes_used < self.journal.quota // 2
+
+    def begin_resync(self) -> None:
+        """Writes go back to the journal; the bitmap is now the set of regions to verify."""
+        if self.overflowed:
+            self.overflowed = False
+            self._state["overflowed"] = False
+            self._save_state()
+            log.info("disk=%s event=journal_resumed after overflow", self.disk_id)
+
+    def journal_copy(self, offset: int, length: int) -> int:
+        """Journal the image's current bytes of a range (no image write): resync data. One
+        loop step, so it is ordered with every write before and after it."""
+        data = pread_exact(self._fd, length, offset)
+        now = time.time_ns()
+        seq = self.journal.append_write(offset, data, now)
+        self._pending.add(seq, length, now)
+        self.new_records.set()
+        return seq
+
+    def journal_zero(self, offset: int, length: int) -> int:
+        """Journal a zero extent for a range the image holds as zeros (resync of a zero chunk)."""
+        now = time.time_ns()
+        seq = self.journal.append_zero(offset, length, now, may_trim=True)
+        self._pending.add(seq, 0, now)
+        self.new_records.set()
+        return seq
+
+    @property
+    def image_fd(self) -> int:
+        return self._fd
+
+    async def checkpoint_resync(self) -> None:
+        """Make resync progress durable: the journal first, then the shrunken bitmap."""
+        await self.journal.sync()
+        if self.bitmap is not None:
+            async with self._bitmap_lock:
+                await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
+
+    async def finish_resync(self) -> None:
+        """Every region was verified or resent: the replica is level with the journal."""
+        await self.journal.sync()
+        self.bitmap = None
+        self.unclean_regions = []
+        self._state["resync_required"] = False
+        self._state["resync_reason"] = None
+        self._state["overflowed"] = False
+        await asyncio.to_thread(self._save_state)
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / BITMAP_FILE).unlink()
+        log.info("disk=%s event=resync_complete", self.disk_id)
+
+    def mark_dirty(self, ranges: list[tuple[int, int]], reason: str) -> None:
+        """Regions to resync (verify --repair, operator request)."""
+        if self.bitmap is None:
+            self.bitmap = DirtyBitmap(self.size)
+        for offset, length in ranges:
+            self.bitmap.mark(offset, length)
+        self._state["resync_required"] = True
+        self._state["resync_reason"] = reason
+        self._save_state()
+        self.bitmap.save(self.state_dir / BITMAP_FILE)
+        self.new_records.set()
+
+    async def rebase_journal(self, next_seq: int, reason: str) -> None:
+        """The journal cannot resume where the process server stands: restart seq numbering at
+        ``next_seq`` with an empty journal, and mark the whole disk for a digest resync."""
+        log.error(
+            "disk=%s event=journal_rebased next_seq=%d reason=%r", self.disk_id, next_seq, reason
+        )
+        directory = self.journal.log.directory
+        quota, segment = self.journal.quota, self.journal.log.segment_bytes
+        self.journal.close()
+        for seg in directory.glob("*.seg"):
+            seg.unlink()
+        self.journal = Journal(directory, quota=quota, segment_bytes=segment, base_seq=next_seq)
+        self._pending = _PendingWrites()
+        self.acked_seq = next_seq - 1
+        if self.bitmap is None:
+            self.bitmap = DirtyBitmap(self.size)
+        self.bitmap.mark_all()
+        self.overflowed = False
+        self._state.update(resync_required=True, resync_reason=reason, overflowed=False)
+        await asyncio.to_thread(self._save_state)
+        await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
+
     async def close(self) -> None:
         """Flush everything and record a clean stop."""
         if self._closed:
             return
         await self.flush()
         self._closed = True
+        if self.bitmap is not None:
+            await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
+        if self.activity_log is not None:
+            await asyncio.to_thread(self.activity_log.clear)
+            self.activity_log.close()
         self._state["clean"] = True
         await asyncio.to_thread(self._save_state)
         self.journal.close()

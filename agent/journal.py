@@ -50,8 +50,10 @@ def decode_entry(record: Record) -> JournalEntry:
 class Journal:
     """The write journal of one disk."""
 
-    def __init__(self, directory: Path, *, quota: int, segment_bytes: int = 64 << 20) -> None:
-        self.log = SegmentLog.open(directory, segment_bytes=segment_bytes)
+    def __init__(
+        self, directory: Path, *, quota: int, segment_bytes: int = 64 << 20, base_seq: int = 1
+    ) -> None:
+        self.log = SegmentLog.open(directory, base_seq=base_seq, segment_bytes=segment_bytes)
         self.quota = quota
 
     @property

@@ -31,7 +31,8 @@ from benchmarks.metrics import GIB, MIB, Figure, Params, ScenarioResult, machine
 
 SCENARIOS: dict[str, str] = {
     "replication": "benchmarks.replication",
-    # later issues: "nbd", "rpo", "rto", "sync"
+    "nbd": "benchmarks.nbd_front",
+    # later issues: "rpo", "rto", "sync"
 }
 """Scenario name -> module path."""
 

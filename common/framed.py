@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.frames import EOF, NEED_DATA, Connection, ErrorMsg, Message, NeedData
+from protocol.frames import EOF, NEED_DATA, Connection, ErrorMsg, Message, NeedData, encode_message
 
 READ_CHUNK = 256 << 10
 
@@ -57,7 +57,8 @@ class FramedStream:
     async def send_error(self, code: ErrorCode, message: str) -> None:
         """Best-effort ERROR frame before closing; never raises."""
         with contextlib.suppress(ProtocolError, ConnectionError, OSError, RuntimeError):
-            self.writer.write(self.conn.send(ErrorMsg(int(code), message[:500])))
+            # Straight to the wire: after a protocol error the state machine refuses to send.
+            self.writer.write(encode_message(ErrorMsg(int(code), message[:500])))
             await asyncio.wait_for(self.writer.drain(), 2.0)
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.digests import chunk_digests
 from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
 from common.segment_log import Cursor, SegmentLog
@@ -65,6 +66,8 @@ class ReplicaDisk:
         self._cache_appended = asyncio.Event()
         self._cache_durable = asyncio.Event()
         self._space_freed = asyncio.Event()
+        self._applied_event = asyncio.Event()
+        self.digest_bytes_read = 0
         self.applier_error: str | None = None
         self.session: Any = None  # the connection currently owning the disk
         self.report: dict[str, Any] | None = None  # newest heartbeat report from the agent
@@ -197,6 +200,7 @@ class ReplicaDisk:
                         f"{self.directory}: cached batch {record.first_seq}..{record.last_seq}: {exc}"
                     ) from exc
                 self.applying_seq = record.last_seq
+                self._applied_event.set()
                 self.applied_bytes += batch.header.raw_bytes
                 self.newest_applied_write_ns = max(
                     self.newest_applied_write_ns, batch.header.newest_write_ns
@@ -236,6 +240,27 @@ class ReplicaDisk:
         await self.cache.release_through(self.applied_seq)
         self._space_freed.set()
 
+    # ----------------------------------------------------------------- resync support
+    async def wait_applied(self, seq: int) -> None:
+        """Wait until every batch up to ``seq`` is written to the replica (page cache)."""
+        while self.applying_seq < seq:
+            if self.applier_error:
+                raise ReplicaError(f"disk {self.disk_id}: applier stopped: {self.applier_error}")
+            self._applied_event.clear()
+            await self._applied_event.wait()
+
+    async def digests(
+        self, offset: int, length: int, chunk: int, min_seq: int
+    ) -> tuple[int, bytes]:
+        """``(seq, digests)``: XXH3-128 of the replica's chunks once ``min_seq`` is applied."""
+        if offset >= self.size:
+            raise ReplicaError(f"disk {self.disk_id}: digest range starts past the end")
+        await self.wait_applied(min_seq)
+        seq = self.applying_seq
+        result = await asyncio.to_thread(chunk_digests, self._fd, offset, length, chunk, self.size)
+        self.digest_bytes_read += result.bytes_read
+        return seq, b"".join(result.digests)
+
     # ----------------------------------------------------------------- status
     def status(self, now_ns: int) -> dict[str, Any]:
         report = self.report or {}
@@ -274,6 +299,7 @@ class ReplicaDisk:
             "received_bytes": self.received_bytes,
             "applied_bytes": self.applied_bytes,
             "replica_path": str(self.replica_path),
+            "digest_bytes_read": self.digest_bytes_read,
             "error": self.applier_error,
         }
 

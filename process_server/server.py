@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from common.config import ServerConfig
 from common.errors import IntegrityError, TidemarkError
 from common.framed import FramedStream
 from common.tls import peer_identity, server_context
+from process_server.pki import load_revoked_serials
 from process_server.replica import ReplicaDisk, ReplicaError, check_disk_size
 from protocol.batch import Limits, decode_batch, validate_disk_id
 from protocol.errors import ErrorCode, ProtocolError
@@ -30,11 +32,15 @@ from protocol.frames import (
     Ack,
     BatchMsg,
     Connection,
+    DigestReply,
+    DigestRequest,
     Heartbeat,
     Hello,
     HelloOk,
     Register,
     Registered,
+    VerifyRequest,
+    VerifyResult,
 )
 
 log = logging.getLogger("tidemark.ps")
@@ -53,6 +59,9 @@ class _Session:
         self.task: asyncio.Task[None] | None = asyncio.current_task()
         self.done = asyncio.Event()
         self.ack_events: dict[str, asyncio.Event] = {}
+        self.verify_waiters: dict[int, asyncio.Future[str]] = {}
+        self.next_request = 0
+        self.revoked = False
         self.started = time.monotonic()
 
 
@@ -69,7 +78,9 @@ class ProcessServer:
         self.disks: dict[str, ReplicaDisk] = {}
         self.sessions: set[_Session] = set()
         self._server: asyncio.AbstractServer | None = None
-        self._admin = AdminServer(cfg.admin_socket, {"status": self._admin_status})
+        self._admin = AdminServer(
+            cfg.admin_socket, {"status": self._admin_status, "verify": self._admin_verify}
+        )
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self.port = 0
@@ -152,13 +163,17 @@ class ProcessServer:
         address = str(writer.get_extra_info("peername"))
         stream = FramedStream(reader, writer, Connection("server", self.limits))
         try:
-            peer, role = peer_identity(writer.get_extra_info("ssl_object"))
-        except (ValueError, TidemarkError) as exc:
+            ssl_object = writer.get_extra_info("ssl_object")
+            peer, role = peer_identity(ssl_object)
+            serial = int(ssl_object.getpeercert()["serialNumber"], 16)
+            revoked = serial in await asyncio.to_thread(load_revoked_serials, self.cfg.pki_dir)
+        except (ValueError, KeyError, TidemarkError) as exc:
             log.warning("event=connection_refused peer=%s reason=%r", address, str(exc))
             self.rejected_connections += 1
             await stream.close()
             return
         session = _Session(peer, role, stream, address)
+        session.revoked = revoked
         self.sessions.add(session)
         reason = "closed"
         try:
@@ -167,7 +182,7 @@ class ProcessServer:
             except BaseExceptionGroup as group:
                 raise first_leaf(group) from None
         except ProtocolError as exc:
-            reason = f"protocol error {exc.code.name}: {exc}"
+            reason = f"protocol error {exc}"
             self.rejected_connections += 1
             await stream.send_error(exc.code, str(exc))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -198,6 +213,13 @@ class ProcessServer:
                 ErrorCode.AUTH,
                 f"HELLO says {hello.name}/{hello.role}, certificate says {session.peer}/{session.role}",
             )
+        if session.revoked:
+            raise ProtocolError(ErrorCode.AUTH, f"the certificate of {session.peer} is revoked")
+        if session.role != "agent":
+            raise ProtocolError(
+                ErrorCode.AUTH,
+                f"{session.peer} has a {session.role} certificate: only agents replicate here",
+            )
         await stream.send(
             HelloOk(SERVER_NAME, self.limits.max_frame_bytes, self.cfg.max_batch_bytes)
         )
@@ -216,6 +238,13 @@ class ProcessServer:
                     await self._on_register(session, msg, tg)
                 elif isinstance(msg, Heartbeat):
                     await self._on_heartbeat(session, msg)
+                elif isinstance(msg, DigestRequest):
+                    self._owned(session, msg.disk_id)
+                    tg.create_task(self._on_digest_request(session, msg))
+                elif isinstance(msg, VerifyResult):
+                    future = session.verify_waiters.pop(msg.request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(msg.report)
                 else:
                     raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
 
@@ -284,6 +313,45 @@ class ProcessServer:
         disk.append_batch(msg.data, header)
         session.ack_events[disk.disk_id].set()
 
+    def _owned(self, session: _Session, disk_id: str) -> ReplicaDisk:
+        disk = self.disks.get(disk_id)
+        if disk is None or disk.session is not session:
+            raise ProtocolError(ErrorCode.UNEXPECTED, f"disk {disk_id} is not registered here")
+        return disk
+
+    async def _on_digest_request(self, session: _Session, msg: DigestRequest) -> None:
+        """Answer with replica digests once the batches up to ``min_seq`` are applied."""
+        disk = self._owned(session, msg.disk_id)
+        try:
+            seq, digests = await disk.digests(msg.offset, msg.length, msg.chunk_size, msg.min_seq)
+        except ReplicaError as exc:
+            raise ProtocolError(ErrorCode.DISK, str(exc)) from exc
+        await session.stream.send(
+            DigestReply(msg.disk_id, msg.request_id, msg.offset, msg.chunk_size, seq, digests)
+        )
+
+    async def verify(self, disk_id: str, repair: bool, timeout: float = 3600) -> dict[str, Any]:
+        """Ask the owning agent to verify (and optionally repair) a disk; returns its report."""
+        disk = self.disks.get(disk_id)
+        if disk is None:
+            return {"ok": False, "error": f"no disk {disk_id!r} on this process server"}
+        session = disk.session
+        if session is None:
+            return {
+                "ok": False,
+                "error": f"the agent of disk {disk_id} ({disk.owner}) is not connected",
+            }
+        session.next_request += 1
+        request_id = session.next_request
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        session.verify_waiters[request_id] = future
+        await session.stream.send(VerifyRequest(disk_id, request_id, repair))
+        try:
+            report = await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            session.verify_waiters.pop(request_id, None)
+        return {"ok": True, "report": json.loads(report)}
+
     async def _ack_pump(self, session: _Session, disk: ReplicaDisk, event: asyncio.Event) -> None:
         """Group commit: one fdatasync and one ACK for every batch that arrived meanwhile."""
         while True:
@@ -336,6 +404,12 @@ class ProcessServer:
 
     async def _admin_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, **self.status()}
+
+    async def _admin_verify(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.verify(str(request.get("disk")), bool(request.get("repair")))
+        except (TimeoutError, ConnectionError, ProtocolError) as exc:
+            return {"ok": False, "error": f"verify failed: {exc}"}
 
 
 class _Stopped(Exception):

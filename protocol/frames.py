@@ -44,6 +44,8 @@ __all__ = [
     "BatchMsg",
     "ConnState",
     "Connection",
+    "DigestReply",
+    "DigestRequest",
     "DiskReport",
     "ErrorMsg",
     "FrameDecoder",
@@ -55,6 +57,8 @@ __all__ = [
     "NeedData",
     "Register",
     "Registered",
+    "VerifyRequest",
+    "VerifyResult",
     "encode_message",
 ]
 
@@ -88,6 +92,10 @@ class MsgType(enum.IntEnum):
     ACK = 6
     HEARTBEAT = 7
     ERROR = 8
+    DIGEST_REQUEST = 9
+    DIGEST_REPLY = 10
+    VERIFY_REQUEST = 11
+    VERIFY_RESULT = 12
 
 
 def _bad(message: str) -> ProtocolError:
@@ -386,12 +394,192 @@ class ErrorMsg:
         return cls(r.u16(), r.str())
 
 
-Message: TypeAlias = Hello | HelloOk | Register | Registered | BatchMsg | Ack | Heartbeat | ErrorMsg
+# --- resync and verify ----------------------------------------------------------------------
+MAX_DIGESTS = 65536  # per DigestRequest / DigestReply (1 MiB of digests)
+DIGEST_SIZE = 16  # XXH3-128
+MIN_CHUNK = 512
+MAX_CHUNK = 16 << 20
+MAX_REPORT_BYTES = 1 << 20
+_DIGEST_REQ = struct.Struct(">IQQIQ")  # request_id, offset, length, chunk_size, min_seq
+_DIGEST_REP = struct.Struct(">IQIQI")  # request_id, offset, chunk_size, applied_seq, n_digests
 
-_MESSAGE_TYPES = (Hello, HelloOk, Register, Registered, BatchMsg, Ack, Heartbeat, ErrorMsg)
+
+def _check_chunking(offset: int, length: int, chunk_size: int) -> None:
+    _check_uint("offset", offset, _U64_MAX)
+    _check_uint("length", length, _U64_MAX)
+    if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size % MIN_CHUNK:
+        raise _bad(f"chunk size {chunk_size} must be a multiple of {MIN_CHUNK} up to {MAX_CHUNK}")
+    if length == 0 or -(-length // chunk_size) > MAX_DIGESTS:
+        raise ProtocolError(
+            ErrorCode.LIMIT, f"{length} bytes in chunks of {chunk_size}: too many digests"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRequest:
+    """Agent asks for XXH3-128 digests of replica chunks once ``applied_seq >= min_seq``."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DIGEST_REQUEST
+    disk_id: str
+    request_id: int
+    offset: int
+    length: int
+    chunk_size: int
+    min_seq: int
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("request_id", self.request_id, _U32_MAX)
+        _check_chunking(self.offset, self.length, self.chunk_size)
+        _check_uint("min_seq", self.min_seq, _U64_MAX)
+
+    def _encode(self) -> bytes:
+        return _pack_str(self.disk_id) + _DIGEST_REQ.pack(
+            self.request_id, self.offset, self.length, self.chunk_size, self.min_seq
+        )
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> DigestRequest:
+        disk_id = r.str()
+        return cls(disk_id, *_DIGEST_REQ.unpack(r._take(_DIGEST_REQ.size)))
+
+
+@dataclass(frozen=True, slots=True)
+class DigestReply:
+    """Digests of consecutive chunks from ``offset`` (the last chunk may be short)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DIGEST_REPLY
+    disk_id: str
+    request_id: int
+    offset: int
+    chunk_size: int
+    applied_seq: int
+    digests: bytes
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("request_id", self.request_id, _U32_MAX)
+        _check_uint("applied_seq", self.applied_seq, _U64_MAX)
+        if not isinstance(self.digests, bytes) or len(self.digests) % DIGEST_SIZE:
+            raise _bad("digests must be a multiple of 16 bytes")
+        _check_chunking(
+            self.offset, max(1, len(self.digests) // DIGEST_SIZE) * self.chunk_size, self.chunk_size
+        )
+
+    def _encode(self) -> bytes:
+        n = len(self.digests) // DIGEST_SIZE
+        head = _DIGEST_REP.pack(self.request_id, self.offset, self.chunk_size, self.applied_seq, n)
+        return _pack_str(self.disk_id) + head + self.digests
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> DigestReply:
+        disk_id = r.str()
+        request_id, offset, chunk, applied, n = _DIGEST_REP.unpack(r._take(_DIGEST_REP.size))
+        if n > MAX_DIGESTS:
+            raise ProtocolError(ErrorCode.LIMIT, f"{n} digests in one reply")
+        return cls(disk_id, request_id, offset, chunk, applied, r._take(n * DIGEST_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyRequest:
+    """Process server asks the agent to verify a disk (``tidemark-ps verify``)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.VERIFY_REQUEST
+    disk_id: str
+    request_id: int
+    repair: bool
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("request_id", self.request_id, _U32_MAX)
+        if not isinstance(self.repair, bool):
+            raise _bad("repair must be a bool")
+
+    def _encode(self) -> bytes:
+        return _pack_str(self.disk_id) + _U32.pack(self.request_id) + bytes([int(self.repair)])
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> VerifyRequest:
+        disk_id, request_id, flag = r.str(), r.u32(), r._take(1)[0]
+        if flag > 1:
+            raise _bad("repair flag must be 0 or 1")
+        return cls(disk_id, request_id, bool(flag))
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The agent's verify report (a JSON object as UTF-8 text)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.VERIFY_RESULT
+    disk_id: str
+    request_id: int
+    report: str
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("request_id", self.request_id, _U32_MAX)
+        if not isinstance(self.report, str) or len(self.report.encode()) > MAX_REPORT_BYTES:
+            raise ProtocolError(ErrorCode.LIMIT, "verify report too large")
+
+    def _encode(self) -> bytes:
+        raw = self.report.encode()
+        return _pack_str(self.disk_id) + _U32.pack(self.request_id) + _U32.pack(len(raw)) + raw
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> VerifyResult:
+        disk_id, request_id, n = r.str(), r.u32(), r.u32()
+        if n > MAX_REPORT_BYTES:
+            raise ProtocolError(ErrorCode.LIMIT, "verify report too large")
+        try:
+            return cls(disk_id, request_id, r._take(n).decode())
+        except UnicodeDecodeError:
+            raise _bad("verify report is not UTF-8") from None
+
+
+Message: TypeAlias = (
+    Hello
+    | HelloOk
+    | Register
+    | Registered
+    | BatchMsg
+    | Ack
+    | Heartbeat
+    | ErrorMsg
+    | DigestRequest
+    | DigestReply
+    | VerifyRequest
+    | VerifyResult
+)
+
+_MESSAGE_TYPES = (
+    Hello,
+    HelloOk,
+    Register,
+    Registered,
+    BatchMsg,
+    Ack,
+    Heartbeat,
+    ErrorMsg,
+    DigestRequest,
+    DigestReply,
+    VerifyRequest,
+    VerifyResult,
+)
 _SMALL_DECODERS: dict[int, Callable[[_Reader, Limits], Message]] = {
     int(cls.TYPE): cls._decode
-    for cls in (Hello, HelloOk, Register, Registered, Ack, Heartbeat, ErrorMsg)
+    for cls in (
+        Hello,
+        HelloOk,
+        Register,
+        Registered,
+        Ack,
+        Heartbeat,
+        ErrorMsg,
+        DigestRequest,
+        DigestReply,
+        VerifyRequest,
+        VerifyResult,
+    )
 }
 
 
@@ -583,8 +771,14 @@ def _build_transitions() -> dict[tuple[ConnState, Side, type], ConnState]:
         (_S.START, "server-recv", Hello): _S.HELLO_RECEIVED,
         (_S.HELLO_RECEIVED, "server-send", HelloOk): _S.READY,
     }
-    upstream: tuple[type, ...] = (Register, BatchMsg, Heartbeat)  # client -> server
-    downstream: tuple[type, ...] = (Registered, Ack, Heartbeat)  # server -> client
+    upstream: tuple[type, ...] = (
+        Register,
+        BatchMsg,
+        Heartbeat,
+        DigestRequest,
+        VerifyResult,
+    )
+    downstream: tuple[type, ...] = (Registered, Ack, Heartbeat, DigestReply, VerifyRequest)
     for msg_cls in upstream:
         table[(_S.READY, "client-send", msg_cls)] = _S.READY
         table[(_S.READY, "server-recv", msg_cls)] = _S.READY
@@ -599,6 +793,14 @@ def _build_transitions() -> dict[tuple[ConnState, Side, type], ConnState]:
 
 
 _TRANSITIONS = _build_transitions()
+_PER_DISK = (
+    BatchMsg,
+    Ack,
+    DigestRequest,
+    DigestReply,
+    VerifyRequest,
+    VerifyResult,
+)
 
 
 class Connection:
@@ -662,7 +864,7 @@ class Connection:
                 )
             self._registering.discard(msg.disk_id)
             self._registered.add(msg.disk_id)
-        elif isinstance(msg, BatchMsg | Ack) and msg.disk_id not in self._registered:
+        elif isinstance(msg, _PER_DISK) and msg.disk_id not in self._registered:
             raise ProtocolError(
                 ErrorCode.UNEXPECTED,
                 f"{type(msg).__name__} for unregistered disk {msg.disk_id!r}",

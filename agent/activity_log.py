@@ -1,0 +1,133 @@
+"""The activity log: which 4 MiB extents of a disk may have writes in flight (as DRBD's AL).
+
+After an unclean stop of the agent or its host, only these extents can differ between
+source and replica, so only they are re-verified — not the whole disk.
+
+Rules it keeps:
+- An extent is durably in the log *before* the first write to it reaches the image
+  (``activate`` persists, then the caller writes).
+- An extent leaves the log only after every write to it is durable in the journal and
+  the image (``activate`` calls ``sync_data`` before evicting).
+- The file has two checksummed slots written alternately, so a torn write of one slot
+  leaves the other; the newer valid slot wins on open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import xxhash
+
+EXTENT_BYTES = 4 << 20
+_SLOT_HEAD = struct.Struct(">8sQIQ")  # magic, generation, count, xxh3_64 of the extent list
+_MAGIC = b"TMACTLOG"
+
+
+class ActivityLog:
+    """A bounded LRU set of hot extents, persisted in ``path``."""
+
+    def __init__(
+        self, path: Path, disk_size: int, *, capacity: int = 1024, extent_bytes: int = EXTENT_BYTES
+    ) -> None:
+        self.path = path
+        self.disk_size = disk_size
+        self.capacity = capacity
+        self.extent_bytes = extent_bytes
+        self.slot_bytes = _SLOT_HEAD.size + 4 * capacity
+        self._active: OrderedDict[int, None] = OrderedDict()
+        self._generation = 0
+        self._lock = asyncio.Lock()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.persists = 0
+        self.evictions = 0
+
+    # ----------------------------------------------------------------- file
+    def load(self) -> list[int]:
+        """Read the newest valid slot: the extents that were hot when the log was last written."""
+        best: tuple[int, list[int]] | None = None
+        for slot in (0, 1):
+            raw = os.pread(self._fd, self.slot_bytes, slot * self.slot_bytes)
+            if len(raw) < _SLOT_HEAD.size:
+                continue
+            magic, generation, count, digest = _SLOT_HEAD.unpack_from(raw)
+            body = raw[_SLOT_HEAD.size : _SLOT_HEAD.size + 4 * count]
+            if magic != _MAGIC or count > self.capacity or len(body) != 4 * count:
+                continue
+            if xxhash.xxh3_64_intdigest(body) != digest:
+                continue
+            if best is None or generation > best[0]:
+                best = (generation, list(struct.unpack(f">{count}I", body)))
+        if best is None:
+            return []
+        self._generation = best[0]
+        return best[1]
+
+    def _persist(self) -> None:
+        """Write the current set to the other slot and fdatasync it."""
+        self._generation += 1
+        extents = list(self._active)
+        body = struct.pack(f">{len(extents)}I", *extents)
+        raw = (
+            _SLOT_HEAD.pack(_MAGIC, self._generation, len(extents), xxhash.xxh3_64_intdigest(body))
+            + body
+        )
+        os.pwrite(
+            self._fd, raw.ljust(self.slot_bytes, b"\0"), (self._generation % 2) * self.slot_bytes
+        )
+        os.fdatasync(self._fd)
+        self.persists += 1
+
+    # ----------------------------------------------------------------- use
+    def extents_of(self, offset: int, length: int) -> range:
+        return range(
+            offset // self.extent_bytes, (offset + max(length, 1) - 1) // self.extent_bytes + 1
+        )
+
+    def covers(self, offset: int, length: int) -> bool:
+        """True (and the extents marked recently used) when no persist is needed first."""
+        active = self._active
+        for extent in self.extents_of(offset, length):
+            if extent not in active:
+                return False
+            active.move_to_end(extent)
+        return True
+
+    async def activate(
+        self, offset: int, length: int, sync_data: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Make the extents of a write durable in the log before the write proceeds."""
+        async with self._lock:
+            new = [e for e in self.extents_of(offset, length) if e not in self._active]
+            if not new:
+                return
+            if len(self._active) + len(new) > self.capacity:
+                await sync_data()  # every write so far is durable: the oldest extents may go
+                keep = max(0, self.capacity // 2 - len(new))
+                while len(self._active) > keep:
+                    self._active.popitem(last=False)
+                    self.evictions += 1
+            for extent in new:
+                self._active[extent] = None
+            await asyncio.to_thread(self._persist)
+
+    def regions(self, extents: list[int] | None = None) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the given (default: active) extents, clipped to the disk."""
+        out = []
+        for extent in sorted(self._active if extents is None else extents):
+            start = extent * self.extent_bytes
+            if start < self.disk_size:
+                out.append((start, min(self.extent_bytes, self.disk_size - start)))
+        return out
+
+    def clear(self) -> None:
+        """After a clean stop (everything durable): nothing is in flight."""
+        self._active.clear()
+        self._persist()
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -1,0 +1,85 @@
+"""XXH3-128 digests of fixed-size chunks of a disk image, used by resync, verify and scan.
+
+Rule: a chunk that lies entirely in a hole (found with SEEK_DATA/SEEK_HOLE) is not read:
+its digest is the digest of zeros, the same a read of the hole would give. The last
+chunk of a range may be short; its digest covers exactly its bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from dataclasses import dataclass
+
+import xxhash
+
+READ_SPAN = 4 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def zero_digest(length: int) -> bytes:
+    """XXH3-128 of ``length`` zero bytes."""
+    return xxhash.xxh3_128_digest(bytes(length))
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    return xxhash.xxh3_128_digest(data) == zero_digest(len(data))
+
+
+@dataclass
+class DigestResult:
+    digests: list[bytes]
+    bytes_read: int  # bytes actually read and hashed (holes are skipped)
+
+
+def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """Allocated ``(offset, end)`` ranges of [start, end); the whole range if unknown."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    try:
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            out.append((data, min(hole, end)))
+            pos = hole
+    except OSError:
+        return [(start, end)]  # no SEEK_DATA here (block device, old fs): read everything
+    return out
+
+
+def chunk_digests(fd: int, offset: int, length: int, chunk: int, size: int) -> DigestResult:
+    """Digests of the chunks of [offset, offset+length) (clipped to ``size``). Raises OSError."""
+    end = min(offset + length, size)
+    ranges = _data_ranges(fd, offset, end)
+    digests: list[bytes] = []
+    read = 0
+    r = 0
+    pos = offset
+    buf = b""
+    buf_start = 0
+    while pos < end:
+        cend = min(pos + chunk, end)
+        while r < len(ranges) and ranges[r][1] <= pos:
+            r += 1
+        if r >= len(ranges) or ranges[r][0] >= cend:
+            digests.append(zero_digest(cend - pos))
+        else:
+            if not (buf_start <= pos and cend <= buf_start + len(buf)):
+                span = min(max(READ_SPAN, cend - pos), end - pos)
+                buf = os.pread(fd, span, pos)
+                if len(buf) < span:
+                    buf += bytes(span - len(buf))
+                buf_start = pos
+                read += span
+            view = memoryview(buf)[pos - buf_start : cend - buf_start]
+            digests.append(xxhash.xxh3_128_digest(view))
+        pos = cend
+    return DigestResult(digests, read)
