@@ -1,4 +1,4 @@
-"""``tidemark-agent``: the agent's command line (run, status).
+"""``tidemark-agent``: the agent's command line (run, status, verify, resync).
 
 Rule: exit 0 on success, 1 on failure, 2 on usage errors; ``--json`` prints one object.
 """
@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.admin import admin_request
 from common.cli import (
     print_disk_table,
     print_json,
     query_status,
     run_loop,
     run_until_signal,
+    run_with_progress,
     setup_logging,
 )
 from common.config import AgentConfig, load_agent_config
@@ -46,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="per-disk replication status")
     p.add_argument("--config", required=True, type=Path, help="agent.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser(
+        "verify", help="compare a disk with its replica by digests (exit 1 if they differ)"
+    )
+    p.add_argument("--config", required=True, type=Path, help="agent.toml")
+    p.add_argument("disk", help="disk id")
+    p.add_argument("--repair", action="store_true", help="resync the ranges that differ")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = sub.add_parser("resync", help="compare the whole disk by digests and send what differs")
+    p.add_argument("--config", required=True, type=Path, help="agent.toml")
+    p.add_argument("disk", help="disk id")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -103,6 +116,66 @@ async def _status(config: Path, as_json: bool) -> int:
     return 0
 
 
+async def _verify(config: Path, disk_id: str, repair: bool, as_json: bool) -> int:
+    cfg = load_agent_config(config)
+    try:
+        reply = await run_with_progress(
+            cfg.admin_socket,
+            {"cmd": "verify", "disk": disk_id, "repair": repair},
+            disk_id,
+            show=sys.stderr.isatty() and not as_json,
+        )
+    except OSError as exc:
+        print(
+            f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
+            file=sys.stderr,
+        )
+        return 1
+    return print_verify_report(reply, as_json)
+
+
+def print_verify_report(reply: dict[str, Any], as_json: bool) -> int:
+    """Print a verify report; exit code 0 when equal, 1 when different or failed."""
+    if as_json:
+        print_json(reply)
+    elif not reply.get("ok"):
+        print(f"error: {reply.get('error')}", file=sys.stderr)
+    else:
+        verdict = "EQUAL" if reply["equal"] else f"DIFFERENT ({reply['differing_bytes']} bytes)"
+        print(
+            f"{reply['disk']}: source and replica at seq {reply['seq']}: {verdict}; "
+            f"{reply['bytes_compared']} bytes compared in {reply['seconds']}s"
+        )
+        for offset, length in reply["differences"][:50]:
+            print(f"  differs: offset {offset} length {length}")
+        if len(reply["differences"]) > 50:
+            print(f"  ... {len(reply['differences']) - 50} more ranges (use --json)")
+        if reply.get("repair"):
+            print("  repair: the differing ranges are being resynced (see status)")
+    return 0 if reply.get("ok") and reply.get("equal") else 1
+
+
+async def _resync(config: Path, disk_id: str, as_json: bool) -> int:
+    cfg = load_agent_config(config)
+    try:
+        reply = await admin_request(cfg.admin_socket, {"cmd": "resync", "disk": disk_id})
+    except OSError as exc:
+        print(
+            f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
+            file=sys.stderr,
+        )
+        return 1
+    if as_json:
+        print_json(reply)
+    elif reply.get("ok"):
+        print(
+            f"{disk_id}: marked {reply['marked_bytes']} bytes for a digest resync (progress in status)"
+        )
+    else:
+        print(f"error: {reply.get('error')}", file=sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -111,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_loop(_run(args.config))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
+        if args.command == "verify":
+            return run_loop(_verify(args.config, args.disk, args.repair, args.json))
+        if args.command == "resync":
+            return run_loop(_resync(args.config, args.disk, args.json))
     except TidemarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -461,13 +461,16 @@ class ProtectedDisk:
             self._save_state()
             log.info("disk=%s event=journal_resumed after overflow", self.disk_id)
 
-    def journal_copy(self, offset: int, length: int) -> int:
-        """Journal the image's current bytes of a range (no image write): resync data. One
-        loop step, so it is ordered with every write before and after it."""
-        data = pread_exact(self._fd, length, offset)
+    def read_image(self, offset: int, length: int) -> bytes:
+        """Read the image directly (synchronous: callers rely on it happening in one loop step)."""
+        return pread_exact(self._fd, length, offset)
+
+    def journal_bytes(self, offset: int, data: bytes) -> int:
+        """Journal bytes the image already holds (no image write): resync data. Call it in the
+        same loop step as the read of ``data`` so it is ordered with every write around it."""
         now = time.time_ns()
         seq = self.journal.append_write(offset, data, now)
-        self._pending.add(seq, length, now)
+        self._pending.add(seq, len(data), now)
         self.new_records.set()
         return seq
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from types import TracebackType
 from typing import Any
 
 from agent.disk import ProtectedDisk
+from agent.resync import Resyncer, Scanner
 from agent.shipper import Shipper, drained
 from common.admin import AdminServer
 from common.config import AgentConfig
@@ -39,7 +41,17 @@ class Agent:
         self.shipper: Shipper | None = None
         self._ship_task: asyncio.Task[None] | None = None
         self._exports: list[Any] = []
-        self._admin = AdminServer(cfg.admin_socket, {"status": self._admin_status})
+        self._admin = AdminServer(
+            cfg.admin_socket,
+            {
+                "status": self._admin_status,
+                "verify": self._admin_verify,
+                "resync": self._admin_resync,
+            },
+        )
+        self.resyncers: dict[str, Resyncer] = {}
+        self.scanners: dict[str, Scanner] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         self._want_nbd = nbd
         self.started_ns = 0
 
@@ -53,15 +65,30 @@ class Agent:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             for dc in self.cfg.disks:
-                self.disks[dc.id] = await ProtectedDisk.open(
+                disk = await ProtectedDisk.open(
                     dc.id,
                     dc.path,
                     self.cfg.state_dir / "disks" / dc.id,
                     journal_quota=self.cfg.journal_quota,
                     segment_bytes=self.cfg.journal_segment,
+                    activity_extents=self.cfg.activity_log_extents,
                 )
+                disk.scan_only = dc.mode == "scan"
+                self.disks[dc.id] = disk
             self.shipper = Shipper(self.cfg, creds, self.disks)
+            self.shipper.on_verify_request = self.verify
             self._ship_task = asyncio.create_task(self.shipper.run(), name="shipper")
+            for dc in self.cfg.disks:
+                disk = self.disks[dc.id]
+                resyncer = Resyncer(disk, self.shipper)
+                self.resyncers[dc.id] = resyncer
+                self._tasks.append(asyncio.create_task(resyncer.run(), name=f"resync-{dc.id}"))
+                if dc.mode == "scan":
+                    scanner = Scanner(
+                        disk, resyncer, dc.scan_interval, disk.state_dir / "scan.digests"
+                    )
+                    self.scanners[dc.id] = scanner
+                    self._tasks.append(asyncio.create_task(scanner.run(), name=f"scan-{dc.id}"))
             if self._want_nbd:
                 await self._start_exports()
             await self._admin.start()
@@ -95,6 +122,12 @@ class Agent:
             with contextlib.suppress(OSError):
                 await export.close()
         self._exports.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
         if self._ship_task is not None:
             self._ship_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -124,6 +157,15 @@ class Agent:
             row = disk.status(now)
             row["agent"] = self.cfg.name
             row["applied_seq"] = None  # known only to the process server
+            resyncer = self.resyncers.get(disk.disk_id)
+            if resyncer is not None:
+                row["resync_totals"] = dataclasses.asdict(resyncer.totals)
+            row["unclean_regions"] = [list(r) for r in disk.unclean_regions]
+            scanner = self.scanners.get(disk.disk_id)
+            row["mode"] = "scan" if scanner else "journal"
+            if scanner is not None:
+                row["rpo_seconds"] = round(scanner.rpo_seconds(now / 1e9), 3)
+                row["scans"] = scanner.scans
             disks.append(row)
         return {
             "role": "agent",
@@ -137,3 +179,31 @@ class Agent:
 
     async def _admin_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, **self.status()}
+
+    async def verify(self, disk_id: str, repair: bool = False) -> dict[str, Any]:
+        """Compare source and replica by digests (see agent/resync.py); the report's ``equal``
+        says whether they match. Needs the replication link."""
+        resyncer = self.resyncers.get(disk_id)
+        if resyncer is None:
+            return {"ok": False, "error": f"no disk {disk_id!r} on this agent"}
+        if self.shipper is None or disk_id not in self.shipper.linked:
+            return {"ok": False, "error": "the process server is not connected"}
+        try:
+            return await resyncer.verify(repair=repair)
+        except (ConnectionError, TimeoutError) as exc:
+            return {"ok": False, "error": f"verify interrupted: {exc}"}
+
+    async def resync(self, disk_id: str) -> dict[str, Any]:
+        """Operator request: compare the whole disk by digests and send what differs."""
+        disk = self.disks.get(disk_id)
+        if disk is None:
+            return {"ok": False, "error": f"no disk {disk_id!r} on this agent"}
+        disk.mark_dirty([(0, disk.size)], "operator")
+        self.resyncers[disk_id].wake.set()
+        return {"ok": True, "disk": disk_id, "marked_bytes": disk.size}
+
+    async def _admin_verify(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.verify(str(request.get("disk")), bool(request.get("repair")))
+
+    async def _admin_resync(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.resync(str(request.get("disk")))

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import zstandard
@@ -37,19 +39,23 @@ from protocol.frames import (
     Ack,
     BatchMsg,
     Connection,
+    DigestReply,
+    DigestRequest,
     DiskReport,
     Heartbeat,
     Hello,
     HelloOk,
     Register,
     Registered,
+    VerifyRequest,
+    VerifyResult,
 )
 
 log = logging.getLogger("tidemark.agent.shipper")
 MAX_EXTENT = (1 << 32) - 1
-INLINE_ENCODE_BYTES = 4 << 20
+INLINE_ENCODE_BYTES = 4 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
 NAGLE_RECORDS = 64  # fewer waiting records than this, with a batch in flight, may wait...
-NAGLE_DELAY = 0.002  # ...this long for more (bounds the RPO cost to 2 ms)  # smaller batches are encoded on the loop, larger ones in a thread
+NAGLE_DELAY = 0.002  # ...this long for more (bounds the RPO cost to 2 ms)
 
 
 @dataclass
@@ -85,6 +91,14 @@ class Shipper:
         self.stats = ShipperStats()
         self._ssl = client_context(creds)
         self._heartbeat_counter = 0
+        self._stream: FramedStream | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._requests: dict[int, asyncio.Future[DigestReply]] = {}
+        self._next_request = 0
+        self.connected = asyncio.Event()
+        self.linked: set[str] = set()  # disks replicating on the current connection
+        self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
+        self.digest_bytes_in = 0
 
     async def run(self) -> None:
         """Connect, replicate, reconnect with backoff; returns only when cancelled."""
@@ -108,6 +122,7 @@ class Shipper:
             for disk in self.disks.values():
                 disk.link_state = "disconnected"
             self.stats.connected_since = None
+            self._disconnected()
             if time.monotonic() - started > 5 * self.cfg.reconnect_max:
                 delay = self.cfg.reconnect_min
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
@@ -160,6 +175,9 @@ class Shipper:
             for disk in self.disks.values():
                 disk.link_state = "replicating"
             async with asyncio.TaskGroup() as tg:
+                self._stream, self._tg = stream, tg
+                self.linked = set(links)
+                self.connected.set()
                 tg.create_task(self._receive(stream, links))
                 tg.create_task(self._heartbeats(stream))
                 for link in links.values():
@@ -169,20 +187,22 @@ class Shipper:
         finally:
             await stream.close()
 
-    async def _resume_point(self, disk: ProtectedDisk, reply: Registered) -> _DiskLink | None:
-        """Where to resume a disk; None (and resync-required) when the journal cannot prove it."""
+    async def _resume_point(self, disk: ProtectedDisk, reply: Registered) -> _DiskLink:
+        """Where to resume a disk. When the journal cannot prove the replica level (one side lost
+        its state), seq numbering restarts after the server's and the disk is resynced by digests."""
         cached = reply.cached_seq
         if cached > disk.journaled_seq:
-            disk.mark_resync_required(
-                f"process server holds seq {cached}, beyond this journal's {disk.journaled_seq}"
+            await disk.rebase_journal(
+                cached + 1,
+                f"process server holds seq {cached}, beyond this journal's {disk.journaled_seq}",
             )
-            return None
-        if cached < disk.journal.first_seq - 1:
-            disk.mark_resync_required(
-                f"process server holds seq {cached}, but the journal starts at {disk.journal.first_seq}"
+        elif cached < disk.journal.first_seq - 1:
+            await disk.rebase_journal(
+                cached + 1,
+                f"process server holds seq {cached}, but the journal starts at {disk.journal.first_seq}",
             )
-            return None
-        await disk.acknowledge(cached)
+        else:
+            await disk.acknowledge(cached)
         return _DiskLink(disk, cached + 1)
 
     async def _produce(
@@ -281,8 +301,65 @@ class Shipper:
                 link.acked.set()
             elif isinstance(msg, Heartbeat):
                 continue
+            elif isinstance(msg, DigestReply):
+                self.digest_bytes_in += len(msg.digests)
+                future = self._requests.pop(msg.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+            elif isinstance(msg, VerifyRequest):
+                assert self._tg is not None
+                self._tg.create_task(self._answer_verify(stream, msg))
             else:
                 raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
+
+    def _disconnected(self) -> None:
+        self.connected.clear()
+        self.linked = set()
+        self._stream, self._tg = None, None
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(ConnectionResetError("replication link lost"))
+        self._requests.clear()
+
+    async def request_digests(
+        self,
+        disk_id: str,
+        offset: int,
+        length: int,
+        chunk: int,
+        min_seq: int,
+        *,
+        width: int = 16,
+        select_unit: int = 0,
+        select: bytes = b"",
+        timeout: float = 600,
+    ) -> DigestReply:
+        """Replica digests of ``[offset, offset+length)`` (or of the selected units) once the
+        server applied ``min_seq``. Raises ConnectionError when the link is down or drops,
+        TimeoutError."""
+        stream = self._stream
+        if stream is None or disk_id not in self.linked:
+            raise ConnectionResetError("replication link is down")
+        self._next_request = (self._next_request + 1) % (1 << 32)
+        request_id = self._next_request
+        future: asyncio.Future[DigestReply] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        try:
+            await stream.send(
+                DigestRequest(
+                    disk_id, request_id, offset, length, chunk, min_seq, width, select_unit, select
+                )
+            )
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def _answer_verify(self, stream: FramedStream, msg: VerifyRequest) -> None:
+        if self.on_verify_request is None:
+            report: dict[str, object] = {"ok": False, "error": "verify is not available"}
+        else:
+            report = await self.on_verify_request(msg.disk_id, msg.repair)
+        await stream.send(VerifyResult(msg.disk_id, msg.request_id, json.dumps(report)))
 
     async def _heartbeats(self, stream: FramedStream) -> None:
         while True:

@@ -33,12 +33,12 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,9 +64,11 @@ TOOLS = ("fio", "nbdkit", "qemu-nbd")
 TARGETS = ("agent", "nbdkit", "qemu-nbd")
 QUICK_JOB_SECONDS = 3.0
 MEM_JOB_SECONDS = 3.0
+QUICK_MEM_JOB_SECONDS = 1.0
+QUICK_MEM_IMAGE = 256 * MIB
 MEM_BLOCK = 32 * MIB
 MEM_IODEPTH = 128
-QUICK_MEM_IODEPTH = 16  # --quick: 512 MiB in flight still 8x the export's budget, drains in ~4 s
+QUICK_MEM_IODEPTH = 8  # --quick: 256 MiB asked in flight, still 4x the export's budget
 TARGET_RSS_MIB = 300
 SERVER_START_TIMEOUT = 15.0
 
@@ -172,13 +174,12 @@ def _wait_unix(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> Non
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a baseline server: its image is thrown away, and a clean stop would first write
+    the image's dirty pages back (qemu-nbd flushes on SIGTERM: seconds of wall time after a
+    random-write job, and writeback competing with the next target)."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.kill()
+    proc.wait()
 
 
 def baseline_command(target: str, sock: Path, image: Path) -> list[str]:
@@ -316,7 +317,8 @@ def job_seconds(params: Params) -> float:
 def run(params: Params) -> ScenarioResult:
     seconds = job_seconds(params)
     size = params.disk_size
-    mem_size = min(size, 4 * GIB)
+    mem_size = min(size, QUICK_MEM_IMAGE if params.quick else 4 * GIB)
+    mem_seconds = QUICK_MEM_JOB_SECONDS if params.quick else MEM_JOB_SECONDS
     mem_wl = MEM if not params.quick else dataclasses.replace(MEM, iodepth=QUICK_MEM_IODEPTH)
     result = ScenarioResult(
         NAME,
@@ -330,7 +332,7 @@ def run(params: Params) -> ScenarioResult:
                 "rw": mem_wl.rw,
                 "bs": mem_wl.bs,
                 "iodepth": mem_wl.iodepth,
-                "seconds": MEM_JOB_SECONDS,
+                "seconds": mem_seconds,
                 "size": mem_size,
             },
             "order": "per workload: agent, nbdkit, qemu-nbd",
@@ -347,6 +349,16 @@ def run(params: Params) -> ScenarioResult:
 
     runs: dict[str, dict[str, dict[str, Any]]] = {w.key: {} for w in WORKLOADS}
     details["runs"] = runs
+    timeline: list[tuple[str, float]] = []
+    details["timeline"] = timeline
+    t_start = time.monotonic()
+
+    def phase(name: str) -> None:
+        """Progress on stderr, and when each phase started in the report."""
+        at = round(time.monotonic() - t_start, 2)
+        timeline.append((name, at))
+        print(f"#   {at:6.1f}s {name}", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory(prefix="tmn-", dir=params.tmpdir) as tmp:
         root = Path(tmp)
         details["workdir"] = str(root)
@@ -362,12 +374,13 @@ def run(params: Params) -> ScenarioResult:
             return result
         fio_log = root / "fio.log"
         try:
+            phase("pki + process server + agent")
             dep.init_pki()
             quota = params.journal_quota or _auto_journal_quota(root, size, len(disk_ids))
             result.params["journal_quota"] = quota
             spec = dep.add_agent(
                 AGENT,
-                {d: size for d in disk_ids},
+                {d: (mem_size if d == MEM.key else size) for d in disk_ids},
                 nbd=True,
                 options={"journal_quota": quota},
             )
@@ -391,7 +404,7 @@ def run(params: Params) -> ScenarioResult:
             drain_timeout = max(180.0, 20 * seconds)
             for wl in WORKLOADS:
                 for target in TARGETS:
-                    print(f"#   {wl.key}: {target} ...", file=sys.stderr, flush=True)
+                    phase(f"{wl.key}: {target}")
                     if target == "agent":
                         uri = f"nbd+unix:///{wl.key}?socket={spec.nbd[wl.key]}"
                         cmd = fio_command(uri, wl, seconds, size, wl.key)
@@ -416,18 +429,20 @@ def run(params: Params) -> ScenarioResult:
                             out = run_fio(cmd, seconds, fio_log)
                     out["command"] = shlex.join(cmd)
                     runs[wl.key][target] = out
+                    t0 = time.monotonic()
                     os.sync()  # nobody pays for the previous target's writeback
+                    out["sync_seconds"] = round(time.monotonic() - t0, 2)
 
             # Memory under QD128 x 32 MiB writes (agent only).
-            print(f"#   {MEM.key}: agent ...", file=sys.stderr, flush=True)
+            phase(f"{MEM.key} QD{mem_wl.iodepth}: agent")
             uri = f"nbd+unix:///{MEM.key}?socket={spec.nbd[MEM.key]}"
-            cmd = fio_command(uri, mem_wl, MEM_JOB_SECONDS, mem_size, MEM.key)
+            cmd = fio_command(uri, mem_wl, mem_seconds, mem_size, MEM.key)
             hwm_reset = _reset_hwm(agent_pid) and _reset_hwm(pids["ps"])
             before = ProcessSampler({"agent": agent_pid, "ps": pids["ps"]}).start().stop()
             sampler = ProcessSampler({"agent": agent_pid, "ps": pids["ps"]}, interval=0.02)
             sampler.start()
             try:
-                mem = run_fio(cmd, MEM_JOB_SECONDS, fio_log)
+                mem = run_fio(cmd, mem_seconds, fio_log)
                 mem["drain_after_fio"] = wait_applied(dep, MEM.key, drain_timeout)
             finally:
                 stats = sampler.stop()
@@ -443,9 +458,17 @@ def run(params: Params) -> ScenarioResult:
             final = {d: _row(_admin(spec.state_dir / "admin.sock"), d) for d in disk_ids}
             details["agent_disks"] = final
             details["link"] = _admin(spec.state_dir / "admin.sock").get("link")
+            phase("stop")
             dep.stop_all()
-            verify = {d: compare_images(spec.disks[d], dep.replica_path(d)) for d in disk_ids}
+            phase("compare replicas")
+            with ThreadPoolExecutor(len(disk_ids)) as pool:  # reads release the GIL
+                futures = {
+                    d: pool.submit(compare_images, spec.disks[d], dep.replica_path(d))
+                    for d in disk_ids
+                }
+                verify = {d: f.result() for d, f in futures.items()}
             details["verify"] = verify
+            phase("done")
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
             dep.stop_all()

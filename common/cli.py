@@ -62,6 +62,50 @@ async def query_status(socket_path: Path) -> dict[str, Any] | None:
     return reply if reply.get("ok") else None
 
 
+async def run_with_progress(
+    socket_path: Path,
+    request: dict[str, Any],
+    disk_id: str,
+    *,
+    show: bool,
+    status_socket: Path | None = None,
+) -> dict[str, Any]:
+    """Send a long admin request (verify, resync) and, on a terminal, draw a progress bar with
+    rate and ETA from the ``resync`` progress the service reports in its status."""
+    task = asyncio.ensure_future(admin_request(socket_path, request, timeout=7 * 86400))
+    bar = None
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not show or task.done():
+                continue
+            status = await query_status(status_socket or socket_path)
+            row = next(
+                (d for d in (status or {}).get("disks", []) if d.get("disk") == disk_id), None
+            )
+            progress = (row or {}).get("resync") or {}
+            total = progress.get("total_bytes")
+            if not total:
+                continue
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=f"{progress.get('phase', 'sync')} {disk_id}",
+                )
+            bar.update(progress.get("done_bytes", 0) - bar.n)
+        return task.result()
+    finally:
+        if bar is not None:
+            bar.close()
+        if not task.done():
+            task.cancel()
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 

@@ -36,6 +36,10 @@ class DiskConfig:
     id: str
     path: Path
     nbd: str | None = None
+    mode: str = (
+        "journal"  # "journal": the agent is in the write path; "scan": periodic digest scans
+    )
+    scan_interval: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class AgentConfig:
     reconnect_min: float = 0.1
     reconnect_max: float = 10.0
     connect_timeout: float = 10.0
+    activity_log_extents: int = 1024
 
     @property
     def admin_socket(self) -> Path:
@@ -208,6 +213,13 @@ def _nbd_endpoint(value: Any) -> str:
     raise ValueError(f'expected "unix:/path.sock" or "tcp:HOST:PORT", got {text!r}')
 
 
+def _mode(value: Any) -> str:
+    text = _str(value)
+    if text not in ("journal", "scan"):
+        raise ValueError(f'expected "journal" or "scan", got {text!r}')
+    return text
+
+
 def _disk_id(value: Any) -> str:
     text = _str(value)
     if not DISK_ID.match(text) or ".." in text:
@@ -272,6 +284,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         "reconnect_min": _duration_range(0.01, 3600),
         "reconnect_max": _duration_range(0.01, 3600),
         "connect_timeout": _duration_range(0.1, 3600),
+        "activity_log_extents": _int_range(16, 65536),
     }
     for key, parser in optional.items():
         value = a.optional(key, parser)
@@ -288,8 +301,15 @@ def load_agent_config(path: Path) -> AgentConfig:
             id=d.get("id", _disk_id, required=True),
             path=d.get("path", _abs_path(base), required=True),
             nbd=d.optional("nbd", _nbd_endpoint),
+            mode=d.get("mode", _mode, "journal"),
+            scan_interval=d.get("scan_interval", _duration_range(1, 7 * 86400), 300.0),
         )
         d.finish()
+        if disk.mode == "scan" and disk.nbd:
+            raise ConfigError(
+                f"{path}: disk[{index}].nbd: a scan-mode disk is written by another program; "
+                "it cannot also be served over NBD"
+            )
         if disk.nbd and disk.nbd.startswith("unix:"):
             _check_socket_path(path, f"disk[{index}].nbd", Path(disk.nbd[5:]))
         if any(other.id == disk.id for other in disks):

@@ -39,7 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="per-disk replication status")
     p.add_argument("--config", required=True, type=Path, help="ps.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser(
+        "verify", help="have the disk's agent compare source and replica (exit 1 if they differ)"
+    )
+    p.add_argument("--config", required=True, type=Path, help="ps.toml")
+    p.add_argument("disk", help="disk id")
+    p.add_argument("--repair", action="store_true", help="resync the ranges that differ")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+async def _verify(config: Path, disk_id: str, repair: bool, as_json: bool) -> int:
+    from agent.cli import print_verify_report
+    from common.admin import admin_request
+
+    cfg = load_server_config(config)
+    try:
+        reply = await admin_request(
+            cfg.admin_socket,
+            {"cmd": "verify", "disk": disk_id, "repair": repair},
+            timeout=7 * 86400,
+        )
+    except OSError as exc:
+        print(
+            f"error: the process server is not running ({cfg.admin_socket}: {exc.strerror or exc})",
+            file=sys.stderr,
+        )
+        return 1
+    if not reply.get("ok"):
+        return print_verify_report(reply, as_json)
+    return print_verify_report(reply["report"], as_json)
 
 
 async def _serve(config: Path) -> int:
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_loop(_serve(args.config))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
+        if args.command == "verify":
+            return run_loop(_verify(args.config, args.disk, args.repair, args.json))
     except TidemarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -250,16 +250,35 @@ class ReplicaDisk:
             await self._applied_event.wait()
 
     async def digests(
-        self, offset: int, length: int, chunk: int, min_seq: int
+        self,
+        offset: int,
+        length: int,
+        chunk: int,
+        min_seq: int,
+        width: int = 16,
+        ranges: list[tuple[int, int]] | None = None,
     ) -> tuple[int, bytes]:
-        """``(seq, digests)``: XXH3-128 of the replica's chunks once ``min_seq`` is applied."""
+        """``(seq, digests)`` of the replica's chunks (of ``ranges``, default the whole range)
+        once ``min_seq`` is applied; ``width`` 8 keeps the first 8 bytes of each XXH3-128."""
         if offset >= self.size:
             raise ReplicaError(f"disk {self.disk_id}: digest range starts past the end")
         await self.wait_applied(min_seq)
         seq = self.applying_seq
-        result = await asyncio.to_thread(chunk_digests, self._fd, offset, length, chunk, self.size)
-        self.digest_bytes_read += result.bytes_read
-        return seq, b"".join(result.digests)
+
+        def compute() -> tuple[bytes, int]:
+            out: list[bytes] = []
+            read = 0
+            for start, n in ranges or [(offset, length)]:
+                if start >= self.size:
+                    break
+                result = chunk_digests(self._fd, start, n, chunk, self.size)
+                read += result.bytes_read
+                out.extend(d[:width] for d in result.digests)
+            return b"".join(out), read
+
+        digests, read = await asyncio.to_thread(compute)
+        self.digest_bytes_read += read
+        return seq, digests
 
     # ----------------------------------------------------------------- status
     def status(self, now_ns: int) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from protocol.frames import (
     Registered,
     VerifyRequest,
     VerifyResult,
+    selected_ranges,
 )
 
 log = logging.getLogger("tidemark.ps")
@@ -323,11 +324,16 @@ class ProcessServer:
         """Answer with replica digests once the batches up to ``min_seq`` are applied."""
         disk = self._owned(session, msg.disk_id)
         try:
-            seq, digests = await disk.digests(msg.offset, msg.length, msg.chunk_size, msg.min_seq)
+            ranges = selected_ranges(msg.offset, msg.length, msg.select_unit, msg.select)
+            seq, digests = await disk.digests(
+                msg.offset, msg.length, msg.chunk_size, msg.min_seq, msg.width, ranges
+            )
         except ReplicaError as exc:
             raise ProtocolError(ErrorCode.DISK, str(exc)) from exc
         await session.stream.send(
-            DigestReply(msg.disk_id, msg.request_id, msg.offset, msg.chunk_size, seq, digests)
+            DigestReply(
+                msg.disk_id, msg.request_id, msg.offset, msg.chunk_size, seq, digests, msg.width
+            )
         )
 
     async def verify(self, disk_id: str, repair: bool, timeout: float = 3600) -> dict[str, Any]:

@@ -395,13 +395,19 @@ class ErrorMsg:
 
 
 # --- resync and verify ----------------------------------------------------------------------
-MAX_DIGESTS = 65536  # per DigestRequest / DigestReply (1 MiB of digests)
+MAX_DIGESTS = 65536  # per DigestRequest / DigestReply
 DIGEST_SIZE = 16  # XXH3-128
+DIGEST_WIDTHS = (8, 16)  # 8: the first 8 bytes of the XXH3-128 (fine-grained level of a resync)
 MIN_CHUNK = 512
 MAX_CHUNK = 16 << 20
+MAX_SELECT_BYTES = 8192
 MAX_REPORT_BYTES = 1 << 20
-_DIGEST_REQ = struct.Struct(">IQQIQ")  # request_id, offset, length, chunk_size, min_seq
-_DIGEST_REP = struct.Struct(">IQIQI")  # request_id, offset, chunk_size, applied_seq, n_digests
+_DIGEST_REQ = struct.Struct(
+    ">IQQIQBIH"
+)  # request_id, offset, length, chunk, min_seq, width, unit, len(select)
+_DIGEST_REP = struct.Struct(
+    ">IQIQBI"
+)  # request_id, offset, chunk_size, applied_seq, width, n_digests
 
 
 def _check_chunking(offset: int, length: int, chunk_size: int) -> None:
@@ -415,9 +421,26 @@ def _check_chunking(offset: int, length: int, chunk_size: int) -> None:
         )
 
 
+def selected_ranges(offset: int, length: int, unit: int, select: bytes) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` units of a range that a selection mask picks (all when empty)."""
+    if not select:
+        return [(offset, length)]
+    end = offset + length
+    out = []
+    for i in range(-(-length // unit)):
+        if select[i >> 3] & (1 << (i & 7)):
+            start = offset + i * unit
+            out.append((start, min(unit, end - start)))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class DigestRequest:
-    """Agent asks for XXH3-128 digests of replica chunks once ``applied_seq >= min_seq``."""
+    """Agent asks for digests of replica chunks once ``applied_seq >= min_seq``.
+
+    ``select`` (optional) is a bitmask over units of ``select_unit`` bytes from ``offset``:
+    only chunks inside selected units are digested, in order. ``width`` is 16 (the full
+    XXH3-128) or 8 (its first 8 bytes)."""
 
     TYPE: ClassVar[MsgType] = MsgType.DIGEST_REQUEST
     disk_id: str
@@ -426,27 +449,56 @@ class DigestRequest:
     length: int
     chunk_size: int
     min_seq: int
+    width: int = DIGEST_SIZE
+    select_unit: int = 0
+    select: bytes = b""
 
     def __post_init__(self) -> None:
         _validate_disk_id(self.disk_id)
         _check_uint("request_id", self.request_id, _U32_MAX)
         _check_chunking(self.offset, self.length, self.chunk_size)
         _check_uint("min_seq", self.min_seq, _U64_MAX)
+        if self.width not in DIGEST_WIDTHS:
+            raise _bad(f"digest width {self.width} must be 8 or 16")
+        if not isinstance(self.select, bytes) or len(self.select) > MAX_SELECT_BYTES:
+            raise ProtocolError(ErrorCode.LIMIT, "selection mask too large")
+        if self.select:
+            unit = self.select_unit
+            if unit < self.chunk_size or unit % self.chunk_size or unit > MAX_CHUNK:
+                raise _bad(f"selection unit {unit} must be a multiple of the chunk size")
+            units = (self.length + unit - 1) // unit
+            if len(self.select) != (units + 7) // 8:
+                raise _bad("selection mask length does not match the range")
+        elif self.select_unit:
+            raise _bad("selection unit without a mask")
 
     def _encode(self) -> bytes:
-        return _pack_str(self.disk_id) + _DIGEST_REQ.pack(
-            self.request_id, self.offset, self.length, self.chunk_size, self.min_seq
+        head = _DIGEST_REQ.pack(
+            self.request_id,
+            self.offset,
+            self.length,
+            self.chunk_size,
+            self.min_seq,
+            self.width,
+            self.select_unit,
+            len(self.select),
         )
+        return _pack_str(self.disk_id) + head + self.select
 
     @classmethod
     def _decode(cls, r: _Reader, limits: Limits) -> DigestRequest:
         disk_id = r.str()
-        return cls(disk_id, *_DIGEST_REQ.unpack(r._take(_DIGEST_REQ.size)))
+        request_id, offset, length, chunk, min_seq, width, unit, n = _DIGEST_REQ.unpack(
+            r._take(_DIGEST_REQ.size)
+        )
+        if n > MAX_SELECT_BYTES:
+            raise ProtocolError(ErrorCode.LIMIT, "selection mask too large")
+        return cls(disk_id, request_id, offset, length, chunk, min_seq, width, unit, r._take(n))
 
 
 @dataclass(frozen=True, slots=True)
 class DigestReply:
-    """Digests of consecutive chunks from ``offset`` (the last chunk may be short)."""
+    """Digests (``width`` bytes each) of the requested chunks, in order."""
 
     TYPE: ClassVar[MsgType] = MsgType.DIGEST_REPLY
     disk_id: str
@@ -455,29 +507,38 @@ class DigestReply:
     chunk_size: int
     applied_seq: int
     digests: bytes
+    width: int = DIGEST_SIZE
 
     def __post_init__(self) -> None:
         _validate_disk_id(self.disk_id)
         _check_uint("request_id", self.request_id, _U32_MAX)
         _check_uint("applied_seq", self.applied_seq, _U64_MAX)
-        if not isinstance(self.digests, bytes) or len(self.digests) % DIGEST_SIZE:
-            raise _bad("digests must be a multiple of 16 bytes")
-        _check_chunking(
-            self.offset, max(1, len(self.digests) // DIGEST_SIZE) * self.chunk_size, self.chunk_size
-        )
+        if self.width not in DIGEST_WIDTHS:
+            raise _bad(f"digest width {self.width} must be 8 or 16")
+        if not isinstance(self.digests, bytes) or len(self.digests) % self.width:
+            raise _bad("digests must be a whole number of digests")
+        if len(self.digests) // self.width > MAX_DIGESTS:
+            raise ProtocolError(ErrorCode.LIMIT, "too many digests in one reply")
+        _check_chunking(self.offset, self.chunk_size, self.chunk_size)
 
     def _encode(self) -> bytes:
-        n = len(self.digests) // DIGEST_SIZE
-        head = _DIGEST_REP.pack(self.request_id, self.offset, self.chunk_size, self.applied_seq, n)
+        n = len(self.digests) // self.width
+        head = _DIGEST_REP.pack(
+            self.request_id, self.offset, self.chunk_size, self.applied_seq, self.width, n
+        )
         return _pack_str(self.disk_id) + head + self.digests
 
     @classmethod
     def _decode(cls, r: _Reader, limits: Limits) -> DigestReply:
         disk_id = r.str()
-        request_id, offset, chunk, applied, n = _DIGEST_REP.unpack(r._take(_DIGEST_REP.size))
-        if n > MAX_DIGESTS:
-            raise ProtocolError(ErrorCode.LIMIT, f"{n} digests in one reply")
-        return cls(disk_id, request_id, offset, chunk, applied, r._take(n * DIGEST_SIZE))
+        request_id, offset, chunk, applied, width, n = _DIGEST_REP.unpack(r._take(_DIGEST_REP.size))
+        if n > MAX_DIGESTS or width not in DIGEST_WIDTHS:
+            raise ProtocolError(ErrorCode.LIMIT, f"{n} digests of width {width} in one reply")
+        return cls(disk_id, request_id, offset, chunk, applied, r._take(n * width), width)
+
+    def split(self) -> list[bytes]:
+        w = self.width
+        return [self.digests[i : i + w] for i in range(0, len(self.digests), w)]
 
 
 @dataclass(frozen=True, slots=True)

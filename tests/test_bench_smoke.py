@@ -50,7 +50,7 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     env = dict(os.environ, TMPDIR=str(private_tmp), PYTHONPATH=str(ROOT))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cli", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.cli", "replication", "--quick", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

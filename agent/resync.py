@@ -1,0 +1,406 @@
+"""Resync, initial sync, verify and scan: bring a replica level by comparing digests, sending
+only what differs, while writes go on.
+
+How (each side hashes locally; only digests and differing data cross the wire):
+1. Level 1: XXH3-128 of every 64 KiB chunk of a range on the source (holes are not read)
+   and, from the process server, of the same chunks of the replica once it has applied
+   every write journaled before the source was hashed.
+2. Level 2, for each differing chunk: the chunk is read again *in one event-loop step*
+   with the append of its journal records, compared by 4 KiB block digests against the
+   replica's, and only the differing blocks are journaled (an all-zero chunk as one zero
+   extent). Resync data therefore travels as ordinary journal records, in seq order with
+   the writes around it: exactly-once, crash safety and ordering come from the journal.
+3. Progress is the dirty bitmap: a range's bits are cleared once its records are in the
+   journal, and the bitmap is persisted after the journal is synced (a checkpoint), so an
+   interrupted sync resumes where it stopped.
+
+Rules it keeps: never clear a bit for data that is not journaled; a difference found by
+verify is reported only if it persists when rechecked at a newer seq; the journal is kept
+below half its quota by waiting, so resync never causes an overflow by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from common.digests import chunk_digests, zero_digest
+from protocol.frames import DIGEST_SIZE
+
+if TYPE_CHECKING:
+    from agent.disk import ProtectedDisk
+    from agent.shipper import Shipper
+
+log = logging.getLogger("tidemark.agent.resync")
+
+CHUNK = 64 << 10
+BLOCK = 4 << 10
+BLOCK_WIDTH = 8  # level-2 digests: the first 8 bytes of each block's XXH3-128
+RANGE = 16 << 20  # one level-1 request: 256 chunk digests
+CHECKPOINT_BYTES = 256 << 20
+CHECKPOINT_SECONDS = 2.0
+
+
+def split(digests: bytes) -> list[bytes]:
+    return [digests[i : i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE)]
+
+
+@dataclass
+class SyncStats:
+    """What one pass did; also the basis of progress reports."""
+
+    total_bytes: int = 0
+    done_bytes: int = 0
+    hashed_bytes: int = 0  # source bytes read and hashed
+    sent_bytes: int = 0  # data journaled for the replica
+    zero_bytes: int = 0  # sent as zero extents (no data)
+    equal_chunks: int = 0
+    differing_chunks: int = 0
+    started: float = 0.0
+
+    def progress(self, phase: str) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done_bytes / elapsed
+        left = self.total_bytes - self.done_bytes
+        return {
+            "phase": phase,
+            "total_bytes": self.total_bytes,
+            "done_bytes": self.done_bytes,
+            "percent": round(100 * self.done_bytes / self.total_bytes, 1)
+            if self.total_bytes
+            else 100.0,
+            "hashed_bytes": self.hashed_bytes,
+            "sent_bytes": self.sent_bytes,
+            "zero_bytes": self.zero_bytes,
+            "rate_bytes_per_s": round(rate),
+            "eta_seconds": round(left / rate, 1) if rate > 0 else None,
+        }
+
+
+class Resyncer:
+    """The digest engine of one disk."""
+
+    def __init__(self, disk: ProtectedDisk, shipper: Shipper) -> None:
+        self.disk = disk
+        self.shipper = shipper
+        self.totals = SyncStats()  # over the life of the process (tests read these)
+        self.wake = asyncio.Event()
+
+    # ----------------------------------------------------------------- background loop
+    async def run(self) -> None:
+        """Resync whenever the disk needs it and the link is up (until cancelled)."""
+        disk = self.disk
+        while True:
+            if disk.bitmap is None:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):  # overflow or rebase may mark it anytime
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                continue
+            if disk.disk_id not in self.shipper.linked:
+                await self.shipper.connected.wait()
+                await asyncio.sleep(0.05)
+                continue
+            if not disk.resync_ready():
+                await asyncio.sleep(0.2)  # the journal is draining first
+                continue
+            try:
+                await self.resync_pass()
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("disk=%s event=resync_interrupted error=%r", disk.disk_id, str(exc))
+                await asyncio.sleep(0.5)
+
+    async def resync_pass(self) -> SyncStats:
+        """One pass over the dirty bitmap. Raises ConnectionError if the link drops."""
+        disk = self.disk
+        assert disk.bitmap is not None
+        disk.begin_resync()
+        stats = SyncStats(started=time.monotonic())
+        regions = disk.bitmap.regions()
+        stats.total_bytes = sum(length for _, length in regions)
+        log.info("disk=%s event=resync_started bytes=%d", disk.disk_id, stats.total_bytes)
+        last_checkpoint, since_checkpoint = time.monotonic(), 0
+        try:
+            for offset, length in regions:
+                pos = offset
+                while pos < offset + length:
+                    piece = min(RANGE, offset + length - pos)
+                    await self._journal_room()
+                    await self._sync_range(pos, piece, stats)
+                    if disk.overflowed:
+                        return stats  # bits set meanwhile must survive: start a new pass later
+                    assert disk.bitmap is not None
+                    disk.bitmap.clear(pos, piece)
+                    pos += piece
+                    stats.done_bytes += piece
+                    since_checkpoint += piece
+                    disk.resync_progress = stats.progress("resync")
+                    if (
+                        since_checkpoint >= CHECKPOINT_BYTES
+                        or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS
+                    ):
+                        await disk.checkpoint_resync()
+                        last_checkpoint, since_checkpoint = time.monotonic(), 0
+            await disk.checkpoint_resync()
+            if disk.bitmap is not None and disk.bitmap.empty and not disk.overflowed:
+                await disk.finish_resync()
+            log.info(
+                "disk=%s event=resync_pass_done bytes=%d hashed=%d sent=%d zero=%d seconds=%.1f",
+                disk.disk_id,
+                stats.total_bytes,
+                stats.hashed_bytes,
+                stats.sent_bytes,
+                stats.zero_bytes,
+                time.monotonic() - stats.started,
+            )
+            return stats
+        finally:
+            disk.resync_progress = stats.progress("resync") if disk.bitmap is not None else None
+            self._add_totals(stats)
+
+    def _add_totals(self, stats: SyncStats) -> None:
+        t = self.totals
+        for name in (
+            "total_bytes",
+            "done_bytes",
+            "hashed_bytes",
+            "sent_bytes",
+            "zero_bytes",
+            "equal_chunks",
+            "differing_chunks",
+        ):
+            setattr(t, name, getattr(t, name) + getattr(stats, name))
+
+    async def _journal_room(self) -> None:
+        """Flow control: let the shipper drain the journal below half its quota."""
+        while not self.disk.resync_ready():
+            if self.disk.bitmap is None:
+                return
+            await asyncio.sleep(0.05)
+
+    async def _sync_range(self, offset: int, length: int, stats: SyncStats) -> None:
+        """Level 1 over a range, then level 2 over its differing chunks (one request each)."""
+        disk = self.disk
+        seq = disk.journaled_seq
+        source = await asyncio.to_thread(
+            chunk_digests, disk.image_fd, offset, length, CHUNK, disk.size
+        )
+        stats.hashed_bytes += source.bytes_read
+        reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)
+        differing = [
+            i for i, (a, b) in enumerate(zip(source.digests, reply.split(), strict=False)) if a != b
+        ]
+        stats.equal_chunks += len(source.digests) - len(differing)
+        stats.differing_chunks += len(differing)
+        if not differing:
+            return
+        end = min(offset + length, disk.size)
+        blocks = await self._block_digests(offset, length, differing)
+        stats.hashed_bytes += sum(min(CHUNK, end - (offset + i * CHUNK)) for i in differing)
+        for i in differing:
+            chunk_offset = offset + i * CHUNK
+            self._sync_chunk(chunk_offset, min(CHUNK, end - chunk_offset), blocks[i], stats)
+            await asyncio.sleep(0)  # each chunk is one loop step; let writers in between
+
+    async def _block_digests(
+        self, offset: int, length: int, chunks: list[int]
+    ) -> dict[int, list[bytes]]:
+        """Level 2: 8-byte digests of every 4 KiB block of the given chunks of the replica,
+        as of now (one request for the whole range, chunks selected by a bitmask)."""
+        mask = bytearray((-(-length // CHUNK) + 7) // 8)
+        for i in chunks:
+            mask[i >> 3] |= 1 << (i & 7)
+        reply = await self.shipper.request_digests(
+            self.disk.disk_id,
+            offset,
+            length,
+            BLOCK,
+            self.disk.journaled_seq,
+            width=BLOCK_WIDTH,
+            select_unit=CHUNK,
+            select=bytes(mask),
+        )
+        digests = reply.split()
+        out: dict[int, list[bytes]] = {}
+        pos = 0
+        end = min(offset + length, self.disk.size)
+        for i in chunks:
+            n = -(-min(CHUNK, end - (offset + i * CHUNK)) // BLOCK)
+            out[i] = digests[pos : pos + n]
+            pos += n
+        return out
+
+    def _sync_chunk(self, offset: int, length: int, replica: list[bytes], stats: SyncStats) -> None:
+        """Journal exactly the blocks of one chunk that differ from the replica. Synchronous:
+        the read and the journal appends happen in one loop step (ordered with writes)."""
+        disk = self.disk
+        fresh = disk.read_image(offset, length)
+        if xxhash.xxh3_128_digest(fresh) == zero_digest(length):
+            if any(
+                d != zero_digest(min(BLOCK, length - j * BLOCK))[:BLOCK_WIDTH]
+                for j, d in enumerate(replica)
+            ):
+                disk.journal_zero(offset, length)  # holes stay holes on the replica
+                stats.zero_bytes += length
+            return
+        run_start = -1
+        for i in range(0, length, BLOCK):
+            block = fresh[i : i + BLOCK]
+            j = i // BLOCK
+            same = j < len(replica) and xxhash.xxh3_128_digest(block)[:BLOCK_WIDTH] == replica[j]
+            if not same and run_start < 0:
+                run_start = i
+            if same and run_start >= 0:
+                disk.journal_bytes(offset + run_start, fresh[run_start:i])
+                stats.sent_bytes += i - run_start
+                run_start = -1
+        if run_start >= 0:
+            disk.journal_bytes(offset + run_start, fresh[run_start:])
+            stats.sent_bytes += length - run_start
+
+    # ----------------------------------------------------------------- verify
+    async def verify(self, *, repair: bool = False, recheck: int = 3) -> dict[str, Any]:
+        """Compare the whole source with the replica by digests at a consistent seq.
+
+        Differences are rechecked at 4 KiB against newer seqs (a write in flight is not a
+        difference); what persists is reported and, with ``repair``, marked for resync."""
+        disk = self.disk
+        stats = SyncStats(started=time.monotonic(), total_bytes=disk.size)
+        candidates: list[int] = []
+        seq = disk.journaled_seq
+        pos = 0
+        while pos < disk.size:
+            piece = min(RANGE, disk.size - pos)
+            s = disk.journaled_seq
+            source = await asyncio.to_thread(
+                chunk_digests, disk.image_fd, pos, piece, CHUNK, disk.size
+            )
+            stats.hashed_bytes += source.bytes_read
+            reply = await self.shipper.request_digests(disk.disk_id, pos, piece, CHUNK, s)
+            for i, (a, b) in enumerate(zip(source.digests, reply.split(), strict=False)):
+                if a != b:
+                    candidates.append(pos + i * CHUNK)
+            pos += piece
+            stats.done_bytes = pos
+            disk.resync_progress = stats.progress("verify")
+        differences: list[tuple[int, int]] = []
+        for chunk_offset in candidates:
+            length = min(CHUNK, disk.size - chunk_offset)
+            blocks: list[tuple[int, int]] = []
+            for _attempt in range(recheck):
+                s = disk.journaled_seq
+                fresh = disk.read_image(chunk_offset, length)  # same loop step as reading s
+                reply = await self.shipper.request_digests(
+                    disk.disk_id, chunk_offset, length, BLOCK, s, width=BLOCK_WIDTH
+                )
+                replica = reply.split()
+                blocks = [
+                    (chunk_offset + i, min(BLOCK, length - i))
+                    for i in range(0, length, BLOCK)
+                    if xxhash.xxh3_128_digest(fresh[i : i + BLOCK])[:BLOCK_WIDTH]
+                    != replica[i // BLOCK]
+                ]
+                if not blocks:
+                    break
+            differences.extend(blocks)
+        merged = _merge(differences)
+        disk.resync_progress = None
+        report: dict[str, Any] = {
+            "ok": True,
+            "disk": disk.disk_id,
+            "seq": seq,
+            "size": disk.size,
+            "bytes_compared": disk.size,
+            "hashed_bytes": stats.hashed_bytes,
+            "equal": not merged,
+            "differing_bytes": sum(length for _, length in merged),
+            "differences": [[o, n] for o, n in merged[:10000]],
+            "seconds": round(time.monotonic() - stats.started, 3),
+            "repair": repair and bool(merged),
+        }
+        if repair and merged:
+            disk.mark_dirty(merged, "verify-repair")
+            self.wake.set()
+        return report
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for offset, length in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] >= offset:
+            prev = out[-1]
+            out[-1] = (prev[0], max(prev[0] + prev[1], offset + length) - prev[0])
+        else:
+            out.append((offset, length))
+    return out
+
+
+# ----------------------------------------------------------------- scan mode
+class Scanner:
+    """Scan mode: the agent is not in the write path. Every interval the whole source is
+    hashed; chunks whose digest changed since the last scan are marked and resynced.
+    The RPO is the scan interval (plus the time of one scan)."""
+
+    def __init__(
+        self, disk: ProtectedDisk, resyncer: Resyncer, interval: float, state_file: Path
+    ) -> None:
+        self.disk = disk
+        self.resyncer = resyncer
+        self.interval = interval
+        self.state_file = state_file
+        self.last_scan_started = 0.0
+        self.scans = 0
+
+    def _load(self) -> list[bytes] | None:
+        try:
+            raw = self.state_file.read_bytes()
+        except FileNotFoundError:
+            return None
+        digests = split(raw)
+        return digests if len(digests) == -(-self.disk.size // CHUNK) else None
+
+    async def run(self) -> None:
+        while True:
+            await self.scan_once()
+            await asyncio.sleep(self.interval)
+
+    async def scan_once(self) -> int:
+        """Hash the source, mark what changed, resync it; returns the bytes marked."""
+        disk = self.disk
+        self.last_scan_started = time.time()
+        result = await asyncio.to_thread(
+            chunk_digests, disk.image_fd, 0, disk.size, CHUNK, disk.size
+        )
+        previous = await asyncio.to_thread(self._load)
+        changed = [
+            (i * CHUNK, min(CHUNK, disk.size - i * CHUNK))
+            for i, digest in enumerate(result.digests)
+            if previous is None or previous[i] != digest
+        ]
+        if changed:
+            disk.mark_dirty(_merge(changed), "scan" if previous is not None else "initial")
+            while disk.bitmap is not None:  # the resync loop carries it out
+                self.resyncer.wake.set()
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(_write_atomic, self.state_file, b"".join(result.digests))
+        self.scans += 1
+        return sum(length for _, length in changed)
+
+    def rpo_seconds(self, now: float) -> float:
+        return max(0.0, now - self.last_scan_started) if self.last_scan_started else 0.0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from common.durable import atomic_write
+
+    atomic_write(path, data, mode=0o600)
+
+
+__all__ = ["BLOCK", "CHUNK", "Resyncer", "Scanner", "SyncStats", "os"]

@@ -1,0 +1,147 @@
+"""``tidemark-bench nbd --quick --json FILE`` runs end to end (agent export vs nbdkit vs
+qemu-nbd under fio), reports sane figures and leaves nothing behind. A missing tool skips
+only outside CI; with CI set it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmarks.cli import SCENARIOS, build_parser
+from benchmarks.nbd_front import TARGETS, TOOLS, WORKLOADS, parse_fio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_tools() -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if not missing:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {', '.join(missing)} is not installed")
+    pytest.skip(f"{', '.join(missing)} not installed")
+
+
+def _figure(result: dict, name: str) -> dict:
+    for fig in result["figures"]:
+        if fig["name"] == name:
+            return dict(fig)
+    raise AssertionError(f"no figure {name!r} in {[f['name'] for f in result['figures']]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_registered_and_parses() -> None:
+    assert SCENARIOS["nbd"] == "benchmarks.nbd_front"
+    args = build_parser().parse_args(["nbd", "--quick"])
+    assert args.scenario == "nbd" and args.quick
+
+
+def test_parse_fio_skips_the_banner() -> None:
+    doc = {
+        "jobs": [
+            {
+                "error": 0,
+                "write": {
+                    "iops": 1000.0,
+                    "bw_bytes": 4096000,
+                    "io_bytes": 4096000,
+                    "total_ios": 1000,
+                    "runtime": 1000,
+                    "clat_ns": {
+                        "mean": 900.0,
+                        "percentile": {"50.000000": 800, "99.000000": 5000, "99.900000": 9000},
+                    },
+                },
+            }
+        ]
+    }
+    out = parse_fio("fio: connected to NBD server\n" + json.dumps(doc))
+    assert out["iops"] == 1000.0 and out["mb_s"] == pytest.approx(4.096)
+    assert out["clat_p50_us"] == 0.8 and out["clat_p99_us"] == 5.0
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_reports_figures_and_cleans_up(tmp_path: Path) -> None:
+    require_tools()
+    private_tmp = Path(tempfile.mkdtemp(prefix="tmn-smoke-", dir="/tmp"))
+    try:
+        _run_quick(tmp_path, private_tmp)
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
+
+
+def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
+    out = tmp_path / "nbd.json"
+    env = dict(os.environ, TMPDIR=str(private_tmp), PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cli", "nbd", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert elapsed < 60, f"nbd --quick took {elapsed:.1f}s\n{proc.stderr}"
+
+    doc = json.loads(out.read_text())
+    assert doc["status"] in {"ok", "targets missed"}
+    (result,) = doc["results"]
+    assert result["scenario"] == "nbd" and result["error"] is None
+    assert result["params"]["job_seconds"] == 3 and result["params"]["image_size"] == 1 << 30
+
+    runs = result["details"]["runs"]
+    for wl in WORKLOADS:
+        for target in TARGETS:
+            r = runs[wl.key][target]
+            assert r["error"] == 0 and r["ios"] > 0, (wl.key, target, r)
+            assert 2500 <= r["runtime_ms"] <= 30_000, r
+            assert r["iops"] > 0 and r["mb_s"] > 0
+            # MB/s and IOPS agree with the block size (fio's own two figures)
+            assert r["mb_s"] == pytest.approx(r["iops"] * wl.bs / 1e6, rel=0.05)
+            assert 0 < r["clat_p50_us"] <= r["clat_p99_us"] < 10_000_000
+            assert f"--iodepth={wl.iodepth}" in r["command"]
+            assert f"--size={1 << 30}" in r["command"]
+        vs_kit = _figure(result, f"{wl.label}: agent vs nbdkit")
+        assert vs_kit["baseline"] > 0 and 0 < vs_kit["ratio"] < 100
+        assert vs_kit["target"] and vs_kit["passed"] in (True, False)
+        assert _figure(result, f"{wl.label}: agent vs qemu-nbd")["ratio"] > 0
+    mem = result["details"]["memory"]
+    assert mem["error"] == 0 and mem["bytes"] >= 32 << 20
+    rss = [f for f in result["figures"] if f["name"].endswith("agent peak RSS")]
+    assert len(rss) == 1 and 10 < rss[0]["value"] < 4096
+    assert _figure(result, "replica == source (4 disks)")["value"] is True
+    assert all(v["equal"] for v in result["details"]["verify"].values())
+    assert _figure(result, "every write replicated via the journal (no overflow/resync)")["value"]
+
+    # Nothing left behind: no files in the temp dir, no process still running.
+    assert list(private_tmp.iterdir()) == []
+    pids = result["details"]["pids"]
+    assert {"agent", "ps"} <= set(pids) and len(pids) == 2 + 2 * len(WORKLOADS)
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [name for name, p in pids.items() if _alive(p)]
+    leftovers = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(private_tmp) in cmdline:
+            leftovers.append((p.info["pid"], cmdline))
+    assert leftovers == []
