@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, type=Path, help="agent.toml")
     p.add_argument("disk", help="disk id")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--no-wait", action="store_true", help="return at once instead of waiting for the end"
+    )
     return parser
 
 
@@ -155,10 +158,14 @@ def print_verify_report(reply: dict[str, Any], as_json: bool) -> int:
     return 0 if reply.get("ok") and reply.get("equal") else 1
 
 
-async def _resync(config: Path, disk_id: str, as_json: bool) -> int:
+async def _resync(config: Path, disk_id: str, as_json: bool, wait: bool = True) -> int:
     cfg = load_agent_config(config)
     try:
         reply = await admin_request(cfg.admin_socket, {"cmd": "resync", "disk": disk_id})
+        if reply.get("ok") and wait:
+            reply["state"] = await _wait_level(
+                cfg, disk_id, show=sys.stderr.isatty() and not as_json
+            )
     except OSError as exc:
         print(
             f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
@@ -169,11 +176,44 @@ async def _resync(config: Path, disk_id: str, as_json: bool) -> int:
         print_json(reply)
     elif reply.get("ok"):
         print(
-            f"{disk_id}: marked {reply['marked_bytes']} bytes for a digest resync (progress in status)"
+            f"{disk_id}: {reply['marked_bytes']} bytes compared by digests; state {reply.get('state', 'resyncing')}"
         )
     else:
         print(f"error: {reply.get('error')}", file=sys.stderr)
     return 0 if reply.get("ok") else 1
+
+
+async def _wait_level(cfg: AgentConfig, disk_id: str, *, show: bool) -> str:
+    """Follow a resync until the disk is level again, with a progress bar on a terminal."""
+    bar = None
+    try:
+        while True:
+            status = await query_status(cfg.admin_socket)
+            if status is None:
+                raise OSError("the agent stopped")
+            row = next(d for d in status["disks"] if d["disk"] == disk_id)
+            if (
+                row["state"] not in ("resync-required", "initial-sync")
+                and row["acked_seq"] >= row["journaled_seq"]
+            ):
+                return str(row["state"])
+            progress = row.get("resync") or {}
+            if show and progress.get("total_bytes"):
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(
+                        total=progress["total_bytes"],
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=f"resync {disk_id}",
+                    )
+                bar.update(progress["done_bytes"] - bar.n)
+            await asyncio.sleep(0.5)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return run_loop(_verify(args.config, args.disk, args.repair, args.json))
         if args.command == "resync":
-            return run_loop(_resync(args.config, args.disk, args.json))
+            return run_loop(_resync(args.config, args.disk, args.json, not args.no_wait))
     except TidemarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

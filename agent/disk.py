@@ -44,6 +44,7 @@ BITMAP_FILE = "dirty.bitmap"
 ACTIVITY_LOG_FILE = "activity.log"
 MAX_IO = 64 << 20  # largest single read or data write accepted from any writer
 MAX_ZERO = (1 << 32) - 1  # largest single write-zeroes / trim (the NBD length field is 32-bit)
+RECORD_MAX = 4 << 20  # largest data record in the journal (larger writes are split)
 
 
 class _PendingWrites:
@@ -119,6 +120,7 @@ class ProtectedDisk:
         self.unclean_regions: list[tuple[int, int]] = []
         self.resync_progress: dict[str, Any] | None = None
         self.scan_only = False  # scan mode: the agent is not in the write path
+        self.state_listener: asyncio.Event | None = None  # set on every state change (heartbeats)
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -181,11 +183,12 @@ class ProtectedDisk:
                 "image": str(image_path),
                 "created_ns": time.time_ns(),
                 "clean": True,
-                "resync_required": not _image_is_all_holes(fd, size),
+                # Always: even an all-holes source is compared once (cheap: holes are not read)
+                # so a replica seeded from a backup, or left over, can never silently differ.
+                "resync_required": True,
                 "resync_reason": "initial",
+                "initially_empty": _image_is_all_holes(fd, size),
             }
-            if not state["resync_required"]:
-                state["resync_reason"] = None
         journal = Journal(state_dir / "journal", quota=quota, segment_bytes=segment_bytes)
         disk = cls(disk_id, image_path, state_dir, fd, size, journal, state)
         if journal.log.truncated_bytes:
@@ -262,7 +265,11 @@ class ProtectedDisk:
     @property
     def state(self) -> str:
         if self.resync_required:
-            return "resync-required"
+            return (
+                "initial-sync"
+                if self._state.get("resync_reason") == "initial"
+                else "resync-required"
+            )
         return self.link_state
 
     @property
@@ -360,18 +367,29 @@ class ProtectedDisk:
         now = time.time_ns()
         seq = 0
         payload = length if data is not None else 0
-        if not self.overflowed and self.journal.fits(payload + 32):
+        if not self.overflowed and self.journal.fits(payload + 32 * (1 + payload // RECORD_MAX)):
             try:
-                if data is not None:
+                if data is None:
+                    seq = self.journal.append_zero(offset, length, now, may_trim=may_trim)
+                elif length <= RECORD_MAX:
                     seq = self.journal.append_write(offset, data, now)
                 else:
-                    seq = self.journal.append_zero(offset, length, now, may_trim=may_trim)
+                    # Large writes become several records (consecutive seqs, this same loop
+                    # step), so no batch, frame or buffer downstream exceeds RECORD_MAX.
+                    view = memoryview(data)
+                    for pos in range(0, length, RECORD_MAX):
+                        piece = view[pos : pos + RECORD_MAX]
+                        seq = self.journal.append_write(offset + pos, piece, now)
+                        if pos + RECORD_MAX < length:
+                            self._pending.add(seq, len(piece), now)
+                    payload = len(piece)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise DiskError(
                         errno.EIO, f"{self.disk_id}: journal write failed: {exc}"
                     ) from exc
                 self._overflow(f"journal device full: {exc.strerror}")
+                seq = 0  # the whole range goes to the bitmap, even if part was journaled
         elif not self.overflowed:
             self._overflow("journal quota exhausted")
         if seq:
@@ -414,7 +432,12 @@ class ProtectedDisk:
         self._state["resync_reason"] = "journal-overflow"
         self._state["overflow_at_seq"] = self.journal.last_seq
         self._save_state()
+        self._notify_state()
         self.bitmap.save(self.state_dir / BITMAP_FILE)
+
+    def _notify_state(self) -> None:
+        if self.state_listener is not None:
+            self.state_listener.set()
 
     async def flush(self) -> None:
         """Make every completed write durable in the journal and the image. Raises DiskError."""
@@ -505,6 +528,7 @@ class ProtectedDisk:
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / BITMAP_FILE).unlink()
         log.info("disk=%s event=resync_complete", self.disk_id)
+        self._notify_state()
 
     def mark_dirty(self, ranges: list[tuple[int, int]], reason: str) -> None:
         """Regions to resync (verify --repair, operator request)."""
@@ -517,6 +541,7 @@ class ProtectedDisk:
         self._save_state()
         self.bitmap.save(self.state_dir / BITMAP_FILE)
         self.new_records.set()
+        self._notify_state()
 
     async def rebase_journal(self, next_seq: int, reason: str) -> None:
         """The journal cannot resume where the process server stands: restart seq numbering at

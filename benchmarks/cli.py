@@ -32,7 +32,8 @@ from benchmarks.metrics import GIB, MIB, Figure, Params, ScenarioResult, machine
 SCENARIOS: dict[str, str] = {
     "replication": "benchmarks.replication",
     "nbd": "benchmarks.nbd_front",
-    # later issues: "rpo", "rto", "sync"
+    "sync": "benchmarks.sync",
+    # later issues: "rpo", "rto"
 }
 """Scenario name -> module path."""
 
@@ -66,6 +67,13 @@ def _seconds(text: str) -> float:
     if not 0.5 <= n <= 24 * 3600:
         raise argparse.ArgumentTypeError("seconds must be between 0.5 and 86400")
     return n
+
+
+def _executable(text: str) -> Path:
+    path = Path(text)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"not an executable file: {text}")
+    return path.resolve()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strict", action="store_true", help="exit 1 when a performance target is missed"
+    )
+    p.add_argument(
+        "--bdsync",
+        type=_executable,
+        default=None,
+        metavar="PATH",
+        help="sync: the bdsync binary for the resync baseline (default: $TIDEMARK_BENCH_BDSYNC, "
+        "else bdsync on PATH, else reported 'not available')",
     )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p
@@ -198,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         tmpdir=args.tmpdir,
         journal_quota=args.journal_quota,
     )
+    if args.bdsync is not None:  # read by benchmarks.sync (and its child processes)
+        os.environ["TIDEMARK_BENCH_BDSYNC"] = str(args.bdsync)
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     started = dt.datetime.now(dt.UTC)
     results: list[ScenarioResult] = []

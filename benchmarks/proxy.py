@@ -40,6 +40,7 @@ class CountingProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._loop.set_exception_handler(lambda loop, context: None)  # resets are the point here
         self._loop.run_until_complete(self._start())
         self._ready.set()
         self._loop.run_forever()

@@ -47,9 +47,12 @@ class FramedStream:
 
     async def send(self, msg: Message, *, drain: bool = True) -> None:
         """Send one message; waits for the transport to drain past its high-water mark."""
-        data = self.conn.send(msg)
-        self.bytes_out += len(data)
-        self.writer.write(data)
+        head, payload = self.conn.send_parts(msg)
+        self.bytes_out += len(head) + len(payload)
+        if len(payload) < 65536:
+            self.writer.write(head + payload)
+        else:
+            self.writer.writelines((head, payload))
         if drain:
             async with self._send_lock:
                 await self.writer.drain()

@@ -42,7 +42,7 @@ class Record:
     tag: int
     first_seq: int
     last_seq: int
-    payload: bytes
+    payload: bytes | memoryview  # may be a view into a larger read buffer
 
 
 @dataclass(slots=True)
@@ -326,6 +326,7 @@ class SegmentLog:
                 ),
                 cur.offset,
             )
+            view = memoryview(chunk)
             pos = 0
             full = False
             while pos + RECORD_HEADER.size <= len(chunk):
@@ -335,8 +336,9 @@ class SegmentLog:
                     full = True
                     break
                 end = pos + RECORD_HEADER.size + size
+                payload: bytes | memoryview
                 if end <= len(chunk):
-                    payload = chunk[pos + RECORD_HEADER.size : end]
+                    payload = view[pos + RECORD_HEADER.size : end]  # no copy
                 else:
                     payload = chunk[pos + RECORD_HEADER.size :] + os.pread(
                         seg.fd, end - len(chunk), cur.offset + len(chunk)

@@ -210,7 +210,7 @@ class ReplicaDisk:
             ):
                 await self.make_applied_durable()
 
-    def _apply_record(self, payload: bytes) -> Batch:
+    def _apply_record(self, payload: bytes | memoryview) -> Batch:
         """Decode (verifying every digest) and write one batch into the replica."""
         batch = decode_batch(payload, self.limits)
         if batch.header.disk_id != self.disk_id:
@@ -291,8 +291,8 @@ class ReplicaDisk:
         rpo = max(0.0, (now_ns - oldest_pending) / 1e9) if oldest_pending else 0.0
         if self.applier_error:
             state = "error"
-        elif report.get("state") == "resync-required":
-            state = "resync-required"
+        elif report.get("state") in ("resync-required", "initial-sync"):
+            state = str(report["state"])
         elif self.session is not None:
             state = "replicating"
         else:

@@ -60,6 +60,7 @@ __all__ = [
     "VerifyRequest",
     "VerifyResult",
     "encode_message",
+    "encode_message_parts",
 ]
 
 MAGIC = b"TDMK"
@@ -649,6 +650,12 @@ def encode_message(msg: Message) -> bytes:
 
     Raises ProtocolError(BAD_MESSAGE) if ``msg`` is not a message or does not fit a frame.
     """
+    return b"".join(encode_message_parts(msg))
+
+
+def encode_message_parts(msg: Message) -> tuple[bytes, bytes]:
+    """``(header, payload)`` of the frame for ``msg``, so a large payload (a batch) is written
+    to the transport without being copied into one buffer with its header."""
     if not isinstance(msg, _MESSAGE_TYPES):
         raise _bad(f"not a message: {msg!r}")
     payload = msg._encode()
@@ -657,7 +664,7 @@ def encode_message(msg: Message) -> bytes:
     head = _HEADER_BODY.pack(
         MAGIC, PROTOCOL_VERSION, msg.TYPE, 0, len(payload), xxhash.xxh3_64_intdigest(payload)
     )
-    return b"".join((head, _HEADER_CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
+    return head + _HEADER_CHECK.pack(xxhash.xxh32_intdigest(head)), payload
 
 
 def _decode_payload(msg_type: int, payload: bytes, limits: Limits) -> Message:
@@ -934,13 +941,17 @@ class Connection:
 
     def send(self, msg: Message) -> bytes:
         """Frame bytes for ``msg``. Raises ProtocolError(UNEXPECTED) if illegal now."""
+        return b"".join(self.send_parts(msg))
+
+    def send_parts(self, msg: Message) -> tuple[bytes, bytes]:
+        """As :meth:`send`, as ``(header, payload)`` (no copy of a large payload)."""
         self._check_alive()
         try:
-            data = encode_message(msg)
+            parts = encode_message_parts(msg)
             self._apply(self._send_side, msg)
         except ProtocolError as exc:
             raise self._fail(exc) from None
-        return data
+        return parts
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the peer (``b""`` = EOF). Raises ProtocolError on misuse."""

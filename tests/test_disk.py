@@ -152,7 +152,7 @@ async def test_an_image_with_data_needs_an_initial_resync(tmp_path: Path) -> Non
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(SIZE))
     disk = await _open(tmp_path)
-    assert disk.state == "resync-required" and disk.status(0)["resync_reason"] == "initial"
+    assert disk.state == "initial-sync" and disk.status(0)["resync_reason"] == "initial"
     await disk.close()
 
 

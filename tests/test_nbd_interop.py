@@ -189,7 +189,14 @@ async def test_nbdinfo_read_only_over_tcp(disk: ProtectedDisk) -> None:
 
 async def test_fio_randwrite_verify(export: NbdExport, image: Path) -> None:
     require("fio")
-    job = ["--name=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--verify=crc32c", "--verify_state_save=0"]
+    job = [
+        "--name=nbd",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=16M",
+        "--verify=crc32c",
+        "--verify_state_save=0",
+    ]
     out = await run(
         "fio",
         *job,

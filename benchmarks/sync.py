@@ -1,0 +1,762 @@
+"""Scenario ``sync``: digest resync vs rsync and bdsync; initial sync over TLS vs nbdcopy.
+
+Two phases, each on its own images and its own deployment (real processes on loopback:
+``python -m process_server.cli serve`` and ``python -m agent.cli run``, mutual TLS 1.3,
+linked through :class:`benchmarks.proxy.CountingProxy`, which counts the wire bytes outside
+the code under test). Everything lives in one temporary directory, removed at the end.
+
+**Initial sync.** A sparse image, half holes and half 2:1-compressible data
+(:func:`benchmarks.driver.compressible`) in 1 MiB runs. Baseline first:
+``nbdkit --exit-with-parent -f -U SOCK file TARGET`` (a fresh sparse target of the same
+size) and ``nbdcopy --flush SRC nbd+unix:///?socket=SOCK`` is timed (``--flush``: the
+copy is durable at the end, as tidemark's replica is once applied; a run without
+``--flush`` is reported too). Then tidemark: a fresh deployment, the process server
+already up; the clock runs from starting the agent until the disk is level (agent state
+``replicating``, every journaled seq acknowledged and applied to the replica, which the
+process server ``fdatasync``s). Both copies are compared with the source (``cmp``).
+
+**Resync.** A fully allocated image of random bytes is initially synced (timed too, for
+information); the agent is stopped; 1 % of its 4 KiB blocks, at random, are overwritten
+with random bytes behind the agent's back; the agent is started again (it believes it is
+level: a clean stop); then ``python -m agent.cli resync --config CFG DISK`` is timed until
+the disk is level again and applied. Wire bytes = both directions through the proxy
+during that window. On the same images, the "old" copy is the replica as it was before
+the change (``cp --sparse=always``) and the baselines bring it level with the source:
+
+- ``rsync -I --inplace --no-whole-file --stats SRC OLD`` (local: sender, generator and
+  receiver processes on pipes, its delta algorithm forced);
+- ``bdsync "BDSYNC --server" SRC OLD > PATCH`` then ``bdsync --patch=OLD < PATCH`` (the
+  changed blocks are put back in OLD between the two baselines), when a bdsync binary is
+  given (``--bdsync PATH``, the ``TIDEMARK_BENCH_BDSYNC`` variable, or ``bdsync`` on
+  ``PATH``); otherwise it is reported "not available".
+
+Same start for every timed step: dirty pages are written back (``sync``) and the files
+the step reads are read once beforehand, so each tool starts from a warm page cache as far
+as memory allows (the resident fraction, from ``fincore``, is reported with each time).
+
+Every copy is compared with its source with ``cmp`` at the end of its phase; a mismatch,
+or an error of any tool, makes the run FAILED.
+
+Profiling: with ``TIDEMARK_BENCH_PYSPY=DIR`` set, ``py-spy record --gil -f raw`` samples
+the agent and the process server during the timed tidemark windows (files in DIR). It
+slows them down: such a run's times are not comparable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.deploy import PYTHON, Deployment
+from benchmarks.driver import compressible
+from benchmarks.metrics import MIB, Figure, Params, ProcessSampler, ScenarioResult, ratio
+from benchmarks.proxy import CountingProxy
+from common.admin import admin_request
+
+NAME = "sync"
+SUMMARY = (
+    "resync of 1% changed 4 KiB blocks vs rsync/bdsync; initial sync over TLS vs nbdcopy->nbdkit"
+)
+AGENT = "sync"
+INIT_DISK = "init0"
+RESYNC_DISK = "resync0"
+QUICK_SIZE = 256 * MIB
+BLOCK = 4096
+CHANGE_FRACTION = 0.01
+TARGET_RESYNC = 0.33  # x the faster of rsync and bdsync
+TARGET_WIRE = 1.1  # x the changed bytes
+TARGET_INITIAL = 1.2  # x nbdcopy into nbdkit file
+UNIX_PATH_MAX = 107
+BDSYNC_ENV = "TIDEMARK_BENCH_BDSYNC"
+PYSPY_ENV = "TIDEMARK_BENCH_PYSPY"
+NOT_AVAILABLE = "not available"
+
+
+# --------------------------------------------------------------------------- images
+
+
+def make_half_holes(path: Path, size: int, seed: int) -> int:
+    """Half of the 1 MiB runs (chosen at random) 2:1-compressible data, the rest holes."""
+    runs = size // MIB
+    rnd = random.Random(seed)
+    data_runs = sorted(rnd.sample(range(runs), runs // 2))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        for i in data_runs:
+            os.pwrite(fd, compressible(seed * 1_000_003 + i, MIB), i * MIB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(data_runs) * MIB
+
+
+def make_random(path: Path, size: int, seed: int, piece: int = 16 * MIB) -> None:
+    """A fully allocated image of random bytes."""
+    rnd = random.Random(seed)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for offset in range(0, size, piece):
+            os.pwrite(fd, rnd.randbytes(min(piece, size - offset)), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def change_blocks(
+    path: Path, size: int, fraction: float, seed: int
+) -> tuple[list[int], list[bytes]]:
+    """Overwrite ``fraction`` of the 4 KiB blocks, chosen at random, with random bytes.
+    Returns the block numbers and their old contents (to put them back later)."""
+    rnd = random.Random(seed)
+    blocks = sorted(rnd.sample(range(size // BLOCK), int(size // BLOCK * fraction)))
+    old: list[bytes] = []
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for b in blocks:
+            old.append(os.pread(fd, BLOCK, b * BLOCK))
+            new = rnd.randbytes(BLOCK)
+            while new == old[-1]:  # pragma: no cover - 2**-32768
+                new = rnd.randbytes(BLOCK)
+            os.pwrite(fd, new, b * BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return blocks, old
+
+
+def restore_blocks(path: Path, blocks: list[int], old: list[bytes]) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for b, data in zip(blocks, old, strict=True):
+            os.pwrite(fd, data, b * BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same(a: Path, b: Path) -> bool:
+    """``cmp -s``: byte for byte, sizes included."""
+    return subprocess.run(["cmp", "-s", str(a), str(b)], check=False).returncode == 0
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def settle() -> None:
+    """Write back dirty pages of the previous step so they do not bill the next timed one."""
+    os.sync()
+
+
+def resident(path: Path) -> float | None:
+    """Fraction of ``path`` in the page cache (``fincore``), None when unknown."""
+    if shutil.which("fincore") is None:
+        return None
+    out = subprocess.run(
+        ["fincore", "-b", "-n", "-o", "RES,SIZE", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        res, size = (int(x) for x in out.stdout.split()[:2])
+    except ValueError:
+        return None
+    return round(res / size, 3) if size else None
+
+
+def warm(*paths: Path) -> dict[str, float | None]:
+    """Same start for every tool: write back what is dirty, read the files that the timed
+    step reads once (into the page cache, as far as memory allows), and say how much of
+    each is resident when the clock starts."""
+    settle()
+    buf = bytearray(8 * MIB)
+    view = memoryview(buf)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            offset = 0
+            while n := os.preadv(fd, [view], offset):
+                offset += n
+        finally:
+            os.close(fd)
+    return {path.name: resident(path) for path in paths}
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def find_bdsync() -> str | None:
+    for candidate in (os.environ.get(BDSYNC_ENV), shutil.which("bdsync")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return str(Path(candidate).resolve())
+    return None
+
+
+def missing_tools() -> list[str]:
+    return [t for t in ("nbdkit", "nbdcopy", "rsync", "cmp", "cp") if shutil.which(t) is None]
+
+
+def parse_rsync_stats(text: str) -> dict[str, int]:
+    """The byte counters of ``rsync --stats`` (thousands separators removed)."""
+    keys = {
+        "Literal data": "literal_bytes",
+        "Matched data": "matched_bytes",
+        "Total bytes sent": "sent_bytes",
+        "Total bytes received": "received_bytes",
+        "Total file size": "file_bytes",
+    }
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        label, _, rest = line.partition(":")
+        key = keys.get(label.strip())
+        m = re.match(r"\s*([\d,.]+)", rest)
+        if key and m:
+            out[key] = int(re.sub(r"[,.]", "", m.group(1)))
+    return out
+
+
+def run_rsync(src: Path, dst: Path) -> dict[str, Any]:
+    cmd = ["rsync", "-I", "--inplace", "--no-whole-file", "--stats", str(src), str(dst)]
+    cache = warm(src, dst)
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"rsync exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return {
+        "command": shlex.join(cmd),
+        "seconds": round(seconds, 3),
+        "page_cache": cache,
+        "stats": parse_rsync_stats(proc.stdout),
+    }
+
+
+def run_bdsync(bdsync: str, src: Path, dst: Path, patch: Path) -> dict[str, Any]:
+    client = [bdsync, f"{bdsync} --server", str(src), str(dst)]
+    apply = [bdsync, f"--patch={dst}"]
+    cache = warm(src, dst)
+    t0 = time.monotonic()
+    with open(patch, "wb") as out:
+        p1 = subprocess.run(client, stdout=out, stderr=subprocess.PIPE, text=False, check=False)
+    t1 = time.monotonic()
+    if p1.returncode != 0:
+        raise RuntimeError(f"bdsync client exited {p1.returncode}: {p1.stderr[-500:]!r}")
+    with open(patch, "rb") as inp:
+        p2 = subprocess.run(apply, stdin=inp, capture_output=True, check=False)
+    t2 = time.monotonic()
+    if p2.returncode != 0:
+        raise RuntimeError(f"bdsync --patch exited {p2.returncode}: {p2.stderr[-500:]!r}")
+    return {
+        "command": f"{shlex.join(client)} > PATCH && {shlex.join(apply)} < PATCH",
+        "seconds": round(t2 - t0, 3),
+        "diff_seconds": round(t1 - t0, 3),
+        "patch_seconds": round(t2 - t1, 3),
+        "patch_bytes": patch.stat().st_size,
+        "page_cache": cache,
+    }
+
+
+def _wait_unix_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-500:] if proc.stderr else ""
+            raise RuntimeError(f"nbdkit exited with {proc.returncode}: {err.strip()}")
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nbdkit: {path} did not appear within {timeout}s")
+
+
+def run_nbdcopy(
+    src: Path, target: Path, sock: Path, *, flush: bool, pids: dict[str, int], label: str
+) -> dict[str, Any]:
+    """``nbdcopy`` of ``src`` into a fresh sparse ``target`` exported by ``nbdkit file``."""
+    size = src.stat().st_size
+    with open(target, "wb") as f:
+        f.truncate(size)
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()  # nbdkit leaves it behind when terminated
+    server = ["nbdkit", "--exit-with-parent", "-f", "-U", str(sock), "file", str(target)]
+    proc = subprocess.Popen(
+        server, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    pids[f"nbdkit-{label}"] = proc.pid
+    try:
+        _wait_unix_socket(sock, proc)
+        cache = warm(src)
+        cmd = ["nbdcopy", *(["--flush"] if flush else []), str(src), f"nbd+unix:///?socket={sock}"]
+        t0 = time.monotonic()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        seconds = time.monotonic() - t0
+        if out.returncode != 0:
+            raise RuntimeError(f"nbdcopy exited {out.returncode}: {out.stderr.strip()[-500:]}")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+    return {
+        "server": shlex.join(server),
+        "command": shlex.join(cmd),
+        "seconds": round(seconds, 3),
+        "page_cache": cache,
+        "equal": same(src, target),
+        "target_allocated_bytes": allocated(target),
+    }
+
+
+class PySpy:
+    """Opt-in sampling profiles (``TIDEMARK_BENCH_PYSPY=DIR``) of a few pids."""
+
+    def __init__(self, name: str, pids: dict[str, int]) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.files: list[str] = []
+        out_dir = os.environ.get(PYSPY_ENV)
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not out_dir or not os.access(exe, os.X_OK):
+            return
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for label, pid in pids.items():
+            out = Path(out_dir) / f"{name}-{label}.txt"
+            cmd = [exe, "record", "--gil", "-f", "raw", "-r", "100", "-o", str(out)]
+            self.procs.append(
+                subprocess.Popen(
+                    [*cmd, "--pid", str(pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+            self.files.append(str(out))
+        time.sleep(0.5)  # attached before the clock starts
+
+    def stop(self) -> list[str]:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        return self.files
+
+
+# --------------------------------------------------------------------------- tidemark
+
+
+def _status(sock: Path) -> dict[str, Any]:
+    return asyncio.run(admin_request(sock, {"cmd": "status"}, timeout=10))
+
+
+def _row(status: dict[str, Any], disk: str) -> dict[str, Any]:
+    for row in status.get("disks", []):
+        if row.get("disk") == disk:
+            return dict(row)
+    raise RuntimeError(f"{disk} missing from status: {status}")
+
+
+def wait_level(
+    dep: Deployment, disk: str, timeout: float, poll: float = 0.05
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Until the agent is ``replicating`` with everything acknowledged, then until the
+    process server applied everything journaled. Returns the agent and PS status rows."""
+    spec = dep.agents[AGENT]
+    deadline = time.monotonic() + timeout
+    row: dict[str, Any] = {}
+    while True:
+        row = _row(_status(spec.state_dir / "admin.sock"), disk)
+        if row["state"] == "replicating" and row["acked_seq"] >= row["journaled_seq"]:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{disk} not level within {timeout:.0f}s: {row}")
+        time.sleep(poll)
+    seq = int(row["journaled_seq"])
+    while True:
+        ps_row = _row(_status(dep.ps_state / "admin.sock"), disk)
+        if (ps_row.get("applied_seq") or 0) >= seq:
+            return row, ps_row
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{disk} applied_seq did not reach {seq}: {ps_row}")
+        time.sleep(poll)
+
+
+def _resync_command(config: Path, disk: str) -> list[str]:
+    """The operator's command; ``--no-wait`` when the CLI has it (we poll every 50 ms
+    instead of its 0.5 s)."""
+    cmd = [PYTHON, "-m", "agent.cli", "resync", "--config", str(config), disk]
+    try:
+        from agent.cli import build_parser
+
+        build_parser().parse_args(["resync", "--config", "x", "d", "--no-wait"])
+    except (SystemExit, ImportError):
+        return cmd
+    return [*cmd, "--no-wait"]
+
+
+def _log_tails(root: Path, nbytes: int = 3000) -> dict[str, str]:
+    tails = {}
+    for log in sorted(root.rglob("*.log")):
+        with contextlib.suppress(OSError):
+            tails[str(log.relative_to(root))] = log.read_bytes()[-nbytes:].decode(
+                "utf-8", "replace"
+            )
+    return tails
+
+
+def _check_paths(dep: Deployment) -> str | None:
+    longest = max(
+        str(dep.ps_state / "admin.sock"), str(dep.root / f"agent-{AGENT}" / "admin.sock"), key=len
+    )
+    if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+        return f"{longest}: too long for a unix socket; use a shorter --tmpdir or TMPDIR"
+    return None
+
+
+def tidemark_initial(
+    root: Path, image: Path, disk: str, pids: dict[str, int], timeout: float
+) -> tuple[Deployment, CountingProxy, dict[str, Any]]:
+    """A fresh deployment; time from starting the agent until ``image`` is level."""
+    dep = Deployment(root)
+    if (err := _check_paths(dep)) is not None:
+        raise RuntimeError(err)
+    dep.init_pki()
+    proxy = CountingProxy(dep.port)
+    try:
+        dep.add_agent(AGENT, {disk: image}, options={"process_server": f"127.0.0.1:{proxy.port}"})
+        pids[f"ps-{disk}"] = dep.start_ps().pid
+        cache = warm(image)
+        proxy.reset()
+        t0 = time.monotonic()
+        agent = dep.start_agent(AGENT)
+        pids[f"agent-{disk}"] = agent.pid
+        prof = PySpy(f"initial-{disk}", {"agent": agent.pid, "ps": pids[f"ps-{disk}"]})
+        sampler = ProcessSampler({"agent": agent.pid, "ps": pids[f"ps-{disk}"]}).start()
+        try:
+            row, ps_row = wait_level(dep, disk, timeout)
+        finally:
+            stats = sampler.stop()
+            profiles = prof.stop()
+        seconds = time.monotonic() - t0
+    except BaseException:
+        dep.stop_all()
+        proxy.close()
+        raise
+    out = {
+        "seconds": round(seconds, 3),
+        "page_cache": cache,
+        "wire_bytes": proxy.total,
+        "wire_bytes_up": proxy.bytes_up,
+        "wire_bytes_down": proxy.bytes_down,
+        "agent": row,
+        "ps": ps_row,
+        "processes": {k: v.as_dict() for k, v in stats.items()},
+        "note": "includes the agent process start (and a py-spy attach if profiling)"
+        if profiles
+        else "includes the agent process start",
+    }
+    if profiles:
+        out["profiles"] = profiles
+    return dep, proxy, out
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def phase_initial(
+    root: Path, size: int, pids: dict[str, int], timeout: float, out: dict[str, Any]
+) -> None:
+    """Fills ``out`` as it goes (what was measured survives an error in a later step)."""
+    root.mkdir()
+    image = root / "src.img"
+    data = make_half_holes(image, size, seed=11)
+    out.update(image_size=size, data_bytes=data, hole_bytes=size - data)
+    target = root / "nbdkit.img"
+    sock = root / "nbdkit.sock"
+    out["nbdcopy_noflush"] = run_nbdcopy(image, target, sock, flush=False, pids=pids, label="a")
+    target.unlink()
+    out["nbdcopy"] = run_nbdcopy(image, target, sock, flush=True, pids=pids, label="b")
+    target.unlink()
+    dep, proxy, tm = tidemark_initial(root / "d", image, INIT_DISK, pids, timeout)
+    try:
+        replica = dep.replica_path(INIT_DISK)
+        tm["equal"] = same(image, replica)
+        tm["replica_allocated_bytes"] = allocated(replica)
+    finally:
+        dep.stop_all()
+        proxy.close()
+    out["tidemark"] = tm
+    out["source_allocated_bytes"] = allocated(image)
+
+
+def phase_resync(
+    root: Path,
+    size: int,
+    pids: dict[str, int],
+    bdsync: str | None,
+    timeout: float,
+    out: dict[str, Any],
+) -> None:
+    """Fills ``out`` as it goes (what was measured survives an error in a later step)."""
+    root.mkdir()
+    image = root / "src.img"
+    make_random(image, size, seed=21)
+    out.update(image_size=size, image="fully allocated, random bytes")
+    dep, proxy, first = tidemark_initial(root / "d", image, RESYNC_DISK, pids, timeout)
+    try:
+        replica = dep.replica_path(RESYNC_DISK)
+        first["equal"] = same(image, replica)
+        out["initial_sync"] = first
+        if not first["equal"]:
+            raise RuntimeError("replica differs from the source after the initial sync")
+        dep.stop_agent(AGENT)
+        old = root / "old.img"  # the baselines' "remote" copy: the replica before the change
+        subprocess.run(["cp", "--sparse=always", str(replica), str(old)], check=True)
+
+        blocks, old_contents = change_blocks(image, size, CHANGE_FRACTION, seed=22)
+        changed = len(blocks) * BLOCK
+        out.update(changed_blocks=len(blocks), changed_bytes=changed, block=BLOCK)
+
+        pids[f"agent-{RESYNC_DISK}-2"] = dep.start_agent(AGENT).pid
+        wait_level(dep, RESYNC_DISK, timeout)  # a clean restart: it believes it is level
+        agent_pid = pids[f"agent-{RESYNC_DISK}-2"]
+        ps_pid = pids[f"ps-{RESYNC_DISK}"]
+        cmd = _resync_command(dep.agents[AGENT].config, RESYNC_DISK)
+        cache = warm(image, replica)
+        prof = PySpy("resync", {"agent": agent_pid, "ps": ps_pid})
+        sampler = ProcessSampler({"agent": agent_pid, "ps": ps_pid}).start()
+        proxy.reset()
+        t0 = time.monotonic()
+        try:
+            cli = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+            cli_seconds = time.monotonic() - t0
+            if cli.returncode != 0:
+                raise RuntimeError(f"resync command exited {cli.returncode}: {cli.stderr}")
+            row, ps_row = wait_level(dep, RESYNC_DISK, timeout)
+            seconds = time.monotonic() - t0
+            wire = (proxy.total, proxy.bytes_up, proxy.bytes_down)
+        finally:
+            stats = sampler.stop()
+            profiles = prof.stop()
+        tm: dict[str, Any] = {
+            "command": shlex.join(cmd),
+            "seconds": round(seconds, 3),
+            "page_cache": cache,
+            "command_returned_seconds": round(cli_seconds, 3),
+            "command_output": cli.stdout.strip(),
+            "wire_bytes": wire[0],
+            "wire_bytes_up": wire[1],
+            "wire_bytes_down": wire[2],
+            "agent": row,
+            "ps": ps_row,
+            "processes": {k: v.as_dict() for k, v in stats.items()},
+        }
+        if profiles:
+            tm["profiles"] = profiles
+        tm["equal"] = same(image, replica)
+        out["tidemark"] = tm
+    finally:
+        dep.stop_all()
+        proxy.close()
+    with contextlib.suppress(FileNotFoundError):
+        replica.unlink()  # room for the baselines
+
+    rs = run_rsync(image, old)
+    rs["equal"] = same(image, old)
+    out["rsync"] = rs
+
+    if bdsync is None:
+        out["bdsync"] = {"available": False}
+    else:
+        restore_blocks(old, blocks, old_contents)  # the pre-change copy again
+        bd = run_bdsync(bdsync, image, old, root / "bdsync.patch")
+        bd["equal"] = same(image, old)
+        bd["available"] = True
+        bd["binary"] = bdsync
+        out["bdsync"] = bd
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figures(details: dict[str, Any]) -> list[Figure]:
+    figs: list[Figure] = []
+    gib = lambda n: f"{n / (1 << 30):g} GiB"  # noqa: E731
+    rz = details.get("resync") or {}
+    if all(k in rz for k in ("tidemark", "rsync", "bdsync")):
+        size = gib(rz["image_size"])
+        tm, rs, bd = rz["tidemark"], rz["rsync"], rz["bdsync"]
+        bd_s = bd["seconds"] if bd.get("available") else None
+        faster = min(s for s in (rs["seconds"], bd_s) if s is not None)
+        r = ratio(tm["seconds"], faster)
+        figs.append(
+            Figure(
+                NAME,
+                f"resync, 1% of 4 KiB blocks changed, {size}: tidemark",
+                tm["seconds"],
+                "s",
+                faster,
+                r,
+                f"<= {TARGET_RESYNC}x faster of rsync/bdsync",
+                r is not None and r <= TARGET_RESYNC,
+            )
+        )
+        figs.append(Figure(NAME, "resync: rsync -I --inplace --no-whole-file", rs["seconds"], "s"))
+        figs.append(
+            Figure(NAME, "resync: bdsync", bd_s if bd_s is not None else NOT_AVAILABLE, "s")
+        )
+        wire, changed = tm["wire_bytes"], rz["changed_bytes"]
+        wr = ratio(wire, changed)
+        figs.append(
+            Figure(
+                NAME,
+                "resync wire bytes (both directions) vs changed bytes",
+                round(wire / MIB, 2),
+                "MiB",
+                round(changed / MIB, 2),
+                wr,
+                f"<= {TARGET_WIRE}x changed",
+                wr is not None and wr <= TARGET_WIRE,
+            )
+        )
+        st = rs["stats"]
+        if "sent_bytes" in st:
+            figs.append(
+                Figure(
+                    NAME,
+                    "rsync bytes on its pipes (--stats sent + received)",
+                    round((st["sent_bytes"] + st.get("received_bytes", 0)) / MIB, 2),
+                    "MiB",
+                )
+            )
+        if bd.get("available"):
+            figs.append(Figure(NAME, "bdsync patch size", round(bd["patch_bytes"] / MIB, 2), "MiB"))
+        figs.append(
+            Figure(
+                NAME,
+                "resync: replica / rsync copy / bdsync copy == source",
+                " / ".join(
+                    "yes" if x.get("equal") else ("-" if not x.get("available", True) else "NO")
+                    for x in (tm, rs, bd)
+                ),
+                "",
+                target="cmp equal",
+                passed=bool(tm["equal"] and rs["equal"] and bd.get("equal", True)),
+                critical=True,
+            )
+        )
+    ini = details.get("initial") or {}
+    if all(k in ini for k in ("tidemark", "nbdcopy", "nbdcopy_noflush")):
+        tm, nc = ini["tidemark"], ini["nbdcopy"]
+        r = ratio(tm["seconds"], nc["seconds"])
+        figs.append(
+            Figure(
+                NAME,
+                f"initial sync over TLS, {gib(ini['image_size'])} half holes: tidemark",
+                tm["seconds"],
+                "s",
+                nc["seconds"],
+                r,
+                f"<= {TARGET_INITIAL}x nbdcopy",
+                r is not None and r <= TARGET_INITIAL,
+            )
+        )
+        figs.append(
+            Figure(NAME, "initial sync: nbdcopy --flush -> nbdkit file", nc["seconds"], "s")
+        )
+        figs.append(
+            Figure(
+                NAME,
+                "initial sync: nbdcopy (no --flush) -> nbdkit file",
+                ini["nbdcopy_noflush"]["seconds"],
+                "s",
+            )
+        )
+        figs.append(
+            Figure(
+                NAME,
+                "initial sync wire bytes vs data bytes",
+                round(tm["wire_bytes"] / MIB, 1),
+                "MiB",
+                round(ini["data_bytes"] / MIB, 1),
+                ratio(tm["wire_bytes"], ini["data_bytes"]),
+            )
+        )
+        figs.append(
+            Figure(
+                NAME,
+                "initial sync: replica / nbdkit copy == source",
+                f"{'yes' if tm['equal'] else 'NO'} / {'yes' if nc['equal'] else 'NO'}",
+                "",
+                target="cmp equal",
+                passed=bool(tm["equal"] and nc["equal"] and ini["nbdcopy_noflush"]["equal"]),
+                critical=True,
+            )
+        )
+    return figs
+
+
+def run(params: Params) -> ScenarioResult:
+    size = min(params.disk_size, QUICK_SIZE) if params.quick else params.disk_size
+    bdsync = find_bdsync()
+    timeout = max(120.0, size / MIB * 0.5)  # generous: 0.5 s per MiB
+    result = ScenarioResult(
+        NAME,
+        params={
+            "image_size": size,
+            "change_fraction": CHANGE_FRACTION,
+            "block": BLOCK,
+            "bdsync": bdsync or NOT_AVAILABLE,
+            "quick": params.quick,
+            "profiling": os.environ.get(PYSPY_ENV) or None,
+        },
+    )
+    details = result.details
+    pids: dict[str, int] = {}
+    details["pids"] = pids
+    if missing := missing_tools():
+        result.error = f"missing tools: {', '.join(missing)}"
+        return result
+    with tempfile.TemporaryDirectory(prefix="tms-", dir=params.tmpdir) as tmp:
+        root = Path(tmp)
+        details["workdir"] = str(root)
+        phase = "initial"
+        try:
+            details["initial"] = {}
+            phase_initial(root / "i", size, pids, timeout, details["initial"])
+            shutil.rmtree(root / "i")
+            phase = "resync"
+            details["resync"] = {}
+            phase_resync(root / "r", size, pids, bdsync, timeout, details["resync"])
+        except Exception as exc:
+            result.error = f"{phase}: {type(exc).__name__}: {exc}"
+            details["log_tails"] = _log_tails(root)
+        result.figures = _figures(details)
+    return result

@@ -1,0 +1,166 @@
+"""``tidemark-bench sync --quick --json FILE`` runs end to end (256 MiB images: digest resync
+vs rsync and bdsync, initial sync vs nbdcopy into nbdkit), reports sane figures and leaves
+nothing behind. bdsync is optional (reported "not available" without it); a missing
+nbdkit/nbdcopy/rsync skips only outside CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmarks.cli import SCENARIOS, build_parser
+from benchmarks.sync import (
+    NOT_AVAILABLE,
+    QUICK_SIZE,
+    missing_tools,
+    parse_rsync_stats,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _figure(result: dict, prefix: str) -> dict:
+    for fig in result["figures"]:
+        if fig["name"].startswith(prefix):
+            return dict(fig)
+    raise AssertionError(f"no figure {prefix!r} in {[f['name'] for f in result['figures']]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_registered_and_parses(tmp_path: Path) -> None:
+    assert SCENARIOS["sync"] == "benchmarks.sync"
+    args = build_parser().parse_args(["sync", "--quick"])
+    assert args.scenario == "sync" and args.quick and args.bdsync is None
+    exe = tmp_path / "bdsync"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert build_parser().parse_args(["sync", "--bdsync", str(exe)]).bdsync == exe.resolve()
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(["sync", "--bdsync", str(tmp_path / "nope")])
+    assert err.value.code == 2
+
+
+def test_parse_rsync_stats() -> None:
+    text = (
+        "Number of files: 1 (reg: 1)\n"
+        "Total file size: 268,435,456 bytes\n"
+        "Literal data: 9,830,400 bytes\n"
+        "Matched data: 258,605,056 bytes\n"
+        "Total bytes sent: 9,915,021\n"
+        "Total bytes received: 393,241\n"
+    )
+    assert parse_rsync_stats(text) == {
+        "file_bytes": 268_435_456,
+        "literal_bytes": 9_830_400,
+        "matched_bytes": 258_605_056,
+        "sent_bytes": 9_915_021,
+        "received_bytes": 393_241,
+    }
+
+
+@pytest.mark.timeout(150)
+def test_quick_run_reports_figures_and_cleans_up(tmp_path: Path) -> None:
+    if missing := missing_tools():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {', '.join(missing)} is not installed")
+        pytest.skip(f"{', '.join(missing)} not installed")
+    private_tmp = Path(tempfile.mkdtemp(prefix="tms-smoke-", dir="/tmp"))
+    try:
+        _run_quick(tmp_path, private_tmp)
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
+
+
+def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
+    out = tmp_path / "sync.json"
+    env = dict(os.environ, TMPDIR=str(private_tmp), PYTHONPATH=str(ROOT))
+    env.pop("TIDEMARK_BENCH_PYSPY", None)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cli", "sync", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert elapsed < 60, f"sync --quick took {elapsed:.1f}s\n{proc.stdout}"
+
+    doc = json.loads(out.read_text())
+    assert doc["status"] in {"ok", "targets missed"}
+    (result,) = doc["results"]
+    assert result["scenario"] == "sync" and result["error"] is None
+    assert result["params"]["image_size"] == QUICK_SIZE
+    details = result["details"]
+
+    rz = details["resync"]
+    tm = rz["tidemark"]
+    assert rz["changed_blocks"] == QUICK_SIZE // 4096 // 100
+    assert rz["changed_bytes"] == rz["changed_blocks"] * 4096
+    assert tm["equal"] is True and rz["rsync"]["equal"] is True
+    assert 0 < tm["command_returned_seconds"] <= tm["seconds"] < 60
+    # the resync sent what changed, and not much more: data + digests + framing
+    assert rz["changed_bytes"] <= tm["wire_bytes"] < 2 * rz["changed_bytes"], tm
+    assert tm["agent"]["state"] == "replicating"
+    assert tm["ps"]["applied_seq"] >= tm["agent"]["journaled_seq"]
+    totals = tm["agent"]["resync_totals"]
+    assert totals["done_bytes"] == QUICK_SIZE
+    assert rz["changed_bytes"] <= totals["sent_bytes"] < 1.5 * rz["changed_bytes"]
+    assert rz["rsync"]["seconds"] > 0 and "--no-whole-file" in rz["rsync"]["command"]
+    assert rz["rsync"]["stats"]["literal_bytes"] >= rz["changed_bytes"]
+    head = _figure(result, "resync, 1% of 4 KiB blocks")
+    assert head["value"] == tm["seconds"] and head["baseline"] > 0
+    assert head["ratio"] == pytest.approx(head["value"] / head["baseline"])
+    assert head["passed"] in (True, False)
+    wire = _figure(result, "resync wire bytes")
+    assert wire["passed"] in (True, False) and 1 <= wire["ratio"] < 2
+    bd = rz["bdsync"]
+    if bd["available"]:
+        assert bd["equal"] is True and bd["seconds"] > 0
+        assert bd["patch_bytes"] >= rz["changed_bytes"]
+    else:
+        assert _figure(result, "resync: bdsync")["value"] == NOT_AVAILABLE
+    assert _figure(result, "resync: replica / rsync copy")["passed"] is True
+
+    ini = details["initial"]
+    assert ini["data_bytes"] == QUICK_SIZE // 2
+    assert ini["tidemark"]["equal"] is True and ini["nbdcopy"]["equal"] is True
+    # holes stay holes on the replica; the wire carries about the compressed data
+    assert ini["tidemark"]["replica_allocated_bytes"] <= ini["source_allocated_bytes"] * 1.05
+    assert 0.3 * ini["data_bytes"] < ini["tidemark"]["wire_bytes"] < 0.8 * ini["data_bytes"]
+    assert "--flush" in ini["nbdcopy"]["command"]
+    init = _figure(result, "initial sync over TLS")
+    assert init["baseline"] == ini["nbdcopy"]["seconds"] > 0 and init["passed"] in (True, False)
+    assert _figure(result, "initial sync: replica / nbdkit copy")["passed"] is True
+
+    # Nothing left behind: no files in the temp dir, no process still running.
+    assert list(private_tmp.iterdir()) == []
+    pids = details["pids"]
+    assert {"ps-init0", "agent-init0", "ps-resync0", "agent-resync0-2", "nbdkit-b"} <= set(pids)
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [name for name, p in pids.items() if _alive(p)]
+    leftovers = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(private_tmp) in cmdline:
+            leftovers.append((p.info["pid"], cmdline))
+    assert leftovers == []
