@@ -8,6 +8,7 @@ log of the image and can be replayed onto it after an unclean stop.
 
 from __future__ import annotations
 
+import collections
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,23 @@ class Journal:
     """The write journal of one disk."""
 
     def __init__(
-        self, directory: Path, *, quota: int, segment_bytes: int = 64 << 20, base_seq: int = 1
+        self,
+        directory: Path,
+        *,
+        quota: int,
+        segment_bytes: int = 64 << 20,
+        base_seq: int = 1,
+        tail_bytes: int = 32 << 20,
     ) -> None:
         self.log = SegmentLog.open(directory, base_seq=base_seq, segment_bytes=segment_bytes)
         self.quota = quota
+        # The newest records, kept in memory (bounded) so the shipper need not read them
+        # back from the file. The file stays the truth: after a restart, or for records
+        # older than the tail, reads go to it.
+        self._tail: collections.deque[JournalEntry] = collections.deque()
+        self._tail_bytes = 0
+        self._tail_limit = tail_bytes
+        self.tail_hits = 0
 
     @property
     def next_seq(self) -> int:
@@ -79,25 +93,60 @@ class Journal:
     def append_write(self, offset: int, data: bytes | memoryview, time_ns: int) -> int:
         seq = self.log.next_seq
         self.log.append(TAG_WRITE, seq, seq, (_WRITE_HEAD.pack(offset, time_ns), data))
+        immutable = isinstance(data, bytes) or (
+            isinstance(data, memoryview) and isinstance(data.obj, bytes)
+        )
+        if not immutable:
+            data = bytes(data)  # a caller's mutable buffer must not change what is shipped
+        self._remember(JournalEntry(seq, offset, len(data), time_ns, data), len(data))
         return seq
 
     def append_zero(self, offset: int, length: int, time_ns: int, *, may_trim: bool) -> int:
         seq = self.log.next_seq
         body = _ZERO_BODY.pack(offset, length, time_ns, FLAG_MAY_TRIM if may_trim else 0)
         self.log.append(TAG_ZERO, seq, seq, (body,))
+        self._remember(JournalEntry(seq, offset, length, time_ns, None, may_trim), 64)
         return seq
+
+    def _remember(self, entry: JournalEntry, cost: int) -> None:
+        tail = self._tail
+        if tail and tail[-1].seq + 1 != entry.seq:
+            tail.clear()
+            self._tail_bytes = 0
+        tail.append(entry)
+        self._tail_bytes += cost
+        while self._tail_bytes > self._tail_limit and len(tail) > 1:
+            old = tail.popleft()
+            self._tail_bytes -= old.length if old.data is not None else 64
 
     def read(
         self, from_seq: int, max_bytes: int, cursor: Cursor | None = None
     ) -> list[JournalEntry]:
-        """Entries from ``from_seq`` on, about ``max_bytes`` of payload (raises LookupError
-        if already released, IntegrityError on corruption)."""
+        """Entries from ``from_seq`` on, about ``max_bytes`` of payload, at least one if any
+        (raises LookupError if already released, IntegrityError on corruption)."""
+        tail = self._tail
+        if tail and tail[0].seq <= from_seq <= tail[-1].seq:
+            out: list[JournalEntry] = []
+            taken = 0
+            for i in range(from_seq - tail[0].seq, len(tail)):
+                entry = tail[i]
+                size = entry.length if entry.data is not None else 0
+                if out and taken + size > max_bytes:
+                    break
+                out.append(entry)
+                taken += size
+            self.tail_hits += 1
+            return out
         return [decode_entry(r) for r in self.log.read_records(from_seq, max_bytes, cursor)]
 
     async def sync(self) -> None:
         await self.log.sync()
 
     async def release_through(self, seq: int) -> int:
+        tail = self._tail
+        while tail and tail[0].seq <= seq:
+            old = tail.popleft()
+            self._tail_bytes -= old.length if old.data is not None else 64
         return await self.log.release_through(seq)
 
     def close(self) -> None:

@@ -44,9 +44,13 @@ log = logging.getLogger("tidemark.agent.resync")
 CHUNK = 64 << 10
 BLOCK = 4 << 10
 BLOCK_WIDTH = 8  # level-2 digests: the first 8 bytes of each block's XXH3-128
+PIPELINE = 3  # ranges in flight at once (hash the next while the previous drains)
 RANGE = 16 << 20  # one level-1 request: 256 chunk digests
 CHECKPOINT_BYTES = 256 << 20
 CHECKPOINT_SECONDS = 2.0
+
+
+_ZERO_BLOCK = zero_digest(4 << 10)[:8]
 
 
 def split(digests: bytes) -> list[bytes]:
@@ -126,28 +130,45 @@ class Resyncer:
         regions = disk.bitmap.regions()
         stats.total_bytes = sum(length for _, length in regions)
         log.info("disk=%s event=resync_started bytes=%d", disk.disk_id, stats.total_bytes)
-        last_checkpoint, since_checkpoint = time.monotonic(), 0
-        try:
-            for offset, length in regions:
-                pos = offset
-                while pos < offset + length:
-                    piece = min(RANGE, offset + length - pos)
-                    await self._journal_room()
-                    await self._sync_range(pos, piece, stats)
-                    if disk.overflowed:
-                        return stats  # bits set meanwhile must survive: start a new pass later
-                    assert disk.bitmap is not None
-                    disk.bitmap.clear(pos, piece)
-                    pos += piece
-                    stats.done_bytes += piece
-                    since_checkpoint += piece
-                    disk.resync_progress = stats.progress("resync")
-                    if (
-                        since_checkpoint >= CHECKPOINT_BYTES
-                        or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS
-                    ):
+        checkpoint = {"time": time.monotonic(), "bytes": 0}
+        checkpoint_lock = asyncio.Lock()
+        gate = asyncio.Semaphore(PIPELINE)
+
+        async def one(pos: int, piece: int) -> None:
+            """One range: hashed, compared and journaled while the next ones are hashed."""
+            try:
+                await self._journal_room()
+                if disk.overflowed:
+                    return
+                await self._sync_range(pos, piece, stats)
+                if disk.overflowed or disk.bitmap is None:
+                    return  # bits set meanwhile must survive: a new pass starts later
+                disk.bitmap.clear(pos, piece)
+                stats.done_bytes += piece
+                checkpoint["bytes"] += piece
+                disk.resync_progress = stats.progress("resync")
+                due = (
+                    checkpoint["bytes"] >= CHECKPOINT_BYTES
+                    or time.monotonic() - checkpoint["time"] > CHECKPOINT_SECONDS
+                )
+                if due and not checkpoint_lock.locked():
+                    async with checkpoint_lock:
+                        checkpoint.update(time=time.monotonic(), bytes=0)
                         await disk.checkpoint_resync()
-                        last_checkpoint, since_checkpoint = time.monotonic(), 0
+            finally:
+                gate.release()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for offset, length in regions:
+                    for pos in range(offset, offset + length, RANGE):
+                        await gate.acquire()
+                        if disk.overflowed:
+                            gate.release()
+                            break
+                        tg.create_task(one(pos, min(RANGE, offset + length - pos)))
+            if disk.overflowed:
+                return stats
             await disk.checkpoint_resync()
             if disk.bitmap is not None and disk.bitmap.empty and not disk.overflowed:
                 await disk.finish_resync()
@@ -194,15 +215,26 @@ class Resyncer:
         )
         stats.hashed_bytes += source.bytes_read
         reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)
+        replica = reply.split()
         differing = [
-            i for i, (a, b) in enumerate(zip(source.digests, reply.split(), strict=False)) if a != b
+            i for i, (a, b) in enumerate(zip(source.digests, replica, strict=False)) if a != b
         ]
         stats.equal_chunks += len(source.digests) - len(differing)
         stats.differing_chunks += len(differing)
         if not differing:
             return
         end = min(offset + length, disk.size)
-        blocks = await self._block_digests(offset, length, differing)
+        # Chunks the replica holds as zeros (a fresh replica): every non-zero source block
+        # differs, so their block digests need not be asked for.
+        zero_chunks = {
+            i
+            for i in differing
+            if replica[i] == zero_digest(min(CHUNK, end - (offset + i * CHUNK)))
+        }
+        asked = [i for i in differing if i not in zero_chunks]
+        blocks = await self._block_digests(offset, length, asked) if asked else {}
+        for i in zero_chunks:
+            blocks[i] = [_ZERO_BLOCK] * -(-min(CHUNK, end - (offset + i * CHUNK)) // BLOCK)
         stats.hashed_bytes += sum(min(CHUNK, end - (offset + i * CHUNK)) for i in differing)
         for i in differing:
             chunk_offset = offset + i * CHUNK
