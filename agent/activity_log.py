@@ -39,7 +39,8 @@ class ActivityLog:
         self.capacity = capacity
         self.extent_bytes = extent_bytes
         self.slot_bytes = _SLOT_HEAD.size + 4 * capacity
-        self._active: OrderedDict[int, None] = OrderedDict()
+        self._active: OrderedDict[int, int] = OrderedDict()  # extent -> clock of its last use
+        self._clock = 0
         self._generation = 0
         self._lock = asyncio.Lock()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -67,10 +68,14 @@ class ActivityLog:
         self._generation = best[0]
         return best[1]
 
-    def _persist(self) -> None:
-        """Write the current set to the other slot and fdatasync it."""
+    def _persist(self, extents: list[int] | None = None) -> None:
+        """Write a set (default: the current one) to the other slot and fdatasync it."""
         self._generation += 1
-        extents = list(self._active)
+        extents = list(self._active) if extents is None else extents
+        if len(extents) > self.capacity:
+            raise ValueError(
+                f"{len(extents)} extents do not fit an activity log of {self.capacity}"
+            )
         body = struct.pack(f">{len(extents)}I", *extents)
         raw = (
             _SLOT_HEAD.pack(_MAGIC, self._generation, len(extents), xxhash.xxh3_64_intdigest(body))
@@ -94,26 +99,46 @@ class ActivityLog:
         for extent in self.extents_of(offset, length):
             if extent not in active:
                 return False
+        self._clock += 1
+        for extent in self.extents_of(offset, length):
+            active[extent] = self._clock
             active.move_to_end(extent)
         return True
+
+    @property
+    def max_extents_per_write(self) -> int:
+        """A single write may activate at most this many extents (callers split larger ones)."""
+        return max(1, self.capacity // 4)
 
     async def activate(
         self, offset: int, length: int, sync_data: Callable[[], Awaitable[None]]
     ) -> None:
-        """Make the extents of a write durable in the log before the write proceeds."""
+        """Make the extents of a write durable in the log before the write proceeds. An extent
+        counts as active only once the log on disk holds it; an extent leaves the log only if
+        it was not used since every write so far was made durable."""
+        extents = list(self.extents_of(offset, length))
+        if len(extents) > self.max_extents_per_write:
+            raise ValueError(f"a write spanning {len(extents)} extents must be split")
         async with self._lock:
-            new = [e for e in self.extents_of(offset, length) if e not in self._active]
+            new = [e for e in extents if e not in self._active]
             if not new:
+                self.covers(offset, length)
                 return
-            if len(self._active) + len(new) > self.capacity:
-                await sync_data()  # every write so far is durable: the oldest extents may go
-                keep = max(0, self.capacity // 2 - len(new))
-                while len(self._active) > keep:
+            while len(self._active) + len(new) > self.capacity:
+                mark = self._clock
+                await sync_data()  # every write so far is durable
+                target = max(0, self.capacity // 2 - len(new))
+                while len(self._active) > target:
+                    extent, used = next(iter(self._active.items()))
+                    if used > mark:
+                        break  # used during the sync: its newest write may not be durable
                     self._active.popitem(last=False)
                     self.evictions += 1
+            self._clock += 1
+            snapshot = [*self._active, *new]
+            await asyncio.to_thread(self._persist, snapshot)
             for extent in new:
-                self._active[extent] = None
-            await asyncio.to_thread(self._persist)
+                self._active[extent] = self._clock
 
     def regions(self, extents: list[int] | None = None) -> list[tuple[int, int]]:
         """``(offset, length)`` of the given (default: active) extents, clipped to the disk."""

@@ -114,6 +114,7 @@ class ProtectedDisk:
         self.bitmap: DirtyBitmap | None = None
         self._closed = False
         self._bitmap_lock = asyncio.Lock()
+        self._pending_clears: list[tuple[int, int]] = []
         self.redo_records = 0
         self.overflowed = False  # writes bypass the journal (recorded in the bitmap only)
         self.activity_log: ActivityLog | None = None
@@ -197,9 +198,9 @@ class ProtectedDisk:
                 disk_id,
                 journal.log.truncated_bytes,
             )
-        disk.activity_log = ActivityLog(
-            state_dir / ACTIVITY_LOG_FILE, size, capacity=activity_extents
-        )
+        # At least 128 extents, so the largest data write (64 MiB, 17 extents) fits a quarter.
+        capacity = max(128, activity_extents)
+        disk.activity_log = ActivityLog(state_dir / ACTIVITY_LOG_FILE, size, capacity=capacity)
         hot = disk.activity_log.load()
         clean = bool(state.get("clean", False))
         bitmap_path = state_dir / BITMAP_FILE
@@ -214,6 +215,10 @@ class ProtectedDisk:
                 disk.bitmap.mark_all()  # writes of the last run went to an in-memory bitmap: lost
         if not clean and not disk.overflowed:
             disk._redo_journal()
+        if not clean:
+            # The host may have lost journal records the process server already holds. Until
+            # a registration proves otherwise, a server ahead of this seq means reuse: rebase.
+            state["unclean_floor"] = journal.last_seq
         if not clean and hot:
             # Writes may have been in flight in these extents (a host crash can leave the image
             # ahead of the journal): re-verify exactly them against the replica.
@@ -275,6 +280,16 @@ class ProtectedDisk:
     @property
     def journaled_seq(self) -> int:
         return self.journal.last_seq
+
+    @property
+    def unclean_floor(self) -> int | None:
+        floor = self._state.get("unclean_floor")
+        return int(floor) if floor is not None else None
+
+    def clear_unclean_floor(self) -> None:
+        if self._state.get("unclean_floor") is not None:
+            self._state["unclean_floor"] = None
+            self._save_state()
 
     @property
     def pending_bytes(self) -> int:
@@ -350,8 +365,18 @@ class ProtectedDisk:
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
     ) -> int:
         self._check(offset, length, writing=True, limit=MAX_ZERO)
-        await self._activate(offset, length)
-        seq = self._record(offset, length, None, may_trim=may_trim)
+        al = self.activity_log
+        seq, pos, end = 0, offset, offset + length
+        while pos < end:  # a huge trim: one record per piece, each within the activity log's reach
+            if al is None:
+                nxt = end
+            else:
+                nxt = min(
+                    end, (pos // al.extent_bytes + al.max_extents_per_write) * al.extent_bytes
+                )
+            await self._activate(pos, nxt - pos)
+            seq = self._record(pos, nxt - pos, None, may_trim=may_trim) or seq
+            pos = nxt
         if fua:
             await self.flush()
         return seq
@@ -396,7 +421,8 @@ class ProtectedDisk:
             self._pending.add(seq, payload, now)
             self.new_records.set()
         else:
-            assert self.bitmap is not None
+            if self.bitmap is None:
+                self.bitmap = DirtyBitmap(self.size)
             self.bitmap.mark(offset, length)
         try:
             self._apply_to_image(offset, length, data, may_trim)
@@ -509,16 +535,26 @@ class ProtectedDisk:
     def image_fd(self) -> int:
         return self._fd
 
+    def resynced(self, offset: int, length: int) -> None:
+        """A range was compared and its differences journaled: its bits may be cleared, but
+        only at the next checkpoint, once those journal records are durable."""
+        self._pending_clears.append((offset, length))
+
     async def checkpoint_resync(self) -> None:
         """Make resync progress durable: the journal first, then the shrunken bitmap."""
+        clears, self._pending_clears = self._pending_clears, []
         await self.journal.sync()
         if self.bitmap is not None:
+            for offset, length in clears:
+                self.bitmap.clear(offset, length)
             async with self._bitmap_lock:
                 await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
 
     async def finish_resync(self) -> None:
         """Every region was verified or resent: the replica is level with the journal."""
-        await self.journal.sync()
+        await self.checkpoint_resync()
+        if self.overflowed or self._pending_clears or self.bitmap is None or not self.bitmap.empty:
+            return  # a write overflowed the journal meanwhile, or more is marked: not level
         self.bitmap = None
         self.unclean_regions = []
         self._state["resync_required"] = False
@@ -549,6 +585,15 @@ class ProtectedDisk:
         log.error(
             "disk=%s event=journal_rebased next_seq=%d reason=%r", self.disk_id, next_seq, reason
         )
+        # First make the need for a full resync durable, then swap the journal: a crash in
+        # between must not leave a fresh journal with a "clean" state.
+        if self.bitmap is None:
+            self.bitmap = DirtyBitmap(self.size)
+        self.bitmap.mark_all()
+        self._pending_clears = []
+        await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
+        self._state.update(resync_required=True, resync_reason=reason, unclean_floor=None)
+        await asyncio.to_thread(self._save_state)
         directory = self.journal.log.directory
         quota, segment = self.journal.quota, self.journal.log.segment_bytes
         self.journal.close()
@@ -557,13 +602,9 @@ class ProtectedDisk:
         self.journal = Journal(directory, quota=quota, segment_bytes=segment, base_seq=next_seq)
         self._pending = _PendingWrites()
         self.acked_seq = next_seq - 1
-        if self.bitmap is None:
-            self.bitmap = DirtyBitmap(self.size)
-        self.bitmap.mark_all()
         self.overflowed = False
-        self._state.update(resync_required=True, resync_reason=reason, overflowed=False)
+        self._state["overflowed"] = False
         await asyncio.to_thread(self._save_state)
-        await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
 
     async def close(self) -> None:
         """Flush everything and record a clean stop."""

@@ -71,6 +71,11 @@ class Journal:
         self.tail_hits = 0
 
     @property
+    def tail_limit(self) -> int:
+        """Bytes of recent payloads kept in memory for the shipper (a fixed bound)."""
+        return self._tail_limit
+
+    @property
     def next_seq(self) -> int:
         return self.log.next_seq
 

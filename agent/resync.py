@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from common.aio import first_leaf
 from common.digests import chunk_digests, zero_digest
+from protocol.errors import ProtocolError
 from protocol.frames import DIGEST_SIZE
 
 if TYPE_CHECKING:
@@ -116,10 +118,13 @@ class Resyncer:
                 await asyncio.sleep(0.2)  # the journal is draining first
                 continue
             try:
-                await self.resync_pass()
-            except (ConnectionError, TimeoutError) as exc:
+                try:
+                    await self.resync_pass()
+                except BaseExceptionGroup as group:
+                    raise first_leaf(group) from None
+            except (ConnectionError, TimeoutError, OSError, ProtocolError) as exc:
                 log.warning("disk=%s event=resync_interrupted error=%r", disk.disk_id, str(exc))
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(1.0)
 
     async def resync_pass(self) -> SyncStats:
         """One pass over the dirty bitmap. Raises ConnectionError if the link drops."""
@@ -143,7 +148,7 @@ class Resyncer:
                 await self._sync_range(pos, piece, stats)
                 if disk.overflowed or disk.bitmap is None:
                     return  # bits set meanwhile must survive: a new pass starts later
-                disk.bitmap.clear(pos, piece)
+                disk.resynced(pos, piece)
                 stats.done_bytes += piece
                 checkpoint["bytes"] += piece
                 disk.resync_progress = stats.progress("resync")

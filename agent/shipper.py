@@ -194,6 +194,17 @@ class Shipper:
         """Where to resume a disk. When the journal cannot prove the replica level (one side lost
         its state), seq numbering restarts after the server's and the disk is resynced by digests."""
         cached = reply.cached_seq
+        floor = disk.unclean_floor
+        if floor is not None and cached > floor:
+            # After an unclean stop the journal ends at `floor`: seqs above it that the server
+            # holds were lost here and may have been reused by new writes.
+            await disk.rebase_journal(
+                max(cached, disk.journaled_seq) + 1,
+                f"process server holds seq {cached}, the journal kept only up to {floor} after an unclean stop",
+            )
+            return _DiskLink(disk, disk.journal.next_seq)
+        if floor is not None:
+            disk.clear_unclean_floor()
         if cached > disk.journaled_seq:
             await disk.rebase_journal(
                 cached + 1,

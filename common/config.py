@@ -284,7 +284,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         "reconnect_min": _duration_range(0.01, 3600),
         "reconnect_max": _duration_range(0.01, 3600),
         "connect_timeout": _duration_range(0.1, 3600),
-        "activity_log_extents": _int_range(16, 65536),
+        "activity_log_extents": _int_range(128, 65536),
     }
     for key, parser in optional.items():
         value = a.optional(key, parser)

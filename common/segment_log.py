@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import os
 import struct
 from collections.abc import Sequence
@@ -101,6 +102,8 @@ class SegmentLog:
         self._synced = 0
         self._dir_dirty = False
         self._lock = asyncio.Lock()
+        self._sync_task: asyncio.Future[None] | None = None
+        self._failed: OSError | None = None
         self.truncated_bytes = 0
 
     # ----------------------------------------------------------------- opening
@@ -157,7 +160,12 @@ class SegmentLog:
                 break
         if not segments:
             segments.append(_create_segment(directory, base_seq))
-            fsync_dir(directory)
+        # What a previous process left in the page cache is made durable before anyone is
+        # told it is there (a process server reports its cache as durable at registration).
+        for seg in segments:
+            os.fdatasync(seg.fd)
+            seg.dirty = False
+        fsync_dir(directory)
         log = cls(directory, segments, segments[-1].last_seq + 1, segment_bytes)
         log.truncated_bytes = truncated
         return log
@@ -228,31 +236,47 @@ class SegmentLog:
         return seg
 
     async def sync(self) -> None:
-        """Make every appended record durable (group commit). Raises OSError."""
+        """Make every appended record durable (group commit). Raises OSError.
+
+        The fdatasync runs in one task that callers only await (shielded): a caller that is
+        cancelled never leaves a sync half done, and a later caller never mistakes a sync in
+        flight for a finished one. After a failed fdatasync the log refuses further use
+        (its pages may be lost: the kernel reports such an error once)."""
         target = self._written
-        if self._synced >= target and not self._dir_dirty:
-            return
-        async with self._lock:
+        while True:
+            if self._failed is not None:
+                raise OSError(f"{self.directory}: an earlier fdatasync failed: {self._failed}")
             if self._synced >= target and not self._dir_dirty:
                 return
-            generation = self._written
-            fds = [s.fd for s in self._segments if s.dirty]
-            for s in self._segments:
-                s.dirty = False
-            dir_dirty, self._dir_dirty = self._dir_dirty, False
-            try:
-                await asyncio.to_thread(self._sync_fds, fds, dir_dirty)
-            except OSError:
-                self._dir_dirty = self._dir_dirty or dir_dirty
-                raise
-            self._synced = max(self._synced, generation)
+            task = self._sync_task
+            if task is None:
+                task = self._sync_task = asyncio.ensure_future(self._sync_once())
+            await asyncio.shield(task)
+
+    async def _sync_once(self) -> None:
+        generation = self._written
+        segments = [s for s in self._segments if s.dirty]
+        for seg in segments:
+            seg.dirty = False  # appends during the sync mark them again
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        try:
+            await asyncio.to_thread(self._sync_fds, [s.fd for s in segments], dir_dirty)
+        except OSError as exc:
+            self._failed = exc
+            for seg in segments:
+                seg.dirty = True
+            self._dir_dirty = self._dir_dirty or dir_dirty
+            raise
+        finally:
+            self._sync_task = None
+        self._synced = max(self._synced, generation)
 
     def sync_blocking(self) -> None:
         generation = self._written
         fds = [s.fd for s in self._segments if s.dirty]
+        self._sync_fds(fds, self._dir_dirty)
         for s in self._segments:
             s.dirty = False
-        self._sync_fds(fds, self._dir_dirty)
         self._dir_dirty = False
         self._synced = generation
 
@@ -265,20 +289,23 @@ class SegmentLog:
     async def release_through(self, seq: int) -> int:
         """Delete whole segments whose records are all ``<= seq``; returns bytes freed."""
         async with self._lock:
+            while self._sync_task is not None:  # never close an fd a sync thread is using
+                with contextlib.suppress(OSError):
+                    await asyncio.shield(self._sync_task)
             freed = 0
             active = self._segments[-1]
             if active.last_seq >= active.first_seq and active.last_seq <= seq:
                 self._roll()
+            removed = False
             while len(self._segments) > 1 and self._segments[0].last_seq <= seq:
                 seg = self._segments.pop(0)
                 self._firsts.pop(0)
                 os.close(seg.fd)
                 seg.path.unlink()
                 freed += seg.size
-                self._dir_dirty = True
-            if self._dir_dirty:
+                removed = True
+            if removed:
                 await asyncio.to_thread(fsync_dir, self.directory)
-                self._dir_dirty = False
             return freed
 
     def close(self) -> None:

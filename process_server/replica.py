@@ -67,6 +67,7 @@ class ReplicaDisk:
         self._cache_durable = asyncio.Event()
         self._space_freed = asyncio.Event()
         self._applied_event = asyncio.Event()
+        self._durable_lock = asyncio.Lock()
         self.digest_bytes_read = 0
         self.applier_error: str | None = None
         self.session: Any = None  # the connection currently owning the disk
@@ -227,18 +228,19 @@ class ReplicaDisk:
         return batch
 
     async def make_applied_durable(self) -> None:
-        """fdatasync the replica, record applied_seq, free cache segments."""
-        target = self.applying_seq
-        if target > self.applied_seq:
-            await asyncio.to_thread(os.fdatasync, self._fd)
-            self._state["applied_seq"] = target
-            await asyncio.to_thread(
-                atomic_write_json, self.directory / STATE_FILE, dict(self._state)
-            )
-            self.applied_seq = target
-        self._last_durable_apply = time.monotonic()
-        await self.cache.release_through(self.applied_seq)
-        self._space_freed.set()
+        """fdatasync the replica, record applied_seq, free cache segments. Serialized: the
+        recorded applied_seq only ever grows (the stop path and the applier may both call)."""
+        async with self._durable_lock:
+            target = self.applying_seq
+            if target > self.applied_seq:
+                await asyncio.to_thread(os.fdatasync, self._fd)
+                state = dict(self._state, applied_seq=target)
+                await asyncio.to_thread(atomic_write_json, self.directory / STATE_FILE, state)
+                self._state = state
+                self.applied_seq = target
+            self._last_durable_apply = time.monotonic()
+            await self.cache.release_through(self.applied_seq)
+            self._space_freed.set()
 
     # ----------------------------------------------------------------- resync support
     async def wait_applied(self, seq: int) -> None:

@@ -47,6 +47,7 @@ from protocol.frames import (
 log = logging.getLogger("tidemark.ps")
 SERVER_NAME = "tidemark-process-server"
 HELLO_TIMEOUT = 10.0
+MAX_DIGEST_REQUESTS = 8  # outstanding per session: bounds the replies buffered for a slow reader
 
 
 class _Session:
@@ -63,6 +64,7 @@ class _Session:
         self.verify_waiters: dict[int, asyncio.Future[str]] = {}
         self.next_request = 0
         self.revoked = False
+        self.digest_requests = 0
         self.started = time.monotonic()
 
 
@@ -155,7 +157,7 @@ class ProcessServer:
     async def _applier(self, disk: ReplicaDisk) -> None:
         try:
             await disk.run_applier()
-        except (IntegrityError, OSError) as exc:
+        except (IntegrityError, OSError, LookupError) as exc:
             disk.applier_error = str(exc)
             log.error("disk=%s event=applier_stopped error=%r", disk.disk_id, str(exc))
 
@@ -241,6 +243,12 @@ class ProcessServer:
                     await self._on_heartbeat(session, msg)
                 elif isinstance(msg, DigestRequest):
                     self._owned(session, msg.disk_id)
+                    if session.digest_requests >= MAX_DIGEST_REQUESTS:
+                        raise ProtocolError(
+                            ErrorCode.LIMIT,
+                            f"more than {MAX_DIGEST_REQUESTS} digest requests outstanding",
+                        )
+                    session.digest_requests += 1
                     tg.create_task(self._on_digest_request(session, msg))
                 elif isinstance(msg, VerifyResult):
                     future = session.verify_waiters.pop(msg.request_id, None)
@@ -251,6 +259,10 @@ class ProcessServer:
 
     async def _on_register(self, session: _Session, msg: Register, tg: asyncio.TaskGroup) -> None:
         disk_id = validate_disk_id(msg.disk_id)
+        if disk_id in session.ack_events:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED, f"disk {disk_id} is already registered on this connection"
+            )
         disk = self.disks.get(disk_id)
         try:
             if disk is None:
@@ -322,6 +334,12 @@ class ProcessServer:
 
     async def _on_digest_request(self, session: _Session, msg: DigestRequest) -> None:
         """Answer with replica digests once the batches up to ``min_seq`` are applied."""
+        try:
+            await self._answer_digests(session, msg)
+        finally:
+            session.digest_requests -= 1
+
+    async def _answer_digests(self, session: _Session, msg: DigestRequest) -> None:
         disk = self._owned(session, msg.disk_id)
         try:
             ranges = selected_ranges(msg.offset, msg.length, msg.select_unit, msg.select)
@@ -364,7 +382,9 @@ class ProcessServer:
             await event.wait()
             event.clear()
             seq = await disk.sync_cache()
-            await session.stream.send(Ack(disk.disk_id, seq), drain=False)
+            await session.stream.send(
+                Ack(disk.disk_id, seq)
+            )  # drains: a peer that never reads stalls
 
     async def _on_heartbeat(self, session: _Session, msg: Heartbeat) -> None:
         now = time.monotonic()
@@ -379,7 +399,7 @@ class ProcessServer:
                     "oldest_pending_ns": report.oldest_pending_ns,
                 }
                 disk.report_time = now
-        await session.stream.send(Heartbeat(msg.counter, ()), drain=False)
+        await session.stream.send(Heartbeat(msg.counter, ()))  # drains: bounded for a silent reader
 
     # ----------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:

@@ -177,3 +177,37 @@ async def test_lag_and_rpo_track_unacknowledged_writes(tmp_path: Path) -> None:
     await disk.acknowledge(disk.journaled_seq)
     assert disk.pending_bytes == 0 and disk.rpo_seconds(10**19) == 0.0
     await disk.close()
+
+
+async def test_a_write_that_overflows_during_finish_resync_keeps_the_disk_marked(
+    tmp_path: Path,
+) -> None:
+    _image(tmp_path, 8 << 20)
+    disk = await ProtectedDisk.open(
+        "d0", tmp_path / "disk.img", tmp_path / "state", journal_quota=1 << 20
+    )
+    await disk.finish_resync()  # the initial comparison of a fresh disk
+    disk.mark_dirty([(0, 65536)], "operator")
+    disk.resynced(0, 65536)
+    for i in range(8):  # overflow the journal while the resync finishes
+        await disk.write(i * (256 << 10), os.urandom(256 << 10))
+    assert disk.overflowed
+    await disk.finish_resync()
+    assert disk.state == "resync-required", "an overflow during the finish must not be forgotten"
+    await disk.write(0, b"still writable")
+    await disk.close()
+    again = await ProtectedDisk.open(
+        "d0", tmp_path / "disk.img", tmp_path / "state", journal_quota=1 << 20
+    )
+    assert again.state == "resync-required"
+    await again.close()
+
+
+async def test_a_huge_trim_keeps_the_activity_log_loadable(tmp_path: Path) -> None:
+    image = _image(tmp_path, 8 << 30)  # sparse: nothing is written
+    disk = await ProtectedDisk.open("d0", image, tmp_path / "state", activity_extents=128)
+    await disk.trim(0, (4 << 30) - 4096)
+    assert disk.activity_log is not None
+    hot = disk.activity_log.load()
+    assert 0 < len(hot) <= 128 and max(hot) == ((4 << 30) - 4097) // (4 << 20)
+    await disk.close()

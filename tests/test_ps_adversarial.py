@@ -31,6 +31,7 @@ from benchmarks.deploy import Deployment, Driver
 from common.admin import admin_request
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import load_bundle
+from process_server.server import MAX_DIGEST_REQUESTS
 from protocol.batch import CODEC_RAW, CODEC_ZSTD, Extent, Limits, encode_batch, peek_batch_header
 from protocol.errors import ErrorCode
 from protocol.frames import (
@@ -40,6 +41,7 @@ from protocol.frames import (
     PROTOCOL_VERSION,
     Ack,
     BatchMsg,
+    DigestRequest,
     ErrorMsg,
     FrameDecoder,
     Heartbeat,
@@ -775,3 +777,34 @@ async def test_refusals_are_counted(env: Env) -> None:
     finally:
         await client.close()
     assert (await ps_status(env))["rejected_connections"] == before + 1
+
+
+# --------------------------------------------------------------------------- resource bounds
+
+
+async def test_too_many_outstanding_digest_requests_are_refused(env: Env) -> None:
+    """A client that floods digest requests (parked on a far-future seq) without reading is
+    refused with LIMIT instead of growing the server's memory."""
+    await seed_mal_disk(env)
+    client = await RawClient.connect(env.log_path, env.port, env.mal_bundle)
+    try:
+        await client.hello()
+        cached = await client.register()
+        async with Attack(env):
+            for i in range(MAX_DIGEST_REQUESTS + 1):
+                await client.send(DigestRequest(MAL_DISK, i + 1, 0, DISK_SIZE, 512, cached + 10**6))
+            await closed_with(client, ErrorCode.LIMIT, error_frame=True)
+    finally:
+        await client.close()
+
+
+async def test_second_register_of_the_same_disk_on_one_connection_is_refused(env: Env) -> None:
+    await seed_mal_disk(env)
+    client = await RawClient.connect(env.log_path, env.port, env.mal_bundle)
+    try:
+        await client.hello()
+        await client.register()
+        await client.send(Register(MAL_DISK, DISK_SIZE, 0))
+        await closed_with(client, ErrorCode.UNEXPECTED)
+    finally:
+        await client.close()

@@ -159,3 +159,54 @@ def test_append_refuses_a_seq_gap(tmp_path: Path) -> None:
         log.append(1, 11, 11, (b"x",))
     log.append(1, 10, 12, (b"x",))
     assert log.next_seq == 13
+
+
+async def test_a_cancelled_sync_never_lets_a_later_sync_return_early(tmp_path: Path) -> None:
+    """A caller cancelled mid-fdatasync must not make the next caller believe it is durable."""
+    import asyncio
+    import time
+
+    log = SegmentLog.open(tmp_path)
+    _fill(log, [100])
+    real = log._sync_fds
+    finished: list[float] = []
+
+    def slow(fds: list[int], dir_dirty: bool) -> None:
+        time.sleep(0.2)
+        real(fds, dir_dirty)
+        finished.append(time.monotonic())
+
+    log._sync_fds = slow  # type: ignore[method-assign]
+    first = asyncio.ensure_future(log.sync())
+    await asyncio.sleep(0.05)
+    first.cancel()
+    await log.sync()
+    assert finished, "the second sync returned before any fdatasync completed"
+
+
+async def test_a_failed_fdatasync_poisons_the_log(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path)
+    _fill(log, [100])
+
+    def failing(fds: list[int], dir_dirty: bool) -> None:
+        raise OSError(5, "EIO")
+
+    log._sync_fds = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        await log.sync()
+    with pytest.raises(OSError, match="earlier fdatasync failed"):
+        await log.sync()  # never a false success after the kernel reported a lost write
+
+
+def test_reopen_makes_what_it_found_durable(tmp_path: Path) -> None:
+    log = SegmentLog.open(tmp_path)
+    _fill(log, [100])
+    log.close()  # never synced: only in the page cache
+    calls: list[int] = []
+    real = os.fdatasync
+    try:
+        os.fdatasync = lambda fd: (calls.append(fd), real(fd))[1]  # type: ignore[assignment]
+        SegmentLog.open(tmp_path).close()
+    finally:
+        os.fdatasync = real  # type: ignore[assignment]
+    assert calls, "records found on open must be fdatasync'ed before they are reported durable"
