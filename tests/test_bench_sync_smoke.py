@@ -101,7 +101,7 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert elapsed < 60, f"sync --quick took {elapsed:.1f}s\n{proc.stdout}"
+    assert elapsed < 120, f"sync --quick took {elapsed:.1f}s\n{proc.stdout}"
 
     doc = json.loads(out.read_text())
     assert doc["status"] in {"ok", "targets missed"}
