@@ -33,7 +33,8 @@ SCENARIOS: dict[str, str] = {
     "replication": "benchmarks.replication",
     "nbd": "benchmarks.nbd_front",
     "sync": "benchmarks.sync",
-    # later issues: "rpo", "rto"
+    "rpo": "benchmarks.rpo",
+    # later issues: "rto"
 }
 """Scenario name -> module path."""
 
@@ -74,6 +75,16 @@ def _executable(text: str) -> Path:
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise argparse.ArgumentTypeError(f"not an executable file: {text}")
     return path.resolve()
+
+
+def _rates(text: str) -> str:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of MB/s: {text!r}") from None
+    if not rates or any(not 0 < r <= 10_000 for r in rates):
+        raise argparse.ArgumentTypeError("rates must be in (0, 10000] MB/s")
+    return ",".join(f"{r:g}" for r in rates)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="sync: the bdsync binary for the resync baseline (default: $TIDEMARK_BENCH_BDSYNC, "
         "else bdsync on PATH, else reported 'not available')",
+    )
+    p.add_argument(
+        "--rates",
+        type=_rates,
+        default=None,
+        metavar="MB/S,...",
+        help="rpo: churn rates in MB/s (default 10,50,100,200; 10,50 with --quick)",
+    )
+    p.add_argument(
+        "--plots",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="rpo: write PNG plots to DIR (needs matplotlib: pip install tidemark[plots]); "
+        "a full run with --json FILE and no --plots writes them to FILE's stem + '-plots'",
+    )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="rpo: take the throughput-vs-block-size plot from this nbd (or rpo) JSON "
+        "instead of measuring a short sweep",
     )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p
@@ -216,6 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.bdsync is not None:  # read by benchmarks.sync (and its child processes)
         os.environ["TIDEMARK_BENCH_BDSYNC"] = str(args.bdsync)
+    # read by benchmarks.rpo
+    if args.rates is not None:
+        os.environ["TIDEMARK_BENCH_RPO_RATES"] = args.rates
+    plots_dir = args.plots
+    if plots_dir is None and args.json is not None and not args.quick:
+        plots_dir = args.json.with_name(args.json.stem + "-plots")
+    if plots_dir is not None:
+        os.environ["TIDEMARK_BENCH_PLOTS"] = str(plots_dir.resolve())
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            print(f"tidemark-bench: --from-json: no such file: {args.from_json}", file=sys.stderr)
+            return 2
+        os.environ["TIDEMARK_BENCH_FROM_JSON"] = str(args.from_json.resolve())
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     started = dt.datetime.now(dt.UTC)
     results: list[ScenarioResult] = []
