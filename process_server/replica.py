@@ -12,6 +12,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -30,6 +31,7 @@ log = logging.getLogger("tidemark.ps.replica")
 
 TAG_BATCH = 1
 STATE_FILE = "state.json"
+DECODED_LIMIT = 64 << 20  # verified batches kept in memory for the applier (beyond: re-read)
 REPLICA_FILE = "replica.img"
 
 
@@ -68,6 +70,9 @@ class ReplicaDisk:
         self._space_freed = asyncio.Event()
         self._applied_event = asyncio.Event()
         self._durable_lock = asyncio.Lock()
+        self._durable_task: asyncio.Future[None] | None = None
+        self._decoded: dict[int, Batch] = {}
+        self._decoded_bytes = 0
         self.digest_bytes_read = 0
         self.applier_error: str | None = None
         self.session: Any = None  # the connection currently owning the disk
@@ -148,7 +153,7 @@ class ReplicaDisk:
             self._space_freed.clear()
             await self._space_freed.wait()
 
-    def append_batch(self, data: bytes, header: BatchHeader) -> None:
+    def append_batch(self, data: bytes, header: BatchHeader, decoded: Batch | None = None) -> None:
         """Append a received batch to the cache (page cache; durable after :meth:`sync_cache`).
         Raises ProtocolError(SEQ_GAP) when it does not follow the cache."""
         if header.first_seq != self.cached_seq + 1:
@@ -157,6 +162,9 @@ class ReplicaDisk:
                 f"disk {self.disk_id}: batch starts at seq {header.first_seq}, expected {self.cached_seq + 1}",
             )
         self.cache.append(TAG_BATCH, header.first_seq, header.last_seq, (data,))
+        if decoded is not None and self._decoded_bytes + header.raw_bytes <= DECODED_LIMIT:
+            self._decoded[header.first_seq] = decoded  # the applier need not decode it again
+            self._decoded_bytes += header.raw_bytes
         self.received_batches += 1
         self.received_bytes += header.raw_bytes
         self.newest_cached_write_ns = max(self.newest_cached_write_ns, header.newest_write_ns)
@@ -174,6 +182,15 @@ class ReplicaDisk:
     # ----------------------------------------------------------------- applying
     async def run_applier(self) -> None:
         """Apply durable cached batches to the replica, forever (until cancelled)."""
+        try:
+            await self._apply_forever()
+        finally:
+            if self._durable_task is not None:
+                with contextlib.suppress(OSError, asyncio.CancelledError):
+                    await asyncio.shield(self._durable_task)
+                self._durable_task = None
+
+    async def _apply_forever(self) -> None:
         cursor = Cursor()
         while True:
             if self.applying_seq >= self.durable_seq:
@@ -194,8 +211,11 @@ class ReplicaDisk:
                         f"{self.directory}: cache record {record.first_seq}..{record.last_seq} "
                         f"does not follow applied seq {self.applying_seq}"
                     )
+                decoded = self._decoded.pop(record.first_seq, None)
+                if decoded is not None:
+                    self._decoded_bytes -= decoded.header.raw_bytes
                 try:
-                    batch = await asyncio.to_thread(self._apply_record, record.payload)
+                    batch = await asyncio.to_thread(self._apply_record, record.payload, decoded)
                 except ProtocolError as exc:
                     raise IntegrityError(
                         f"{self.directory}: cached batch {record.first_seq}..{record.last_seq}: {exc}"
@@ -206,14 +226,24 @@ class ReplicaDisk:
                 self.newest_applied_write_ns = max(
                     self.newest_applied_write_ns, batch.header.newest_write_ns
                 )
-            if time.monotonic() - self._last_durable_apply >= self.apply_sync_interval or (
-                self.cache.bytes_used > self.cache_quota // 2
+            background = self._durable_task
+            if background is not None and background.done():
+                self._durable_task = None
+                background.result()  # an fdatasync failure stops the applier, loudly
+            if self.cache.bytes_used > self.cache_quota // 2:
+                await self.make_applied_durable()  # free cache space before going on
+            elif (
+                self._durable_task is None
+                and time.monotonic() - self._last_durable_apply >= self.apply_sync_interval
             ):
-                await self.make_applied_durable()
+                # Record applied_seq in the background: applying goes on meanwhile.
+                self._last_durable_apply = time.monotonic()
+                self._durable_task = asyncio.ensure_future(self.make_applied_durable())
 
-    def _apply_record(self, payload: bytes | memoryview) -> Batch:
-        """Decode (verifying every digest) and write one batch into the replica."""
-        batch = decode_batch(payload, self.limits)
+    def _apply_record(self, payload: bytes | memoryview, decoded: Batch | None = None) -> Batch:
+        """Decode (verifying every digest) and write one batch into the replica. ``decoded``
+        is the same batch as decoded and verified on receipt, when still in memory."""
+        batch = decoded if decoded is not None else decode_batch(payload, self.limits)
         if batch.header.disk_id != self.disk_id:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"batch of disk {batch.header.disk_id}")
         for extent in batch.extents:

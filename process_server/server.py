@@ -315,6 +315,7 @@ class ProcessServer:
                 ErrorCode.SEQ_GAP,
                 f"disk {disk.disk_id}: batch {header.first_seq}..{header.last_seq} after seq {disk.cached_seq}",
             )
+        batch = None
         if self.cfg.verify_on_receive:
             batch = await asyncio.to_thread(decode_batch, msg.data, self.limits)
             for extent in batch.extents:
@@ -323,7 +324,7 @@ class ProcessServer:
                         ErrorCode.BAD_MESSAGE, f"extent past the end of disk {disk.disk_id}"
                     )
         await disk.wait_for_cache_space(len(msg.data))
-        disk.append_batch(msg.data, header)
+        disk.append_batch(msg.data, header, batch)
         session.ack_events[disk.disk_id].set()
 
     def _owned(self, session: _Session, disk_id: str) -> ReplicaDisk:

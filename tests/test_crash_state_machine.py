@@ -155,6 +155,7 @@ TestReplicationUnderCrashes.settings = settings(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_crash_state_machine_long() -> None:
     """The same machine with many more examples (outside the default run)."""
     os.environ.setdefault("TIDEMARK_CRASH_EXAMPLES", "60")
