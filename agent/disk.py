@@ -35,7 +35,7 @@ from common.durable import (
     read_json,
     zero_range,
 )
-from common.errors import DiskError, IntegrityError
+from common.errors import DiskError
 
 log = logging.getLogger("tidemark.agent.disk")
 
@@ -634,4 +634,4 @@ def _image_is_all_holes(fd: int, size: int) -> bool:
     return False
 
 
-__all__ = ["MAX_IO", "DiskError", "IntegrityError", "ProtectedDisk"]
+__all__ = ["MAX_IO", "ProtectedDisk"]

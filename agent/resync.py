@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -440,4 +439,4 @@ def _write_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, data, mode=0o600)
 
 
-__all__ = ["BLOCK", "CHUNK", "Resyncer", "Scanner", "SyncStats", "os"]
+__all__ = ["BLOCK", "CHUNK", "Resyncer", "Scanner", "SyncStats"]

@@ -449,4 +449,4 @@ async def drained(disks: dict[str, ProtectedDisk], timeout: float) -> bool:
     return False
 
 
-__all__ = ["Shipper", "contextlib", "drained"]
+__all__ = ["Shipper", "drained"]

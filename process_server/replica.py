@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -385,4 +384,4 @@ def check_disk_size(disk: ReplicaDisk, size: int) -> None:
         )
 
 
-__all__ = ["TAG_BATCH", "ReplicaDisk", "ReplicaError", "check_disk_size", "errno"]
+__all__ = ["TAG_BATCH", "ReplicaDisk", "ReplicaError", "check_disk_size"]

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from common.admin import AdminServer
@@ -485,4 +484,4 @@ def offline_status(cfg: ServerConfig) -> dict[str, Any]:
     }
 
 
-__all__ = ["Path", "ProcessServer", "offline_status", "serve"]
+__all__ = ["ProcessServer", "offline_status", "serve"]
