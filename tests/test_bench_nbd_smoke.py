@@ -13,11 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from benchmarks.cli import SCENARIOS, build_parser
 from benchmarks.nbd_front import TARGETS, TOOLS, WORKLOADS, parse_fio
+from tests.bench_helpers import assert_nothing_left
+from tests.bench_helpers import figure_named as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,20 +30,6 @@ def require_tools() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI is set but {', '.join(missing)} is not installed")
     pytest.skip(f"{', '.join(missing)} not installed")
-
-
-def _figure(result: dict, name: str) -> dict:
-    for fig in result["figures"]:
-        if fig["name"] == name:
-            return dict(fig)
-    raise AssertionError(f"no figure {name!r} in {[f['name'] for f in result['figures']]}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_registered_and_parses() -> None:
@@ -135,13 +122,4 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     assert list(private_tmp.iterdir()) == []
     pids = result["details"]["pids"]
     assert {"agent", "ps"} <= set(pids) and len(pids) == 2 + 2 * len(WORKLOADS)
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [name for name, p in pids.items() if _alive(p)]
-    leftovers = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if str(private_tmp) in cmdline:
-            leftovers.append((p.info["pid"], cmdline))
-    assert leftovers == []
+    assert_nothing_left(private_tmp, pids)

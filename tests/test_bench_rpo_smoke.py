@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from benchmarks import plots
@@ -27,22 +26,10 @@ from benchmarks.rpo import (
     sentinel_block,
     throughput_from_json,
 )
+from tests.bench_helpers import assert_nothing_left
+from tests.bench_helpers import figure_named as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _figure(result: dict, name: str) -> dict:
-    for fig in result["figures"]:
-        if fig["name"] == name:
-            return dict(fig)
-    raise AssertionError(f"no figure {name!r} in {[f['name'] for f in result['figures']]}")
 
 
 def test_registered_and_parses() -> None:
@@ -166,13 +153,4 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     assert list(private_tmp.iterdir()) == []
     pids = result["details"]["pids"]
     assert {"agent", "ps"} <= set(pids)  # plus the sweep's nbdkit servers, if any
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [name for name, p in pids.items() if _alive(p)]
-    leftovers = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if str(private_tmp) in cmdline:
-            leftovers.append((p.info["pid"], cmdline))
-    assert leftovers == []
+    assert_nothing_left(private_tmp, pids)

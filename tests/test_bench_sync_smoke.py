@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from benchmarks.cli import SCENARIOS, build_parser
@@ -24,22 +23,10 @@ from benchmarks.sync import (
     missing_tools,
     parse_rsync_stats,
 )
+from tests.bench_helpers import assert_nothing_left
+from tests.bench_helpers import figure_prefixed as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _figure(result: dict, prefix: str) -> dict:
-    for fig in result["figures"]:
-        if fig["name"].startswith(prefix):
-            return dict(fig)
-    raise AssertionError(f"no figure {prefix!r} in {[f['name'] for f in result['figures']]}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_registered_and_parses(tmp_path: Path) -> None:
@@ -154,13 +141,4 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     assert list(private_tmp.iterdir()) == []
     pids = details["pids"]
     assert {"ps-init0", "agent-init0", "ps-resync0", "agent-resync0-2", "nbdkit-b"} <= set(pids)
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [name for name, p in pids.items() if _alive(p)]
-    leftovers = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if str(private_tmp) in cmdline:
-            leftovers.append((p.info["pid"], cmdline))
-    assert leftovers == []
+    assert_nothing_left(private_tmp, pids)

@@ -1,0 +1,46 @@
+"""Shared checks of the benchmark smoke tests: finding a figure, and nothing left behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def figure_named(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """The figure called exactly ``name`` (AssertionError listing the names otherwise)."""
+    for fig in result["figures"]:
+        if fig["name"] == name:
+            return dict(fig)
+    raise AssertionError(f"no figure {name!r} in {[f['name'] for f in result['figures']]}")
+
+
+def figure_prefixed(result: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The first figure whose name starts with ``prefix``."""
+    for fig in result["figures"]:
+        if fig["name"].startswith(prefix):
+            return dict(fig)
+    raise AssertionError(f"no figure {prefix!r} in {[f['name'] for f in result['figures']]}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_nothing_left(private_tmp: Path, pids: dict[str, int]) -> None:
+    """Every process the run reported has exited, and none mentions its temp dir."""
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [name for name, p in pids.items() if alive(p)]
+    leftovers = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(private_tmp) in cmdline:
+            leftovers.append((p.info["pid"], cmdline))
+    assert leftovers == []
