@@ -13,6 +13,7 @@ from typing import Any
 
 from common.admin import admin_request
 from common.cli import (
+    ProgressBar,
     print_disk_table,
     print_json,
     query_status,
@@ -185,7 +186,7 @@ async def _resync(config: Path, disk_id: str, as_json: bool, wait: bool = True) 
 
 async def _wait_level(cfg: AgentConfig, disk_id: str, *, show: bool) -> str:
     """Follow a resync until the disk is level again, with a progress bar on a terminal."""
-    bar = None
+    bar = ProgressBar(disk_id, show=show)
     try:
         while True:
             status = await query_status(cfg.admin_socket)
@@ -197,23 +198,10 @@ async def _wait_level(cfg: AgentConfig, disk_id: str, *, show: bool) -> str:
                 and row["acked_seq"] >= row["journaled_seq"]
             ):
                 return str(row["state"])
-            progress = row.get("resync") or {}
-            if show and progress.get("total_bytes"):
-                if bar is None:
-                    from tqdm import tqdm
-
-                    bar = tqdm(
-                        total=progress["total_bytes"],
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        desc=f"resync {disk_id}",
-                    )
-                bar.update(progress["done_bytes"] - bar.n)
+            bar.update(row.get("resync"))
             await asyncio.sleep(0.5)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

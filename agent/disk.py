@@ -213,8 +213,6 @@ class ProtectedDisk:
                 disk.bitmap.mark_all()
             if not clean and disk.overflowed:
                 disk.bitmap.mark_all()  # writes of the last run went to an in-memory bitmap: lost
-        if not clean and not disk.overflowed:
-            disk._redo_journal()
         if not clean:
             # The host may have lost journal records the process server already holds. Until
             # a registration proves otherwise, a server ahead of this seq means reuse: rebase.
@@ -230,34 +228,30 @@ class ProtectedDisk:
                 disk.bitmap.mark(offset, length)
             disk.unclean_regions = disk.activity_log.regions(hot)
             log.warning("disk=%s event=unclean_stop reverify_extents=%d", disk_id, len(hot))
-        disk._rebuild_pending()
+        disk._scan_journal(redo=not clean and not disk.overflowed)
         state["clean"] = False
         disk._save_state()
         if disk.bitmap is not None:
             disk.bitmap.save(bitmap_path)
         return disk
 
-    def _redo_journal(self) -> None:
-        """Replay every journaled record onto the image (after an unclean stop)."""
-        seq = self.journal.first_seq
-        while seq <= self.journal.last_seq:
-            entries = self.journal.read(seq, 8 << 20)
-            for entry in entries:
-                self._apply_to_image(entry.offset, entry.length, entry.data, entry.may_trim)
-                seq = entry.seq + 1
-                self.redo_records += 1
-        os.fdatasync(self._fd)
-        if self.redo_records:
-            log.info("disk=%s event=journal_redo records=%d", self.disk_id, self.redo_records)
-
-    def _rebuild_pending(self) -> None:
+    def _scan_journal(self, *, redo: bool) -> None:
+        """One pass over the journal: rebuild the list of writes awaiting acknowledgement and,
+        after an unclean stop (``redo``), replay every record onto the image."""
         seq = self.journal.first_seq
         while seq <= self.journal.last_seq:
             for entry in self.journal.read(seq, 8 << 20):
+                if redo:
+                    self._apply_to_image(entry.offset, entry.length, entry.data, entry.may_trim)
+                    self.redo_records += 1
                 self._pending.add(
                     entry.seq, entry.length if entry.data is not None else 0, entry.time_ns
                 )
                 seq = entry.seq + 1
+        if redo:
+            os.fdatasync(self._fd)
+            if self.redo_records:
+                log.info("disk=%s event=journal_redo records=%d", self.disk_id, self.redo_records)
 
     def _save_state(self) -> None:
         atomic_write_json(self.state_dir / STATE_FILE, self._state)
@@ -395,19 +389,15 @@ class ProtectedDisk:
         if not self.overflowed and self.journal.fits(payload + 32 * (1 + payload // RECORD_MAX)):
             try:
                 if data is None:
-                    seq = self.journal.append_zero(offset, length, now, may_trim=may_trim)
-                elif length <= RECORD_MAX:
-                    seq = self.journal.append_write(offset, data, now)
+                    seq = self.journal_zero(offset, length, may_trim=may_trim, now=now)
                 else:
                     # Large writes become several records (consecutive seqs, this same loop
                     # step), so no batch, frame or buffer downstream exceeds RECORD_MAX.
                     view = memoryview(data)
                     for pos in range(0, length, RECORD_MAX):
-                        piece = view[pos : pos + RECORD_MAX]
-                        seq = self.journal.append_write(offset + pos, piece, now)
-                        if pos + RECORD_MAX < length:
-                            self._pending.add(seq, len(piece), now)
-                    payload = len(piece)
+                        seq = self.journal_bytes(
+                            offset + pos, view[pos : pos + RECORD_MAX], now=now
+                        )
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise DiskError(
@@ -417,10 +407,7 @@ class ProtectedDisk:
                 seq = 0  # the whole range goes to the bitmap, even if part was journaled
         elif not self.overflowed:
             self._overflow("journal quota exhausted")
-        if seq:
-            self._pending.add(seq, payload, now)
-            self.new_records.set()
-        else:
+        if not seq:
             if self.bitmap is None:
                 self.bitmap = DirtyBitmap(self.size)
             self.bitmap.mark(offset, length)
@@ -485,18 +472,6 @@ class ProtectedDisk:
         self._pending.ack_through(self.acked_seq)
         await self.journal.release_through(self.acked_seq)
 
-    def mark_resync_required(self, reason: str) -> None:
-        """The replica cannot be proven level by the journal (seq mismatch, lost state...)."""
-        if self.resync_required:
-            return
-        log.error("disk=%s event=resync_required reason=%r", self.disk_id, reason)
-        self.bitmap = DirtyBitmap(self.size)
-        self.bitmap.mark_all()
-        self._state["resync_required"] = True
-        self._state["resync_reason"] = reason
-        self._save_state()
-        self.bitmap.save(self.state_dir / BITMAP_FILE)
-
     # ----------------------------------------------------------------- resync support
     def resync_ready(self) -> bool:
         """A resync may run: needed, and the journal has room to carry its data."""
@@ -514,19 +489,20 @@ class ProtectedDisk:
         """Read the image directly (synchronous: callers rely on it happening in one loop step)."""
         return pread_exact(self._fd, length, offset)
 
-    def journal_bytes(self, offset: int, data: bytes) -> int:
-        """Journal bytes the image already holds (no image write): resync data. Call it in the
-        same loop step as the read of ``data`` so it is ordered with every write around it."""
-        now = time.time_ns()
+    def journal_bytes(self, offset: int, data: bytes | memoryview, *, now: int = 0) -> int:
+        """Journal one data record and hand it to the shipper (no image write). The write path
+        uses it before writing the image; resync uses it for bytes the image already holds, in
+        the same loop step as their read, so they are ordered with every write around them."""
+        now = now or time.time_ns()
         seq = self.journal.append_write(offset, data, now)
         self._pending.add(seq, len(data), now)
         self.new_records.set()
         return seq
 
-    def journal_zero(self, offset: int, length: int) -> int:
-        """Journal a zero extent for a range the image holds as zeros (resync of a zero chunk)."""
-        now = time.time_ns()
-        seq = self.journal.append_zero(offset, length, now, may_trim=True)
+    def journal_zero(self, offset: int, length: int, *, may_trim: bool = True, now: int = 0) -> int:
+        """Journal one zero extent (write-zeroes, trim, or a resync of a zero chunk)."""
+        now = now or time.time_ns()
+        seq = self.journal.append_zero(offset, length, now, may_trim=may_trim)
         self._pending.add(seq, 0, now)
         self.new_records.set()
         return seq

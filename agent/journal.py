@@ -68,7 +68,6 @@ class Journal:
         self._tail: collections.deque[JournalEntry] = collections.deque()
         self._tail_bytes = 0
         self._tail_limit = tail_bytes
-        self.tail_hits = 0
 
     @property
     def tail_limit(self) -> int:
@@ -140,7 +139,6 @@ class Journal:
                     break
                 out.append(entry)
                 taken += size
-            self.tail_hits += 1
             return out
         return [decode_entry(r) for r in self.log.read_records(from_seq, max_bytes, cursor)]
 

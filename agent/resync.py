@@ -33,6 +33,7 @@ import xxhash
 
 from common.aio import first_leaf
 from common.digests import chunk_digests, zero_digest
+from common.durable import atomic_write
 from protocol.errors import ProtocolError
 from protocol.frames import DIGEST_SIZE
 
@@ -425,18 +426,12 @@ class Scanner:
             while disk.bitmap is not None:  # the resync loop carries it out
                 self.resyncer.wake.set()
                 await asyncio.sleep(0.1)
-        await asyncio.to_thread(_write_atomic, self.state_file, b"".join(result.digests))
+        await asyncio.to_thread(atomic_write, self.state_file, b"".join(result.digests), mode=0o600)
         self.scans += 1
         return sum(length for _, length in changed)
 
     def rpo_seconds(self, now: float) -> float:
         return max(0.0, now - self.last_scan_started) if self.last_scan_started else 0.0
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from common.durable import atomic_write
-
-    atomic_write(path, data, mode=0o600)
 
 
 __all__ = ["BLOCK", "CHUNK", "Resyncer", "Scanner", "SyncStats"]

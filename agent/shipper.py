@@ -101,7 +101,6 @@ class Shipper:
             disk.state_listener = self._state_changed
         self.linked: set[str] = set()  # disks replicating on the current connection
         self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
-        self.digest_bytes_in = 0
 
     async def run(self) -> None:
         """Connect, replicate, reconnect with backoff; returns only when cancelled."""
@@ -316,7 +315,6 @@ class Shipper:
             elif isinstance(msg, Heartbeat):
                 continue
             elif isinstance(msg, DigestReply):
-                self.digest_bytes_in += len(msg.digests)
                 future = self._requests.pop(msg.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(msg)

@@ -77,6 +77,36 @@ async def query_status(socket_path: Path) -> dict[str, Any] | None:
     return reply if reply.get("ok") else None
 
 
+class ProgressBar:
+    """A tqdm bar (rate, ETA) fed with the ``resync`` progress object of a status row;
+    created on the first report that has a total, so nothing is drawn for instant work."""
+
+    def __init__(self, disk_id: str, *, show: bool) -> None:
+        self.disk_id = disk_id
+        self.show = show
+        self._bar: Any = None
+
+    def update(self, progress: dict[str, Any] | None) -> None:
+        progress = progress or {}
+        if not self.show or not progress.get("total_bytes"):
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=progress["total_bytes"],
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"{progress.get('phase', 'sync')} {self.disk_id}",
+            )
+        self._bar.update(progress.get("done_bytes", 0) - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 async def run_with_progress(
     socket_path: Path,
     request: dict[str, Any],
@@ -88,7 +118,7 @@ async def run_with_progress(
     """Send a long admin request (verify, resync) and, on a terminal, draw a progress bar with
     rate and ETA from the ``resync`` progress the service reports in its status."""
     task = asyncio.ensure_future(admin_request(socket_path, request, timeout=7 * 86400))
-    bar = None
+    bar = ProgressBar(disk_id, show=show)
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=0.5)
@@ -98,25 +128,10 @@ async def run_with_progress(
             row = next(
                 (d for d in (status or {}).get("disks", []) if d.get("disk") == disk_id), None
             )
-            progress = (row or {}).get("resync") or {}
-            total = progress.get("total_bytes")
-            if not total:
-                continue
-            if bar is None:
-                from tqdm import tqdm
-
-                bar = tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=f"{progress.get('phase', 'sync')} {disk_id}",
-                )
-            bar.update(progress.get("done_bytes", 0) - bar.n)
+            bar.update((row or {}).get("resync"))
         return task.result()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if not task.done():
             task.cancel()
 

@@ -140,8 +140,3 @@ class GroupCommit:
             generation = self._written
             await asyncio.to_thread(self._sync)
             self._synced = max(self._synced, generation)
-
-    def commit_blocking(self) -> None:
-        generation = self._written
-        self._sync()
-        self._synced = max(self._synced, generation)
