@@ -18,7 +18,6 @@ from common.cli import (
     print_json,
     query_status,
     run_loop,
-    run_until_signal,
     run_with_progress,
     setup_logging,
 )
@@ -63,15 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-wait", action="store_true", help="return at once instead of waiting for the end"
     )
+    p = sub.add_parser(
+        "point", help="take an app-consistent recovery point now (runs the disk's hooks)"
+    )
+    p.add_argument("--config", required=True, type=Path, help="agent.toml")
+    p.add_argument("disk", help="disk id")
+    p.add_argument("--tag", default="", help="a label kept with the point")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
 async def _run(config: Path) -> int:
     from agent.service import Agent
+    from common.ops import ServiceOps, run_service
 
-    agent = Agent(load_agent_config(config))
-    await run_until_signal(agent.start, agent.stop)
-    return 0
+    cfg = load_agent_config(config)
+    agent = Agent(cfg)
+    ops = ServiceOps(agent, cfg, role="agent")  # systemd, SIGHUP, metrics, alerts
+    return await run_service(ops, agent.start, agent.stop)
 
 
 def offline_status(cfg: AgentConfig) -> dict[str, Any]:
@@ -184,6 +192,27 @@ async def _resync(config: Path, disk_id: str, as_json: bool, wait: bool = True) 
     return 0 if reply.get("ok") else 1
 
 
+async def _point(config: Path, disk_id: str, tag: str, as_json: bool) -> int:
+    cfg = load_agent_config(config)
+    try:
+        reply = await admin_request(
+            cfg.admin_socket, {"cmd": "point", "disk": disk_id, "tag": tag}, timeout=7200
+        )
+    except OSError as exc:
+        print(
+            f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
+            file=sys.stderr,
+        )
+        return 1
+    if as_json:
+        print_json(reply)
+    elif reply.get("ok"):
+        print(f"{disk_id}: app-consistent point {reply['point_id']} at seq {reply['seq']}")
+    else:
+        print(f"error: {reply.get('error')}", file=sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
 async def _wait_level(cfg: AgentConfig, disk_id: str, *, show: bool) -> str:
     """Follow a resync until the disk is level again, with a progress bar on a terminal."""
     bar = ProgressBar(disk_id, show=show)
@@ -209,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             setup_logging(args.log_level)
+            from common.ops import configure_service_logging
+
+            configure_service_logging()
             return run_loop(_run(args.config))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
@@ -216,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_loop(_verify(args.config, args.disk, args.repair, args.json))
         if args.command == "resync":
             return run_loop(_resync(args.config, args.disk, args.json, not args.no_wait))
+        if args.command == "point":
+            return run_loop(_point(args.config, args.disk, args.tag, args.json))
     except TidemarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

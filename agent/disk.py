@@ -122,6 +122,16 @@ class ProtectedDisk:
         self.resync_progress: dict[str, Any] | None = None
         self.scan_only = False  # scan mode: the agent is not in the write path
         self.state_listener: asyncio.Event | None = None  # set on every state change (heartbeats)
+        # Recovery points: a hold stops new writes at the gate; writers already past it finish.
+        self.frozen = False  # a planned failover: writes refused until unfrozen
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._holds = 0
+        self._writers = 0
+        self._writers_idle = asyncio.Event()
+        self._writers_idle.set()
+        self.point_cuts: list[int] = []  # seqs where a batch must end (a point falls there)
+        self.epoch = 0  # bumped when seq numbering restarts: older points mean nothing
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -321,7 +331,7 @@ class ProtectedDisk:
     def _check(self, offset: int, length: int, *, writing: bool, limit: int = MAX_IO) -> None:
         if self._closed:
             raise DiskError(errno.ESHUTDOWN, f"{self.disk_id}: disk is closed")
-        if writing and (self.read_only or self.scan_only):
+        if writing and (self.read_only or self.scan_only or self.frozen):
             raise DiskError(errno.EROFS, f"{self.disk_id}: disk is read-only")
         if offset < 0 or length <= 0 or length > limit or offset + length > self.size:
             code = errno.ENOSPC if writing and offset + length > self.size else errno.EINVAL
@@ -340,8 +350,13 @@ class ProtectedDisk:
             try:
                 await al.activate(offset, length, self._sync_data)
             except OSError as exc:
+                full = exc.errno in (
+                    errno.ENOSPC,
+                    errno.EDQUOT,
+                )  # a writer must tell full from broken
                 raise DiskError(
-                    errno.EIO, f"{self.disk_id}: activity log write failed: {exc}"
+                    exc.errno if full else errno.EIO,
+                    f"{self.disk_id}: activity log write failed: {exc}",
                 ) from exc
 
     async def _sync_data(self) -> None:
@@ -349,28 +364,80 @@ class ProtectedDisk:
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> int:
         self._check(offset, len(data), writing=True)
-        await self._activate(offset, len(data))
-        seq = self._record(offset, len(data), data, may_trim=False)
+        if not self._gate.is_set():
+            await self._gate.wait()
+            self._check(offset, len(data), writing=True)
+        self._writer_enters()
+        try:
+            await self._activate(offset, len(data))
+            seq = self._record(offset, len(data), data, may_trim=False)
+        finally:
+            self._writer_leaves()
         if fua:
             await self.flush()
         return seq
+
+    def _writer_enters(self) -> None:
+        self._writers += 1
+        self._writers_idle.clear()
+
+    def _writer_leaves(self) -> None:
+        self._writers -= 1
+        if not self._writers:
+            self._writers_idle.set()
+
+    # ----------------------------------------------------------------- recovery points
+    async def hold(self) -> int:
+        """Stop new writes at the gate, let those past it be journaled, and return the seq that
+        ends the point (a batch will end there). Pair with :meth:`release`."""
+        self._holds += 1
+        self._gate.clear()
+        try:
+            await self._writers_idle.wait()
+        except BaseException:
+            self.release()
+            raise
+        return self.cut_here()
+
+    def release(self) -> None:
+        self._holds -= 1
+        if self._holds <= 0:
+            self._holds = 0
+            self._gate.set()
+
+    def cut_here(self) -> int:
+        """The current journaled seq as a point boundary: the shipper ends a batch there."""
+        seq = self.journaled_seq
+        if not self.point_cuts or self.point_cuts[-1] < seq:
+            self.point_cuts.append(seq)
+        return seq
+
+    async def wait_writers_idle(self) -> None:
+        await self._writers_idle.wait()
 
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
     ) -> int:
         self._check(offset, length, writing=True, limit=MAX_ZERO)
+        if not self._gate.is_set():
+            await self._gate.wait()
+            self._check(offset, length, writing=True, limit=MAX_ZERO)
         al = self.activity_log
         seq, pos, end = 0, offset, offset + length
-        while pos < end:  # a huge trim: one record per piece, each within the activity log's reach
-            if al is None:
-                nxt = end
-            else:
-                nxt = min(
-                    end, (pos // al.extent_bytes + al.max_extents_per_write) * al.extent_bytes
-                )
-            await self._activate(pos, nxt - pos)
-            seq = self._record(pos, nxt - pos, None, may_trim=may_trim) or seq
-            pos = nxt
+        self._writer_enters()
+        try:
+            while pos < end:  # a huge trim: one record per piece, each in the activity log's reach
+                if al is None:
+                    nxt = end
+                else:
+                    nxt = min(
+                        end, (pos // al.extent_bytes + al.max_extents_per_write) * al.extent_bytes
+                    )
+                await self._activate(pos, nxt - pos)
+                seq = self._record(pos, nxt - pos, None, may_trim=may_trim) or seq
+                pos = nxt
+        finally:
+            self._writer_leaves()
         if fua:
             await self.flush()
         return seq
@@ -403,10 +470,10 @@ class ProtectedDisk:
                     raise DiskError(
                         errno.EIO, f"{self.disk_id}: journal write failed: {exc}"
                     ) from exc
-                self._overflow(f"journal device full: {exc.strerror}")
+                self._overflow_or_refuse(f"journal device full: {exc.strerror}", offset, length)
                 seq = 0  # the whole range goes to the bitmap, even if part was journaled
         elif not self.overflowed:
-            self._overflow("journal quota exhausted")
+            self._overflow_or_refuse("journal quota exhausted", offset, length)
         if not seq:
             if self.bitmap is None:
                 self.bitmap = DirtyBitmap(self.size)
@@ -428,6 +495,14 @@ class ProtectedDisk:
         else:
             zero_range(self._fd, offset, length, punch=may_trim)
 
+    def _overflow_or_refuse(self, reason: str, offset: int, length: int) -> None:
+        try:
+            self._overflow(reason)
+        except DiskError:
+            assert self.bitmap is not None
+            self.bitmap.mark(offset, length)  # part of it may be journaled: resync it whole
+            raise
+
     def _overflow(self, reason: str) -> None:
         """Switch to the dirty bitmap: the journal can take no more."""
         log.error(
@@ -444,9 +519,19 @@ class ProtectedDisk:
         self._state["resync_required"] = True
         self._state["resync_reason"] = "journal-overflow"
         self._state["overflow_at_seq"] = self.journal.last_seq
-        self._save_state()
         self._notify_state()
-        self.bitmap.save(self.state_dir / BITMAP_FILE)
+        try:
+            self._save_state()
+            self.bitmap.save(self.state_dir / BITMAP_FILE)
+        except OSError as exc:
+            # The state directory is full too: the switch to the bitmap is not durable, so this
+            # write is refused (the caller marks its range dirty in memory; a crash before the
+            # state is saved is healed by the activity log's re-verification).
+            log.error("disk=%s event=state_save_failed error=%r", self.disk_id, str(exc))
+            raise DiskError(
+                exc.errno or errno.EIO,
+                f"{self.disk_id}: journal full and its state cannot be saved: {exc.strerror}",
+            ) from exc
 
     def _notify_state(self) -> None:
         if self.state_listener is not None:
@@ -469,6 +554,8 @@ class ProtectedDisk:
         if seq <= self.acked_seq:
             return
         self.acked_seq = min(seq, self.journal.last_seq)
+        while self.point_cuts and self.point_cuts[0] <= self.acked_seq:
+            self.point_cuts.pop(0)
         self._pending.ack_through(self.acked_seq)
         await self.journal.release_through(self.acked_seq)
 
@@ -576,6 +663,8 @@ class ProtectedDisk:
         for seg in directory.glob("*.seg"):
             seg.unlink()
         self.journal = Journal(directory, quota=quota, segment_bytes=segment, base_seq=next_seq)
+        self.point_cuts = []
+        self.epoch += 1
         self._pending = _PendingWrites()
         self.acked_seq = next_seq - 1
         self.overflowed = False

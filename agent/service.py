@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from agent.disk import ProtectedDisk
+from agent.points import PointKeeper
 from agent.resync import Resyncer, Scanner
 from agent.shipper import Shipper, drained
 from common.admin import AdminServer
@@ -47,8 +48,11 @@ class Agent:
                 "status": self._admin_status,
                 "verify": self._admin_verify,
                 "resync": self._admin_resync,
+                "point": self._admin_point,
             },
         )
+        self.admin = self._admin
+        self.points: PointKeeper | None = None
         self.resyncers: dict[str, Resyncer] = {}
         self.scanners: dict[str, Scanner] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,7 +81,10 @@ class Agent:
                 self.disks[dc.id] = disk
             self.shipper = Shipper(self.cfg, creds, self.disks)
             self.shipper.on_verify_request = self.verify
+            self.points = PointKeeper(self.cfg, self.disks, self.shipper)
+            self.shipper.on_control = self.points.on_control
             self._ship_task = asyncio.create_task(self.shipper.run(), name="shipper")
+            self._tasks.append(asyncio.create_task(self.points.run(), name="points"))
             for dc in self.cfg.disks:
                 disk = self.disks[dc.id]
                 resyncer = Resyncer(disk, self.shipper)
@@ -161,6 +168,9 @@ class Agent:
             if resyncer is not None:
                 row["resync_totals"] = dataclasses.asdict(resyncer.totals)
             row["unclean_regions"] = [list(r) for r in disk.unclean_regions]
+            row["frozen"] = disk.frozen
+            if self.points is not None:
+                row.update(self.points.status(disk.disk_id))
             scanner = self.scanners.get(disk.disk_id)
             row["mode"] = "scan" if scanner else "journal"
             if scanner is not None:
@@ -204,6 +214,15 @@ class Agent:
 
     async def _admin_verify(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self.verify(str(request.get("disk")), bool(request.get("repair")))
+
+    async def point(self, disk_id: str, tag: str = "") -> dict[str, Any]:
+        """An app-consistent point now (the disk's hooks run around the marker)."""
+        if disk_id not in self.disks or self.points is None:
+            return {"ok": False, "error": f"no disk {disk_id!r} on this agent"}
+        return await self.points.app_consistent_point(disk_id, tag)
+
+    async def _admin_point(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.point(str(request.get("disk")), str(request.get("tag") or ""))
 
     async def _admin_resync(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self.resync(str(request.get("disk")))

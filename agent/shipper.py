@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -30,15 +31,18 @@ from common.aio import first_leaf
 from common.config import AgentConfig
 from common.errors import IntegrityError
 from common.framed import FramedStream
+from common.rate_limit import limiter_for
 from common.segment_log import Cursor
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import Credentials
 from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batch
+from protocol.control import ControlBody, decode_control, encode_control
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import (
     Ack,
     BatchMsg,
     Connection,
+    Control,
     DigestReply,
     DigestRequest,
     DiskReport,
@@ -101,6 +105,7 @@ class Shipper:
             disk.state_listener = self._state_changed
         self.linked: set[str] = set()  # disks replicating on the current connection
         self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
+        self.on_control: Callable[[int, ControlBody], Awaitable[None]] | None = None
 
     async def run(self) -> None:
         """Connect, replicate, reconnect with backoff; returns only when cancelled."""
@@ -246,43 +251,8 @@ class Shipper:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(link.acked.wait(), NAGLE_DELAY)
             entries = disk.journal.read(link.next_seq, max_batch, cursor)
-            coalescer = Coalescer()
-            newest = 0
-            taken: list[JournalEntry] = []
-            for entry in entries:
-                if entry.data is not None:
-                    if coalescer.raw_bytes + entry.length > max_batch and taken:
-                        break
-                    coalescer.add_data(entry.offset, entry.data)  # type: ignore[arg-type]  # copies a memoryview
-                else:
-                    coalescer.add_zero(entry.offset, entry.length)
-                newest = max(newest, entry.time_ns)
-                taken.append(entry)
-            first, last = taken[0].seq, taken[-1].seq
-            extents = _split_long_zeroes(coalescer.extents())
-            raw = coalescer.raw_bytes
-            codec = CODEC_ZSTD if level != 0 and _compressible(extents) else CODEC_RAW
-            if raw > INLINE_ENCODE_BYTES:
-                data = await asyncio.to_thread(
-                    encode_batch,
-                    disk.disk_id,
-                    first,
-                    last,
-                    extents,
-                    newest_write_ns=newest,
-                    codec=codec,
-                    level=level,
-                )
-            else:
-                data = encode_batch(
-                    disk.disk_id,
-                    first,
-                    last,
-                    extents,
-                    newest_write_ns=newest,
-                    codec=codec,
-                    level=level,
-                )
+            cut = next((c for c in disk.point_cuts if c >= link.next_seq), None)
+            data, last, raw = await encode_entries(disk.disk_id, entries, max_batch, level, cut)
             link.next_seq = last + 1
             link.inflight_bytes += raw
             await queue.put((data, last, raw))
@@ -292,6 +262,7 @@ class Shipper:
     ) -> None:
         while True:
             data, last, raw = await queue.get()
+            await limiter_for(self.cfg).acquire(len(data))  # bandwidth limit (docs/operations.md)
             msg = BatchMsg.from_data(data)
             link.inflight.append((last, raw))
             await stream.send(msg)
@@ -321,6 +292,12 @@ class Shipper:
             elif isinstance(msg, VerifyRequest):
                 assert self._tg is not None
                 self._tg.create_task(self._answer_verify(stream, msg))
+            elif isinstance(msg, Control):
+                body = decode_control(msg)
+                if self.on_control is None:
+                    raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected control {msg.name}")
+                assert self._tg is not None
+                self._tg.create_task(self.on_control(msg.request_id, body))
             else:
                 raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
 
@@ -366,6 +343,13 @@ class Shipper:
         finally:
             self._requests.pop(request_id, None)
 
+    async def send_control(self, body: ControlBody, request_id: int = 0) -> None:
+        """Send a control body on the current connection. Raises ConnectionError when down."""
+        stream = self._stream
+        if stream is None:
+            raise ConnectionResetError("replication link is down")
+        await stream.send(encode_control(body, request_id))
+
     async def _answer_verify(self, stream: FramedStream, msg: VerifyRequest) -> None:
         if self.on_verify_request is None:
             report: dict[str, object] = {"ok": False, "error": "verify is not available"}
@@ -401,6 +385,44 @@ class Shipper:
             "wire_bytes_sent": self.stats.wire_bytes_sent,
             "last_error": self.stats.last_error,
         }
+
+
+async def encode_entries(
+    disk_id: str, entries: list[JournalEntry], max_batch: int, level: int, cut: int | None = None
+) -> tuple[bytes, int, int]:
+    """One batch from the head of ``entries`` (at least one entry): coalesced, at most about
+    ``max_batch`` data bytes, ending at ``cut`` if that falls inside. Returns ``(encoded, last
+    seq, raw bytes)``. Used by the agent's shipper and by failback's reverse stream."""
+    coalescer = Coalescer()
+    newest = 0
+    taken: list[JournalEntry] = []
+    for entry in entries:
+        if cut is not None and entry.seq > cut and taken:
+            break  # a recovery point falls at `cut`: the batch ends there
+        if entry.data is not None:
+            if coalescer.raw_bytes + entry.length > max_batch and taken:
+                break
+            coalescer.add_data(entry.offset, entry.data)  # type: ignore[arg-type]  # copies a memoryview
+        else:
+            coalescer.add_zero(entry.offset, entry.length)
+        newest = max(newest, entry.time_ns)
+        taken.append(entry)
+    first, last = taken[0].seq, taken[-1].seq
+    extents = _split_long_zeroes(coalescer.extents())
+    raw = coalescer.raw_bytes
+    codec = CODEC_ZSTD if level != 0 and _compressible(extents) else CODEC_RAW
+    encode = functools.partial(
+        encode_batch,
+        disk_id,
+        first,
+        last,
+        extents,
+        newest_write_ns=newest,
+        codec=codec,
+        level=level,
+    )
+    data = await asyncio.to_thread(encode) if raw > INLINE_ENCODE_BYTES else encode()
+    return data, last, raw
 
 
 _SAMPLE = 64 << 10
@@ -447,4 +469,4 @@ async def drained(disks: dict[str, ProtectedDisk], timeout: float) -> bool:
     return False
 
 
-__all__ = ["Shipper", "drained"]
+__all__ = ["Shipper", "drained", "encode_entries"]

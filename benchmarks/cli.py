@@ -34,7 +34,8 @@ SCENARIOS: dict[str, str] = {
     "nbd": "benchmarks.nbd_front",
     "sync": "benchmarks.sync",
     "rpo": "benchmarks.rpo",
-    # later issues: "rto"
+    "rto": "benchmarks.rto",
+    "failback": "benchmarks.failback",
 }
 """Scenario name -> module path."""
 

@@ -33,6 +33,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 
@@ -92,7 +94,11 @@ class Deployment:
             "pki_dir": str(self.pki),
         }
         values.update(self.ps_options)
-        self.ps_config.write_text("[server]\n" + _toml_table(values))
+        groups = values.pop("groups", {})
+        text = "[server]\n" + _toml_table(values)
+        for name, group in groups.items():
+            text += "\n[[group]]\n" + _toml_table({"name": name, **group})
+        self.ps_config.write_text(text)
 
     def add_agent(
         self,
@@ -102,6 +108,7 @@ class Deployment:
         nbd: bool = False,
         options: dict[str, Any] | None = None,
         role: str = "agent",
+        disk_options: dict[str, dict[str, Any]] | None = None,
     ) -> AgentSpec:
         """Issue credentials, create sparse disk images (size in bytes) and write agent.toml."""
         bundle = self.root / f"{name}.bundle"
@@ -139,7 +146,9 @@ class Deployment:
                 with open(image, "wb") as f:
                     f.truncate(size_or_path)
             spec.disks[disk_id] = image
-            text += "\n[[disk]]\n" + _toml_table({"id": disk_id, "path": str(image)})
+            text += "\n[[disk]]\n" + _toml_table(
+                {"id": disk_id, "path": str(image), **(disk_options or {}).get(disk_id, {})}
+            )
             if nbd:
                 sock = self.root / f"{disk_id}.sock"
                 spec.nbd[disk_id] = str(sock)

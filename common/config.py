@@ -8,6 +8,7 @@ fall back to a default). Every key is documented in docs/configuration.md.
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.errors import ConfigError
+from common.rate_limit import ScheduleEntry, parse_rate, parse_schedule
 from common.units import parse_duration, parse_size
 
 DISK_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -40,6 +42,12 @@ class DiskConfig:
         "journal"  # "journal": the agent is in the write path; "scan": periodic digest scans
     )
     scan_interval: float = 300.0
+    crash_consistent_interval: float = 1.0  # 0: no crash-consistent points from this agent
+    app_consistent_interval: float = 0.0  # 0: app-consistent points only on request
+    pre_snapshot_hook: tuple[str, ...] = ()  # argv, run before an app-consistent point
+    post_snapshot_hook: tuple[str, ...] = ()  # argv, always run after the pre hook
+    hook_timeout: float = 30.0
+    rpo_target: float | None = None  # None: the agent's rpo_target (docs/operations.md)
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,27 @@ class AgentConfig:
     reconnect_max: float = 10.0
     connect_timeout: float = 10.0
     activity_log_extents: int = 1024
+    # operations (docs/operations.md)
+    metrics_listen: HostPort | None = None
+    bandwidth_limit: int = 0  # bytes per second, 0 = unlimited
+    bandwidth_schedule: tuple[ScheduleEntry, ...] = ()
+    rpo_target: float = 300.0
+    stop_timeout: float = 60.0
 
     @property
     def admin_socket(self) -> Path:
         return self.state_dir / "admin.sock"
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """A consistency group: ``disks`` get their points at one barrier."""
+
+    name: str
+    disks: tuple[str, ...]
+    interval: float = 1.0
+    hold_timeout: float = 2.0
+    app_consistent_interval: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +105,21 @@ class ServerConfig:
     apply_sync_interval: float = 0.05
     heartbeat_timeout: float = 30.0
     verify_on_receive: bool = True
+    undo: bool = True  # keep the undo log, hence recovery points
+    retention: float = 86400.0  # how far back recovery points reach
+    undo_quota: int = 64 << 30  # per disk; the oldest history goes first past it
+    undo_segment: int = 64 << 20
+    keep_all_points_for: float = 0.0  # 0: every point for the whole retention (no thinning)
+    failover_dir: Path | None = None  # NBD sockets of failover exports (default state_dir/failover)
+    groups: tuple[GroupConfig, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # operations (docs/operations.md)
+    metrics_listen: HostPort | None = None
+    status_listen: HostPort | None = None
+    rpo_target: float = 300.0
+    rpo_targets: dict[str, float] = field(default_factory=dict)
+    cache_key_file: Path | None = None  # AES-256-GCM keys sealing the cache (common/at_rest.py)
+    stop_timeout: float = 60.0
 
     @property
     def admin_socket(self) -> Path:
@@ -184,6 +223,20 @@ def _duration_range(lo: float, hi: float) -> Callable[[Any], float]:
     return parse
 
 
+def _rpo_targets(value: Any) -> dict[str, float]:
+    """``{"web01-root" = "30s", ...}``: a target RPO per disk id (docs/operations.md)."""
+    if not isinstance(value, dict):
+        raise ValueError('expected a table of disk id = duration, e.g. {"web01-root" = "30s"}')
+    parse = _duration_range(0, 30 * 86400)
+    out = {}
+    for disk_id, duration in value.items():
+        try:
+            out[_disk_id(disk_id)] = parse(duration)
+        except ValueError as exc:
+            raise ValueError(f"{disk_id}: {exc}") from exc
+    return out
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -218,6 +271,35 @@ def _mode(value: Any) -> str:
     if text not in ("journal", "scan"):
         raise ValueError(f'expected "journal" or "scan", got {text!r}')
     return text
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    """A hook command: a string (split like a shell would, but never run by one) or a list."""
+    if isinstance(value, str):
+        argv = shlex.split(value)
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        argv = list(value)
+    else:
+        raise ValueError(f"expected a command string or a list of strings, got {value!r}")
+    if not argv or any("\x00" in a for a in argv):
+        raise ValueError("empty command or NUL byte")
+    return tuple(argv)
+
+
+def _group_name(value: Any) -> str:
+    text = _str(value)
+    if not DISK_ID.match(text):
+        raise ValueError(f"group name must match [a-z0-9][a-z0-9._-]{{0,63}}, got {text!r}")
+    return text
+
+
+def _disk_ids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of disk ids")
+    ids = tuple(_disk_id(v) for v in value)
+    if len(set(ids)) != len(ids):
+        raise ValueError("a disk is listed twice")
+    return ids
 
 
 def _disk_id(value: Any) -> str:
@@ -285,6 +367,11 @@ def load_agent_config(path: Path) -> AgentConfig:
         "reconnect_max": _duration_range(0.01, 3600),
         "connect_timeout": _duration_range(0.1, 3600),
         "activity_log_extents": _int_range(128, 65536),
+        "metrics_listen": parse_host_port,
+        "bandwidth_limit": parse_rate,
+        "bandwidth_schedule": parse_schedule,
+        "rpo_target": _duration_range(0, 30 * 86400),
+        "stop_timeout": _duration_range(1, 3600),
     }
     for key, parser in optional.items():
         value = a.optional(key, parser)
@@ -303,8 +390,22 @@ def load_agent_config(path: Path) -> AgentConfig:
             nbd=d.optional("nbd", _nbd_endpoint),
             mode=d.get("mode", _mode, "journal"),
             scan_interval=d.get("scan_interval", _duration_range(1, 7 * 86400), 300.0),
+            crash_consistent_interval=_zero_or(
+                d.optional("crash_consistent_interval", _duration_range(0, 86400)), 1.0
+            ),
+            app_consistent_interval=_zero_or(
+                d.optional("app_consistent_interval", _duration_range(0, 7 * 86400)), 0.0
+            ),
+            pre_snapshot_hook=d.optional("pre_snapshot_hook", _argv) or (),
+            post_snapshot_hook=d.optional("post_snapshot_hook", _argv) or (),
+            hook_timeout=d.get("hook_timeout", _duration_range(0.1, 3600), 30.0),
+            rpo_target=d.optional("rpo_target", _duration_range(0, 30 * 86400)),
         )
         d.finish()
+        if disk.crash_consistent_interval and disk.crash_consistent_interval < 0.1:
+            raise ConfigError(
+                f"{path}: disk[{index}].crash_consistent_interval: must be 0 (off) or at least 0.1s"
+            )
         if disk.mode == "scan" and disk.nbd:
             raise ConfigError(
                 f"{path}: disk[{index}].nbd: a scan-mode disk is written by another program; "
@@ -322,14 +423,46 @@ def load_agent_config(path: Path) -> AgentConfig:
     return cfg
 
 
+def _zero_or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _load_groups(path: Path, raw_groups: Any) -> tuple[GroupConfig, ...]:
+    if not isinstance(raw_groups, list):
+        raise ConfigError(f"{path}: group: must be an array of tables ([[group]])")
+    groups: list[GroupConfig] = []
+    for index, raw in enumerate(raw_groups):
+        g = _Section(path, f"group[{index}]", raw)
+        group = GroupConfig(
+            name=g.get("name", _group_name, required=True),
+            disks=g.get("disks", _disk_ids, required=True),
+            interval=_zero_or(g.optional("interval", _duration_range(0, 86400)), 1.0),
+            hold_timeout=g.get("hold_timeout", _duration_range(0.01, 60), 2.0),
+            app_consistent_interval=_zero_or(
+                g.optional("app_consistent_interval", _duration_range(0, 7 * 86400)), 0.0
+            ),
+        )
+        g.finish()
+        if any(other.name == group.name for other in groups):
+            raise ConfigError(f"{path}: group[{index}].name: duplicate group {group.name!r}")
+        for other in groups:
+            shared = set(other.disks) & set(group.disks)
+            if shared:
+                raise ConfigError(
+                    f"{path}: group[{index}].disks: {sorted(shared)[0]} is already in group {other.name}"
+                )
+        groups.append(group)
+    return tuple(groups)
+
+
 def load_server_config(path: Path) -> ServerConfig:
     """Load and validate a process-server configuration file. Raises ConfigError."""
     path = Path(path)
     doc = _read_toml(path)
     base = path.parent.resolve()
-    unknown = sorted(set(doc) - {"server"})
+    unknown = sorted(set(doc) - {"server", "group"})
     if unknown:
-        raise ConfigError(f"{path}: {unknown[0]}: unknown table (expected [server])")
+        raise ConfigError(f"{path}: {unknown[0]}: unknown table (expected [server], [[group]])")
     s = _Section(path, "server", doc.get("server", {}))
     kwargs: dict[str, Any] = {
         "path": path,
@@ -344,12 +477,113 @@ def load_server_config(path: Path) -> ServerConfig:
         "apply_sync_interval": _duration_range(0, 60),
         "heartbeat_timeout": _duration_range(1, 3600),
         "verify_on_receive": _bool,
+        "undo": _bool,
+        "retention": _duration_range(10, 366 * 86400),
+        "undo_quota": _size_range(16 << 20, 1 << 50),
+        "undo_segment": _size_range(64 << 10, 1 << 30),
+        "keep_all_points_for": _duration_range(0, 366 * 86400),
+        "failover_dir": _abs_path(base),
+        "metrics_listen": parse_host_port,
+        "status_listen": parse_host_port,
+        "rpo_target": _duration_range(0, 30 * 86400),
+        "rpo_targets": _rpo_targets,
+        "cache_key_file": _abs_path(base),
+        "stop_timeout": _duration_range(1, 3600),
     }
     for key, parser in optional.items():
         value = s.optional(key, parser)
         if value is not None:
             kwargs[key] = value
     s.finish()
+    kwargs["groups"] = _load_groups(path, doc.get("group", []))
+    key_file = kwargs.get("cache_key_file")
+    if key_file is not None:
+        state, real = kwargs["state_dir"].resolve(), key_file.resolve()
+        if real == state or state in real.parents:
+            raise ConfigError(
+                f"{path}: server.cache_key_file: {key_file} is inside server.state_dir; keep "
+                "the key outside it, or whoever copies the state directory has the key too"
+            )
     cfg = ServerConfig(**kwargs)
     _check_socket_path(path, "server.state_dir", cfg.admin_socket)
+    return cfg
+
+
+@dataclass(frozen=True)
+class MtDiskConfig:
+    id: str
+    path: Path  # the original source disk, or a new disk of the same size (alternate)
+    agent_state_dir: Path | None = None  # the agent's state dir for this disk: its journal
+    alternate: bool = False  # a new disk: everything is copied (sparse, compressed)
+
+
+@dataclass(frozen=True)
+class MasterTargetConfig:
+    path: Path
+    name: str
+    state_dir: Path
+    process_server: HostPort
+    credentials: Path
+    disks: tuple[MtDiskConfig, ...]
+    cache_quota: int = 16 << 30
+    cache_segment: int = 64 << 20
+    heartbeat_interval: float = 1.0
+    reconnect_min: float = 0.1
+    reconnect_max: float = 10.0
+    connect_timeout: float = 10.0
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+
+def load_mt_config(path: Path) -> MasterTargetConfig:
+    """Load and validate a master-target configuration file. Raises ConfigError."""
+    path = Path(path)
+    doc = _read_toml(path)
+    base = path.parent.resolve()
+    unknown = sorted(set(doc) - {"master_target", "disk"})
+    if unknown:
+        raise ConfigError(
+            f"{path}: {unknown[0]}: unknown table (expected [master_target] and [[disk]])"
+        )
+    m = _Section(path, "master_target", doc.get("master_target", {}))
+    kwargs: dict[str, Any] = {
+        "path": path,
+        "name": m.get("name", _name, required=True),
+        "state_dir": m.get("state_dir", _abs_path(base), required=True),
+        "process_server": m.get("process_server", parse_host_port, required=True),
+        "credentials": m.get("credentials", _abs_path(base), required=True),
+    }
+    optional = {
+        "cache_quota": _size_range(16 << 20, 1 << 50),
+        "cache_segment": _size_range(64 << 10, 1 << 30),
+        "heartbeat_interval": _duration_range(0.05, 3600),
+        "reconnect_min": _duration_range(0.01, 3600),
+        "reconnect_max": _duration_range(0.01, 3600),
+        "connect_timeout": _duration_range(0.1, 3600),
+    }
+    for key, parser in optional.items():
+        value = m.optional(key, parser)
+        if value is not None:
+            kwargs[key] = value
+    m.finish()
+    raw_disks = doc.get("disk", [])
+    if not isinstance(raw_disks, list) or not raw_disks:
+        raise ConfigError(f"{path}: disk: at least one [[disk]] table is required")
+    disks: list[MtDiskConfig] = []
+    for index, raw in enumerate(raw_disks):
+        d = _Section(path, f"disk[{index}]", raw)
+        disk = MtDiskConfig(
+            id=d.get("id", _disk_id, required=True),
+            path=d.get("path", _abs_path(base), required=True),
+            agent_state_dir=d.optional("agent_state_dir", _abs_path(base)),
+            alternate=d.get("alternate", _bool, False),
+        )
+        d.finish()
+        if any(other.id == disk.id for other in disks):
+            raise ConfigError(f"{path}: disk[{index}].id: duplicate disk id {disk.id!r}")
+        disks.append(disk)
+    cfg = MasterTargetConfig(disks=tuple(disks), **kwargs)
+    _check_socket_path(path, "master_target.state_dir", cfg.admin_socket)
     return cfg

@@ -11,6 +11,11 @@ range). Rules it keeps:
 - Nothing is durable until :meth:`SegmentLog.sync` returns (group commit: every
   caller waiting at once shares one fdatasync per dirty segment).
 - Segments are deleted only whole, only when every record in them is released.
+- Optionally (``sealer``, see common/at_rest.py) every payload is sealed on append and opened
+  on read; the record header's tag and seqs are authenticated with it, a record that fails
+  authentication raises :class:`IntegrityError`, and segments are marked sealed in their
+  header so a log is never read with the wrong setting. Without a sealer the format and the
+  behaviour are exactly those of a plain log.
 """
 
 from __future__ import annotations
@@ -23,17 +28,23 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xxhash
 
 from common.durable import fsync_dir
 from common.errors import IntegrityError
 
+if TYPE_CHECKING:
+    from common.at_rest import Sealer
+
 SEGMENT_MAGIC = b"TMSEGLOG"
 SEGMENT_VERSION = 1
-SEGMENT_HEADER = struct.Struct(">8sII")  # magic, version, reserved
+SEGMENT_HEADER = struct.Struct(">8sII")  # magic, version, flags (reserved before sealing)
+SEGMENT_SEALED = 1  # flag: every payload in the segment is sealed
 RECORD_HEADER = struct.Struct(">QIBQQ")  # checksum, payload size, tag, first_seq, last_seq
 _READ_CHUNK = 1 << 20
+_SEAL_AAD = struct.Struct(">BQQ")  # tag, first_seq, last_seq: authenticated with a sealed payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +55,18 @@ class Record:
     first_seq: int
     last_seq: int
     payload: bytes | memoryview  # may be a view into a larger read buffer
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLocation:
+    """Where one record's payload lies in a segment file (see :meth:`SegmentLog.locate`)."""
+
+    path: Path
+    payload_offset: int
+    size: int
+    tag: int
+    first_seq: int
+    last_seq: int
 
 
 @dataclass(slots=True)
@@ -71,6 +94,7 @@ class _ScanResult:
     last_seq: int
     error: str | None = None
     record_count: int = 0
+    flags: int = 0
     first_record_seq: int | None = field(default=None)
 
 
@@ -91,9 +115,16 @@ class SegmentLog:
     """A durable log in one directory. Not thread-safe: use it from one event loop."""
 
     def __init__(
-        self, directory: Path, segments: list[_Segment], next_seq: int, segment_bytes: int
+        self,
+        directory: Path,
+        segments: list[_Segment],
+        next_seq: int,
+        segment_bytes: int,
+        sealer: Sealer | None = None,
     ) -> None:
         self.directory = directory
+        self.sealer = sealer
+        self._flags = SEGMENT_SEALED if sealer is not None else 0
         self._segments = segments
         self._firsts = [s.first_seq for s in segments]
         self.next_seq = next_seq
@@ -109,10 +140,18 @@ class SegmentLog:
     # ----------------------------------------------------------------- opening
     @classmethod
     def open(
-        cls, directory: Path, *, base_seq: int = 1, segment_bytes: int = 64 << 20
+        cls,
+        directory: Path,
+        *,
+        base_seq: int = 1,
+        segment_bytes: int = 64 << 20,
+        sealer: Sealer | None = None,
     ) -> SegmentLog:
         """Open (creating if needed) the log in ``directory``; ``base_seq`` is the first seq of an
-        empty new log. Raises IntegrityError when the log is corrupt outside its tail."""
+        empty new log; ``sealer`` seals payloads (None: plain records). Raises IntegrityError
+        when the log is corrupt outside its tail, or holds records sealed while no sealer is
+        given (or plain ones while one is)."""
+        flags = SEGMENT_SEALED if sealer is not None else 0
         directory.mkdir(parents=True, exist_ok=True)
         names = sorted(p for p in directory.iterdir() if p.suffix == ".seg")
         for stale in directory.glob(".*.tmp"):
@@ -136,10 +175,16 @@ class SegmentLog:
                 truncated += size - scan.records_end
                 os.ftruncate(fd, scan.records_end)
                 if scan.records_end < SEGMENT_HEADER.size:
-                    _write_segment_header(fd)
+                    _write_segment_header(fd, flags)
                     scan.records_end = SEGMENT_HEADER.size
+                    scan.flags = flags
                 os.fsync(fd)
                 size = scan.records_end
+            if scan.flags != flags:
+                if scan.record_count or scan.flags & ~SEGMENT_SEALED:
+                    os.close(fd)
+                    raise IntegrityError(_flags_mismatch(path, scan.flags, flags))
+                _write_segment_header(fd, flags)  # empty: takes the current setting
             if segments and first != segments[-1].last_seq + 1:
                 if size == SEGMENT_HEADER.size and is_last:
                     # Torn roll: an empty new segment whose predecessor lost its tail.
@@ -159,14 +204,14 @@ class SegmentLog:
                 fsync_dir(directory)
                 break
         if not segments:
-            segments.append(_create_segment(directory, base_seq))
+            segments.append(_create_segment(directory, base_seq, flags))
         # What a previous process left in the page cache is made durable before anyone is
         # told it is there (a process server reports its cache as durable at registration).
         for seg in segments:
             os.fdatasync(seg.fd)
             seg.dirty = False
         fsync_dir(directory)
-        log = cls(directory, segments, segments[-1].last_seq + 1, segment_bytes)
+        log = cls(directory, segments, segments[-1].last_seq + 1, segment_bytes, sealer)
         log.truncated_bytes = truncated
         return log
 
@@ -194,7 +239,8 @@ class SegmentLog:
 
     # ----------------------------------------------------------------- writing
     def record_size(self, payload_len: int) -> int:
-        return RECORD_HEADER.size + payload_len
+        overhead = self.sealer.overhead if self.sealer is not None else 0
+        return RECORD_HEADER.size + overhead + payload_len
 
     def append(
         self, tag: int, first_seq: int, last_seq: int, parts: Sequence[bytes | memoryview]
@@ -205,6 +251,9 @@ class SegmentLog:
         (in which case the log is rolled back to its previous end)."""
         if first_seq != self.next_seq or last_seq < first_seq:
             raise ValueError(f"append of seq {first_seq}..{last_seq}, expected {self.next_seq}")
+        if self.sealer is not None:
+            joined = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts = (self.sealer.seal(joined, _SEAL_AAD.pack(tag, first_seq, last_seq)),)
         size = sum(len(p) for p in parts)
         tail = RECORD_HEADER.pack(0, size, tag, first_seq, last_seq)[8:]
         header = RECORD_HEADER.pack(_record_checksum(tail, parts), size, tag, first_seq, last_seq)
@@ -229,7 +278,7 @@ class SegmentLog:
         self._written += 1
 
     def _roll(self) -> _Segment:
-        seg = _create_segment(self.directory, self.next_seq)
+        seg = _create_segment(self.directory, self.next_seq, self._flags)
         self._segments.append(seg)
         self._firsts.append(seg.first_seq)
         self._dir_dirty = True
@@ -375,6 +424,13 @@ class SegmentLog:
                     raise IntegrityError(
                         f"{seg.path}: bad record checksum at offset {cur.offset + pos}"
                     )
+                if wanted and self.sealer is not None:
+                    try:
+                        payload = self.sealer.open(payload, _SEAL_AAD.pack(tag, first, last))
+                    except IntegrityError as exc:
+                        raise IntegrityError(
+                            f"{seg.path}: record at offset {cur.offset + pos}: {exc}"
+                        ) from None
                 pos = end
                 if wanted:
                     out.append(Record(tag, first, last, payload))
@@ -387,16 +443,53 @@ class SegmentLog:
                 break
         return out
 
+    def locate(self, from_seq: int) -> list[RecordLocation]:
+        """Where the records from the one holding ``from_seq`` on lie, reading only their
+        headers (payload checksums are not verified: a reader of a location checks what it
+        reads by its own digests). Raises LookupError if ``from_seq`` was released."""
+        if from_seq >= self.next_seq:
+            return []
+        if from_seq < self.first_seq:
+            raise LookupError(f"seq {from_seq} was released (log starts at {self.first_seq})")
+        out: list[RecordLocation] = []
+        index = bisect.bisect_right(self._firsts, from_seq) - 1
+        for seg in self._segments[index:]:
+            offset = SEGMENT_HEADER.size
+            while offset + RECORD_HEADER.size <= seg.size:
+                _, size, tag, first, last = RECORD_HEADER.unpack(
+                    os.pread(seg.fd, RECORD_HEADER.size, offset)
+                )
+                if last >= from_seq:
+                    out.append(
+                        RecordLocation(
+                            seg.path, offset + RECORD_HEADER.size, size, tag, first, last
+                        )
+                    )
+                offset += RECORD_HEADER.size + size
+        return out
 
-def _create_segment(directory: Path, first_seq: int) -> _Segment:
+
+def _create_segment(directory: Path, first_seq: int, flags: int = 0) -> _Segment:
     path = directory / _segment_name(first_seq)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    _write_segment_header(fd)
+    try:
+        _write_segment_header(fd, flags)
+    except OSError:
+        os.close(fd)
+        raise
     return _Segment(first_seq, path, fd, SEGMENT_HEADER.size, first_seq - 1, dirty=True)
 
 
-def _write_segment_header(fd: int) -> None:
-    os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0), 0)
+def _write_segment_header(fd: int, flags: int = 0) -> None:
+    os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, flags), 0)
+
+
+def _flags_mismatch(path: Path, found: int, wanted: int) -> str:
+    if found & ~SEGMENT_SEALED:
+        return f"{path}: unknown segment flags {found:#x}"
+    if found & SEGMENT_SEALED:
+        return f"{path}: holds sealed (encrypted) records but no at-rest key is configured"
+    return f"{path}: holds plain records but an at-rest key is configured (drain it first)"
 
 
 def _is_empty_segment(path: Path) -> bool:
@@ -410,12 +503,12 @@ def _scan_segment(fd: int, path: Path, first_seq: int, size: int) -> _ScanResult
     """Validate every record of one segment; report where valid data ends."""
     if size < SEGMENT_HEADER.size:
         return _ScanResult(0, first_seq - 1, f"{path}: short segment header")
-    magic, version, _ = SEGMENT_HEADER.unpack(os.pread(fd, SEGMENT_HEADER.size, 0))
+    magic, version, flags = SEGMENT_HEADER.unpack(os.pread(fd, SEGMENT_HEADER.size, 0))
     if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
         return _ScanResult(0, first_seq - 1, f"{path}: bad segment header")
     offset = SEGMENT_HEADER.size
     expected = first_seq
-    result = _ScanResult(offset, first_seq - 1)
+    result = _ScanResult(offset, first_seq - 1, flags=flags)
     while offset < size:
         head = os.pread(fd, RECORD_HEADER.size, offset)
         if len(head) < RECORD_HEADER.size:

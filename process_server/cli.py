@@ -1,4 +1,5 @@
-"""``tidemark-ps``: the process server's command line (pki, serve, status).
+"""``tidemark-ps``: the process server's command line (pki, serve, status, verify, points,
+failover).
 
 Rule: exit 0 on success, 1 on failure, 2 on usage errors; ``--json`` prints one object.
 """
@@ -14,6 +15,12 @@ from common.cli import print_disk_table, print_json, query_status, run_loop, set
 from common.config import load_server_config
 from common.errors import TidemarkError
 from process_server.pki_cli import add_pki_parser, run_pki
+from process_server.points_cli import (
+    add_points_parsers,
+    run_failback,
+    run_failover,
+    run_points,
+)
 
 STATUS_COLUMNS = [
     "agent",
@@ -46,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disk", help="disk id")
     p.add_argument("--repair", action="store_true", help="resync the ranges that differ")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_points_parsers(sub)
     return parser
 
 
@@ -72,17 +80,13 @@ async def _verify(config: Path, disk_id: str, repair: bool, as_json: bool) -> in
 
 
 async def _serve(config: Path) -> int:
+    from common.ops import ServiceOps, run_task_service
     from process_server.server import ProcessServer, serve
 
     cfg = load_server_config(config)
     server = ProcessServer(cfg)
-    loop = asyncio.get_running_loop()
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
-    await serve(cfg, server=server)
-    return 0
+    ops = ServiceOps(server, cfg, role="process-server")  # systemd, SIGHUP, metrics, page
+    return await run_task_service(ops, lambda ready: serve(cfg, ready, server), server.stop)
 
 
 async def _status(config: Path, as_json: bool) -> int:
@@ -109,11 +113,20 @@ def main(argv: list[str] | None = None) -> int:
             return run_pki(args)
         if args.command == "serve":
             setup_logging(args.log_level)
+            from common.ops import configure_service_logging
+
+            configure_service_logging()
             return run_loop(_serve(args.config))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
         if args.command == "verify":
             return run_loop(_verify(args.config, args.disk, args.repair, args.json))
+        if args.command == "points":
+            return run_loop(run_points(args))
+        if args.command == "failover":
+            return run_loop(run_failover(args))
+        if args.command == "failback":
+            return run_loop(run_failback(args))
     except TidemarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

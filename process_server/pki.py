@@ -316,13 +316,19 @@ def load_revoked_serials(pki_dir: Path) -> set[int]:
 
 
 def init_pki(
-    pki_dir: Path, *, ca_days: int = 3650, cert_days: int = 825, force: bool = False
+    pki_dir: Path,
+    *,
+    ca_days: int = 3650,
+    cert_days: int = 825,
+    force: bool = False,
+    _not_valid_before: dt.datetime | None = None,
 ) -> None:
     """Create the deployment CA and the process server certificate in ``pki_dir`` (mode 0700).
 
     Writes ``ca.crt``, ``ca.key`` (0600), ``server.crt``, ``server.key`` (0600) and an empty
     ``issued.json``; ``force`` replaces an existing CA (every credential issued by the old one
-    stops working). Raises PkiError if a CA already exists and ``force`` is false, or if a
+    stops working). ``_not_valid_before`` is for tests (backdated or future CA and server
+    certificates). Raises PkiError if a CA already exists and ``force`` is false, or if a
     validity period is out of range; OSError if the directory cannot be created or written.
     """
     _check_days(ca_days, "ca_days")
@@ -333,7 +339,11 @@ def init_pki(
     with _locked(pki_dir):
         if (pki_dir / CA_KEY).exists() and not force:
             raise PkiError(f"{pki_dir / CA_KEY}: a CA already exists (use --force to replace it)")
-        now = dt.datetime.now(dt.UTC) - _CLOCK_SKEW
+        now = (
+            _not_valid_before
+            if _not_valid_before is not None
+            else dt.datetime.now(dt.UTC) - _CLOCK_SKEW
+        )
         ca_key = _new_key()
         ca_name = x509.Name(
             [

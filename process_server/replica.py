@@ -6,15 +6,22 @@ Rules it keeps:
   (a batch holds the final contents of its extents, so replay is idempotent),
   verifies every extent digest, and records ``applied_seq`` only after the replica
   is fdatasync'ed; the state file is replaced atomically.
+- With the undo log on, the old contents of a batch's extents are durable in the undo log
+  before the batch touches the replica; batches are applied in groups that never overlap
+  themselves, so one fdatasync of the undo log covers a group.
+- Open point-in-time views (failovers) learn of every new undo piece before the replica bytes
+  under it change (``view_lock``).
 - Nothing from the wire becomes a path: the directory is named by a validated disk id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,9 @@ from common.digests import chunk_digests
 from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
 from common.segment_log import Cursor, SegmentLog
+from process_server.extent_map import ExtentMap
+from process_server.pit import PointView
+from process_server.undo import UndoLog
 from protocol.batch import Batch, BatchHeader, Limits, decode_batch, validate_disk_id
 from protocol.errors import ErrorCode, ProtocolError
 
@@ -32,6 +42,8 @@ TAG_BATCH = 1
 STATE_FILE = "state.json"
 DECODED_LIMIT = 64 << 20  # verified batches kept in memory for the applier (beyond: re-read)
 REPLICA_FILE = "replica.img"
+UNDO_DIR = "undo"
+BOUNDARIES_KEPT = 1 << 16  # recent batch ends: where a recovery point may fall
 
 
 class ReplicaError(TidemarkError):
@@ -50,6 +62,7 @@ class ReplicaDisk:
         limits: Limits,
         apply_sync_interval: float,
         cache_quota: int,
+        undo: UndoLog | None = None,
     ) -> None:
         self.directory = directory
         self.disk_id: str = state["disk_id"]
@@ -83,6 +96,14 @@ class ReplicaDisk:
         self.newest_applied_write_ns = 0
         self.newest_cached_write_ns = 0
         self._last_durable_apply = time.monotonic()
+        self.undo = undo
+        self.views: list[PointView] = []
+        self.view_lock = threading.Lock()
+        self.fenced: str | None = None  # why nothing more is applied (a failover owns the disk)
+        self.apply_limit: int | None = None  # the applier stops at this seq while fenced
+        self._boundaries: collections.deque[int] = collections.deque(maxlen=BOUNDARIES_KEPT)
+        self._boundary_set: set[int] = set()
+        self.note_boundary(self.durable_seq)
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -96,6 +117,9 @@ class ReplicaDisk:
         cache_quota: int,
         cache_segment: int,
         create: tuple[str, int] | None = None,
+        undo: bool = False,
+        undo_segment: int = 64 << 20,
+        image: Path | None = None,
     ) -> ReplicaDisk:
         """Open an existing replica, or create it when ``create=(owner, size)`` is given.
         Raises ReplicaError, IntegrityError, OSError."""
@@ -109,16 +133,18 @@ class ReplicaDisk:
         elif create is not None:
             owner, size = create
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(directory / REPLICA_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-            os.close(fd)
+            if image is None:
+                fd = os.open(directory / REPLICA_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+                os.close(fd)
             state = {
                 "disk_id": disk_id,
                 "owner": owner,
                 "size": size,
                 "applied_seq": 0,
                 "created_ns": time.time_ns(),
+                **({"image": str(image)} if image is not None else {}),
             }
             atomic_write_json(state_path, state)
         else:
@@ -130,12 +156,22 @@ class ReplicaDisk:
             raise IntegrityError(
                 f"{directory}: cache ends at seq {cache.last_seq} before applied seq {state['applied_seq']}"
             )
-        fd = os.open(directory / REPLICA_FILE, os.O_RDWR)
-        return cls(directory, state, cache, fd, limits, apply_sync_interval, cache_quota)
+        undo_log = None
+        if undo:
+            undo_log = UndoLog.open(
+                directory / UNDO_DIR, disk_id, state["applied_seq"], undo_segment
+            )
+            if undo_log.last_seq < state["applied_seq"]:
+                # Undo was off for a while (or this replica predates it): history starts now.
+                undo_log.close()
+                undo_log = _restart_undo(directory / UNDO_DIR, disk_id, state, undo_segment)
+        fd = os.open(state.get("image") or directory / REPLICA_FILE, os.O_RDWR)
+        return cls(directory, state, cache, fd, limits, apply_sync_interval, cache_quota, undo_log)
 
     @property
     def replica_path(self) -> Path:
-        return self.directory / REPLICA_FILE
+        image = self._state.get("image")
+        return Path(image) if image else self.directory / REPLICA_FILE
 
     @property
     def cached_seq(self) -> int:
@@ -164,10 +200,21 @@ class ReplicaDisk:
         if decoded is not None and self._decoded_bytes + header.raw_bytes <= DECODED_LIMIT:
             self._decoded[header.first_seq] = decoded  # the applier need not decode it again
             self._decoded_bytes += header.raw_bytes
+        self.note_boundary(header.last_seq)
         self.received_batches += 1
         self.received_bytes += header.raw_bytes
         self.newest_cached_write_ns = max(self.newest_cached_write_ns, header.newest_write_ns)
         self._cache_appended.set()
+
+    def note_boundary(self, seq: int) -> None:
+        if len(self._boundaries) == self._boundaries.maxlen:
+            self._boundary_set.discard(self._boundaries[0])
+        self._boundaries.append(seq)
+        self._boundary_set.add(seq)
+
+    def is_boundary(self, seq: int) -> bool:
+        """Does a received batch end at ``seq`` (recently enough to be remembered)?"""
+        return seq in self._boundary_set
 
     async def sync_cache(self) -> int:
         """fdatasync the cache (group commit); returns the seq now durable."""
@@ -192,39 +239,41 @@ class ReplicaDisk:
     async def _apply_forever(self) -> None:
         cursor = Cursor()
         while True:
-            if self.applying_seq >= self.durable_seq:
+            if self.applying_seq >= self._apply_target():
                 if self.applying_seq > self.applied_seq:
                     await self.make_applied_durable()
                 self._cache_durable.clear()
-                if self.applying_seq >= self.durable_seq:
+                if self.applying_seq >= self._apply_target():
                     await self._cache_durable.wait()
                 continue
             records = self.cache.read_records(
                 self.applying_seq + 1, 16 << 20, cursor, max_records=64
             )
+            items: list[tuple[bytes | memoryview, Batch | None]] = []
+            expected = self.applying_seq + 1
             for record in records:
-                if record.last_seq > self.durable_seq:
+                if record.last_seq > self._apply_target():
                     break
-                if record.first_seq != self.applying_seq + 1:
+                if record.first_seq != expected:
                     raise IntegrityError(
                         f"{self.directory}: cache record {record.first_seq}..{record.last_seq} "
-                        f"does not follow applied seq {self.applying_seq}"
+                        f"does not follow applied seq {expected - 1}"
                     )
+                expected = record.last_seq + 1
                 decoded = self._decoded.pop(record.first_seq, None)
                 if decoded is not None:
                     self._decoded_bytes -= decoded.header.raw_bytes
-                try:
-                    batch = await asyncio.to_thread(self._apply_record, record.payload, decoded)
-                except ProtocolError as exc:
-                    raise IntegrityError(
-                        f"{self.directory}: cached batch {record.first_seq}..{record.last_seq}: {exc}"
-                    ) from exc
-                self.applying_seq = record.last_seq
+                items.append((record.payload, decoded))
+            if items:
+                batches = await asyncio.to_thread(self._apply_records, items)
+                for batch in batches:
+                    self.applied_bytes += batch.header.raw_bytes
+                    self.newest_applied_write_ns = max(
+                        self.newest_applied_write_ns, batch.header.newest_write_ns
+                    )
+                self.applying_seq = batches[-1].header.last_seq
+                self.applier_error = None  # applying again (after a full disk, say)
                 self._applied_event.set()
-                self.applied_bytes += batch.header.raw_bytes
-                self.newest_applied_write_ns = max(
-                    self.newest_applied_write_ns, batch.header.newest_write_ns
-                )
             background = self._durable_task
             if background is not None and background.done():
                 self._durable_task = None
@@ -239,10 +288,91 @@ class ReplicaDisk:
                 self._last_durable_apply = time.monotonic()
                 self._durable_task = asyncio.ensure_future(self.make_applied_durable())
 
-    def _apply_record(self, payload: bytes | memoryview, decoded: Batch | None = None) -> Batch:
-        """Decode (verifying every digest) and write one batch into the replica. ``decoded``
-        is the same batch as decoded and verified on receipt, when still in memory."""
-        batch = decoded if decoded is not None else decode_batch(payload, self.limits)
+    def _apply_target(self) -> int:
+        if self.apply_limit is None:
+            return self.durable_seq
+        return min(self.durable_seq, self.apply_limit)
+
+    def fence(self, reason: str, limit: int) -> None:
+        """Stop applying beyond ``limit`` (a failover owns the disk); batches still arrive."""
+        self.fenced = reason
+        self.apply_limit = limit
+        self._cache_durable.set()
+
+    def unfence(self) -> None:
+        self.fenced = None
+        self.apply_limit = None
+        self._cache_durable.set()
+
+    @property
+    def replica_fd(self) -> int:
+        return self._fd
+
+    async def restart_sequence(self) -> int:
+        """After a failback: the replica equals the source again and whatever the cache still
+        holds (source writes older than the failback) must never be applied. Everything is
+        released, applied_seq jumps to the newest cached seq (the agent's journal restarts
+        after it) and the undo history starts there. Returns that seq."""
+        seq = self.cached_seq
+        await asyncio.to_thread(os.fdatasync, self._fd)
+        state = dict(self._state, applied_seq=seq)
+        await asyncio.to_thread(atomic_write_json, self.directory / STATE_FILE, state)
+        self._state = state
+        self.applied_seq = self.applying_seq = seq
+        self._decoded.clear()
+        self._decoded_bytes = 0
+        await self.cache.release_through(seq)
+        if self.undo is not None:
+            segment = self.undo.log.segment_bytes
+            self.undo.close()
+            self.undo = await asyncio.to_thread(
+                _restart_undo, self.directory / UNDO_DIR, self.disk_id, state, segment
+            )
+        self.note_boundary(seq)
+        self._space_freed.set()
+        return seq
+
+    async def drop_history(self) -> None:
+        """After a committed failover: the undo history means nothing any more."""
+        undo = self.undo
+        if undo is None:
+            return
+        await self.make_applied_durable()
+        await undo.release_through(undo.last_seq)
+        undo.valid_from = undo.last_seq
+        await asyncio.to_thread(undo.save_history)
+
+    def _apply_records(self, items: list[tuple[bytes | memoryview, Batch | None]]) -> list[Batch]:
+        """Decode (verifying every digest) and apply consecutive cached batches (a worker
+        thread). ``None`` entries of ``items`` are batches already decoded on receipt."""
+        batches: list[Batch] = []
+        for payload, decoded in items:
+            try:
+                batch = decoded if decoded is not None else decode_batch(payload, self.limits)
+                self._check_batch(batch)
+            except ProtocolError as exc:
+                raise IntegrityError(f"{self.directory}: cached batch: {exc}") from exc
+            batches.append(batch)
+        if self.undo is None:
+            self._write_group(batches)
+            return batches
+        start = 0
+        written: ExtentMap[bool] = ExtentMap()
+        for index, batch in enumerate(batches):
+            if any(
+                owner is not None
+                for e in batch.extents
+                for _, _, owner in written.lookup(e.offset, e.offset + e.length)
+            ):
+                self._undo_then_write(batches[start:index])
+                start = index
+                written = ExtentMap()
+            for e in batch.extents:
+                written.fill(e.offset, e.offset + e.length, True)
+        self._undo_then_write(batches[start:])
+        return batches
+
+    def _check_batch(self, batch: Batch) -> None:
         if batch.header.disk_id != self.disk_id:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"batch of disk {batch.header.disk_id}")
         for extent in batch.extents:
@@ -250,11 +380,30 @@ class ReplicaDisk:
                 raise ProtocolError(
                     ErrorCode.BAD_MESSAGE, f"extent past the end of disk {self.disk_id}"
                 )
-            if extent.data is None:
-                zero_range(self._fd, extent.offset, extent.length, punch=True)
-            else:
-                pwrite_all(self._fd, extent.data, extent.offset)
-        return batch
+
+    def _undo_then_write(self, group: list[Batch]) -> None:
+        """Undo records of ``group`` (whose batches do not overlap each other) made durable,
+        open views told, then the group written to the replica."""
+        undo = self.undo
+        assert undo is not None
+        for batch in group:
+            undo.record(batch, self._fd)
+        undo.sync_blocking()
+        if self.views:
+            first = group[0].header.first_seq
+            pieces = undo.pieces_of(undo.locations_after(first - 1), first - 1)
+            with self.view_lock:
+                for view in self.views:
+                    view.add([p for p in pieces if p[2].seq > view.seq])
+        self._write_group(group)
+
+    def _write_group(self, group: list[Batch]) -> None:
+        for batch in group:
+            for extent in batch.extents:
+                if extent.data is None:
+                    zero_range(self._fd, extent.offset, extent.length, punch=True)
+                else:
+                    pwrite_all(self._fd, extent.data, extent.offset)
 
     async def make_applied_durable(self) -> None:
         """fdatasync the replica, record applied_seq, free cache segments. Serialized: the
@@ -322,6 +471,8 @@ class ReplicaDisk:
         rpo = max(0.0, (now_ns - oldest_pending) / 1e9) if oldest_pending else 0.0
         if self.applier_error:
             state = "error"
+        elif self.fenced:
+            state = "failed-over"
         elif report.get("state") in ("resync-required", "initial-sync"):
             state = str(report["state"])
         elif self.session is not None:
@@ -371,9 +522,53 @@ class ReplicaDisk:
             "replica_path": str(self.replica_path),
         }
 
+    # ----------------------------------------------------------------- point-in-time views
+    def open_view(self, seq: int) -> PointView:
+        """A view of the replica as at ``seq`` (a batch boundary with its history kept), kept
+        up to date as the applier goes on. Raises ReplicaError, LookupError."""
+        if self.undo is None:
+            if seq != self.applying_seq:
+                raise ReplicaError(f"disk {self.disk_id}: the undo log is off: only now exists")
+        elif seq < self.undo.oldest_restorable():
+            raise ReplicaError(
+                f"disk {self.disk_id}: seq {seq} is older than the history kept "
+                f"(oldest {self.undo.oldest_restorable()})"
+            )
+        if seq > self.applying_seq:
+            raise ReplicaError(f"disk {self.disk_id}: seq {seq} is not applied yet")
+        view = PointView(self._fd, self.size, seq, self.view_lock)
+        with self.view_lock:
+            if self.undo is not None:
+                try:
+                    view.add(self.undo.pieces_after(seq))
+                except ValueError as exc:
+                    raise ReplicaError(f"disk {self.disk_id}: {exc}") from exc
+            self.views.append(view)
+        return view
+
+    def close_view(self, view: PointView) -> None:
+        with self.view_lock:
+            if view in self.views:
+                self.views.remove(view)
+            view.close()
+
+    def pinned_seq(self) -> int | None:
+        """The oldest seq an open view needs kept in the undo log."""
+        return min((v.seq for v in self.views), default=None)
+
     def close(self) -> None:
+        for view in list(self.views):
+            self.close_view(view)
         self.cache.close()
+        if self.undo is not None:
+            self.undo.close()
         os.close(self._fd)
+
+
+def _restart_undo(directory: Path, disk_id: str, state: dict[str, Any], segment: int) -> UndoLog:
+    for path in directory.iterdir():
+        path.unlink()
+    return UndoLog.open(directory, disk_id, state["applied_seq"], segment)
 
 
 def check_disk_size(disk: ReplicaDisk, size: int) -> None:

@@ -6,6 +6,8 @@ Rules it keeps:
 - One session owns a disk at a time: a new registration fences the old session.
 - A bad frame closes only that connection, with a logged reason; other agents go on.
 - Every batch is acknowledged only once durable in the cache (group commit).
+- Recovery points come from agents' markers (``protocol.control``); barriers, failovers and
+  retention live in ``points`` and ``failover``, this module only routes to them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from common.admin import AdminServer
@@ -22,15 +25,30 @@ from common.aio import first_leaf
 from common.config import ServerConfig
 from common.errors import IntegrityError, TidemarkError
 from common.framed import FramedStream
+from common.rate_limit import cache_pressure_delay
 from common.tls import peer_identity, server_context
+from process_server.catalog import Catalog
+from process_server.failback import FailbackError, FailbackManager
+from process_server.failover import FailoverError, FailoverManager
 from process_server.pki import load_revoked_serials
+from process_server.points import PointError, PointsService
 from process_server.replica import ReplicaDisk, ReplicaError, check_disk_size
 from protocol.batch import Limits, decode_batch, validate_disk_id
+from protocol.control import (
+    ControlBody,
+    Frozen,
+    PointHeld,
+    PointMark,
+    PointRecorded,
+    decode_control,
+    encode_control,
+)
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import (
     Ack,
     BatchMsg,
     Connection,
+    Control,
     DigestReply,
     DigestRequest,
     Heartbeat,
@@ -65,6 +83,7 @@ class _Session:
         self.revoked = False
         self.digest_requests = 0
         self.started = time.monotonic()
+        self.control_waiters: dict[int, asyncio.Future[ControlBody]] = {}
 
 
 class ProcessServer:
@@ -81,8 +100,23 @@ class ProcessServer:
         self.sessions: set[_Session] = set()
         self._server: asyncio.AbstractServer | None = None
         self._admin = AdminServer(
-            cfg.admin_socket, {"status": self._admin_status, "verify": self._admin_verify}
+            cfg.admin_socket,
+            {
+                "status": self._admin_status,
+                "verify": self._admin_verify,
+                "points": self._admin_points,
+                "point-create": self._admin_point_create,
+                "failover": self._admin_failover,
+                "failover-cleanup": self._admin_failover_cleanup,
+                "failover-commit": self._admin_failover_commit,
+                "failback": self._admin_failback,
+            },
         )
+        self.admin = self._admin
+        self.catalog: Catalog | None = None
+        self.points: PointsService = None  # type: ignore[assignment]  # set by run()
+        self.failovers = FailoverManager(self)
+        self.failbacks = FailbackManager(self)
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self.port = 0
@@ -94,12 +128,21 @@ class ProcessServer:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.disks_dir.mkdir(exist_ok=True, mode=0o700)
         ssl_ctx = server_context(self.cfg.pki_dir)
+        self.catalog = await asyncio.to_thread(Catalog, self.cfg.state_dir / "catalog.sqlite")
+        self.points = PointsService(self.cfg, self.catalog, self.disks)
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             for path in sorted(self.disks_dir.iterdir()):
                 if (path / "state.json").exists():
-                    disk = await asyncio.to_thread(self._open_disk, path.name, None)
-                    self._start_applier(disk)
+                    await asyncio.to_thread(self._open_disk, path.name, None)
+            await self.failovers.restore()  # fences first: nothing is applied past a failover
+            for disk in self.disks.values():
+                self._start_applier(disk)
+            tg.create_task(self.points.prune_forever(), name="prune")
+            for group in self.cfg.groups:
+                tg.create_task(
+                    self.points.run_group(group, self.ask, self.tell), name=f"group-{group.name}"
+                )
             self._server = await asyncio.start_server(
                 self._handle,
                 self.cfg.listen.host,
@@ -127,6 +170,7 @@ class ProcessServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             await self._admin.close()
+            await self.failovers.close()
             for disk in self.disks.values():
                 with contextlib.suppress(OSError):
                     await disk.make_applied_durable()
@@ -145,6 +189,8 @@ class ProcessServer:
             cache_quota=self.cfg.cache_quota,
             cache_segment=self.cfg.cache_segment,
             create=create,
+            undo=self.cfg.undo,
+            undo_segment=self.cfg.undo_segment,
         )
         self.disks[disk_id] = disk
         return disk
@@ -154,11 +200,27 @@ class ProcessServer:
         self._tg.create_task(self._applier(disk), name=f"applier-{disk.disk_id}")
 
     async def _applier(self, disk: ReplicaDisk) -> None:
-        try:
-            await disk.run_applier()
-        except (IntegrityError, OSError, LookupError) as exc:
-            disk.applier_error = str(exc)
-            log.error("disk=%s event=applier_stopped error=%r", disk.disk_id, str(exc))
+        """Run a disk's applier; after an I/O error (a full disk) retry with backoff, so applying
+        resumes by itself once space returns. Corruption stops it for good, loudly."""
+        delay = 0.1
+        while True:
+            try:
+                await disk.run_applier()
+                return
+            except (IntegrityError, LookupError) as exc:
+                disk.applier_error = str(exc)
+                log.error("disk=%s event=applier_stopped error=%r", disk.disk_id, str(exc))
+                return
+            except OSError as exc:
+                disk.applier_error = str(exc)
+                log.error(
+                    "disk=%s event=applier_stopped error=%r retry_in=%.1fs",
+                    disk.disk_id,
+                    str(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # ----------------------------------------------------------------- sessions
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -217,14 +279,19 @@ class ProcessServer:
             )
         if session.revoked:
             raise ProtocolError(ErrorCode.AUTH, f"the certificate of {session.peer} is revoked")
-        if session.role != "agent":
+        if session.role not in ("agent", "master-target"):
             raise ProtocolError(
                 ErrorCode.AUTH,
-                f"{session.peer} has a {session.role} certificate: only agents replicate here",
+                f"{session.peer} has a {session.role} certificate: only agents and master "
+                "targets connect here",
             )
         await stream.send(
             HelloOk(SERVER_NAME, self.limits.max_frame_bytes, self.cfg.max_batch_bytes)
         )
+        if session.role == "master-target":
+            log.info("event=session_opened peer=%s role=master-target", session.peer)
+            await self.failbacks.serve(session)  # the reverse stream: process_server/failback.py
+            return
         log.info(
             "event=session_opened peer=%s role=%s address=%s",
             session.peer,
@@ -253,6 +320,8 @@ class ProcessServer:
                     future = session.verify_waiters.pop(msg.request_id, None)
                     if future is not None and not future.done():
                         future.set_result(msg.report)
+                elif isinstance(msg, Control):
+                    await self._on_control(session, msg)
                 else:
                     raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
 
@@ -309,6 +378,11 @@ class ProcessServer:
         if header.last_seq <= disk.cached_seq:
             session.ack_events[disk.disk_id].set()  # a resend: acknowledge again, store nothing
             return
+        if disk.fenced and disk.cache.bytes_used + len(msg.data) > disk.cache_quota:
+            raise ProtocolError(
+                ErrorCode.DISK,
+                f"disk {disk.disk_id} is failed over ({disk.fenced}) and its cache is full",
+            )
         if header.first_seq != disk.cached_seq + 1:
             raise ProtocolError(
                 ErrorCode.SEQ_GAP,
@@ -322,6 +396,11 @@ class ProcessServer:
                     raise ProtocolError(
                         ErrorCode.BAD_MESSAGE, f"extent past the end of disk {disk.disk_id}"
                     )
+        delay = cache_pressure_delay(disk.cache.bytes_used, disk.cache_quota)
+        if delay:
+            await asyncio.sleep(
+                delay
+            )  # slow the agent as the cache nears its quota (operations.md)
         await disk.wait_for_cache_space(len(msg.data))
         disk.append_batch(msg.data, header, batch)
         session.ack_events[disk.disk_id].set()
@@ -376,6 +455,53 @@ class ProcessServer:
             session.verify_waiters.pop(request_id, None)
         return {"ok": True, "report": json.loads(report)}
 
+    # ----------------------------------------------------------------- control exchanges
+    async def _on_control(self, session: _Session, msg: Control) -> None:
+        body = decode_control(msg)
+        if isinstance(body, PointMark):
+            disk = self._owned(session, body.disk)
+            try:
+                self.points.record_mark(disk, body)
+            except PointError as exc:
+                self.points.refused += 1
+                log.warning(
+                    "disk=%s event=point_refused id=%s error=%r",
+                    disk.disk_id,
+                    body.point_id,
+                    str(exc),
+                )
+            await session.stream.send(encode_control(PointRecorded(body.point_id, body.disk)))
+        elif isinstance(body, PointHeld | Frozen):
+            future = session.control_waiters.pop(msg.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(body)
+        else:
+            raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected control {msg.name}")
+
+    async def ask(self, disk_id: str, body: ControlBody, timeout: float) -> ControlBody:
+        """Send ``body`` to the agent owning ``disk_id`` and wait for its answer.
+        Raises ConnectionError when that agent is not connected, TimeoutError."""
+        disk = self.disks.get(disk_id)
+        session = disk.session if disk is not None else None
+        if session is None:
+            raise ConnectionResetError(f"the agent of disk {disk_id} is not connected")
+        session.next_request = (session.next_request + 1) % (1 << 32)
+        request_id = session.next_request
+        future: asyncio.Future[ControlBody] = asyncio.get_running_loop().create_future()
+        session.control_waiters[request_id] = future
+        try:
+            await session.stream.send(encode_control(body, request_id))
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            session.control_waiters.pop(request_id, None)
+
+    async def tell(self, disk_id: str, body: ControlBody) -> None:
+        disk = self.disks.get(disk_id)
+        session = disk.session if disk is not None else None
+        if session is None:
+            raise ConnectionResetError(f"the agent of disk {disk_id} is not connected")
+        await session.stream.send(encode_control(body))
+
     async def _ack_pump(self, session: _Session, disk: ReplicaDisk, event: asyncio.Event) -> None:
         """Group commit: one fdatasync and one ACK for every batch that arrived meanwhile."""
         while True:
@@ -404,9 +530,15 @@ class ProcessServer:
     # ----------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         now = time.time_ns()
-        disks = [
-            d.status(now) for d in sorted(self.disks.values(), key=lambda d: (d.owner, d.disk_id))
-        ]
+        disks = []
+        for d in sorted(self.disks.values(), key=lambda d: (d.owner, d.disk_id)):
+            entry = d.status(now)
+            if self.points is not None:
+                entry.update(self.points.status(d))
+            failover = self.failovers.active.get(d.disk_id)
+            if failover is not None:
+                entry["failover"] = failover.status()
+            disks.append(entry)
         return {
             "role": "process-server",
             "running": True,
@@ -426,10 +558,100 @@ class ProcessServer:
             "cache_bytes": sum(d.cache.bytes_used for d in self.disks.values()),
             "cache_quota_per_disk": self.cfg.cache_quota,
             "disks": disks,
+            "failovers": self.failovers.status(),
+            "failbacks": self.failbacks.status(),
+            "groups": {
+                g.name: {"disks": list(g.disks), **self.points.barrier_stats.get(g.name, {})}
+                for g in self.cfg.groups
+            },
         }
 
     async def _admin_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, **self.status()}
+
+    async def _admin_points(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if request.get("group"):
+                group = str(request["group"])
+                return {"ok": True, "group": group, "points": self.points.list_group(group)}
+            disk = str(request.get("disk"))
+            if disk not in self.disks:
+                return {"ok": False, "error": f"no disk {disk!r} on this process server"}
+            return {"ok": True, "disk": disk, "points": self.points.list_points(disk)}
+        except PointError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def _admin_point_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        group = str(request.get("group") or "")
+        kind = str(request.get("kind") or "manual")
+        tag = str(request.get("tag") or "")
+        try:
+            if group:
+                config = self.points.groups.get(group)
+                if config is None:
+                    raise PointError(f"no group {group!r} in the configuration")
+                disks, hold = list(config.disks), config.hold_timeout
+            else:
+                disks, hold = [str(request.get("disk"))], 5.0
+            taken = await self.points.take(disks, kind, tag, group, self.ask, self.tell, hold)
+            recorded = await self.points.wait_recorded(taken["id"], disks, 30.0)
+            return {"ok": recorded, **taken, "recorded": recorded}
+        except (PointError, ConnectionError, TimeoutError, ProtocolError) as exc:
+            return {"ok": False, "error": str(exc) or type(exc).__name__}
+
+    async def _admin_failover(self, request: dict[str, Any]) -> dict[str, Any]:
+        group = str(request.get("group") or "")
+        try:
+            if group:
+                config = self.points.groups.get(group)
+                if config is None:
+                    raise FailoverError(f"no group {group!r} in the configuration")
+                disks = list(config.disks)
+            else:
+                disks = [str(request.get("disk"))]
+            spec = str(request.get("point") or "latest")
+            if request.get("to"):
+                if group:
+                    raise FailoverError("--to writes one disk: name a disk, not a group")
+                return await self.failovers.to_file(disks[0], spec, Path(str(request["to"])))
+            return await self.failovers.failover(
+                disks,
+                spec,
+                test=bool(request.get("test")),
+                planned=bool(request.get("planned")),
+                nbd=request.get("nbd") or None,
+                group=group,
+            )
+        except (FailoverError, ReplicaError, PointError, LookupError, OSError) as exc:
+            return {"ok": False, "error": str(exc)}
+        except (ConnectionError, TimeoutError) as exc:
+            return {"ok": False, "error": f"agent unreachable: {exc or type(exc).__name__}"}
+
+    async def _admin_failover_cleanup(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.failovers.cleanup(str(request.get("disk")))
+        except (FailoverError, OSError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def _admin_failback(self, request: dict[str, Any]) -> dict[str, Any]:
+        disk = str(request.get("disk"))
+        if not request.get("planned"):
+            rows = [r for r in self.failbacks.status() if r["disk"] == disk]
+            if rows:
+                return {"ok": True, "disk": disk, "state": "reverse-replicating", **rows[0]}
+            if disk in self.failbacks.completed:
+                return {"ok": True, "state": "done", **self.failbacks.completed[disk]}
+            return {"ok": False, "error": f"no master target is failing back disk {disk}"}
+        try:
+            return await self.failbacks.planned(disk, float(request.get("timeout") or 3600))
+        except (FailbackError, FailoverError, OSError, TimeoutError) as exc:
+            return {"ok": False, "error": str(exc) or type(exc).__name__}
+
+    async def _admin_failover_commit(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.failovers.commit(str(request.get("disk")))
+        except (FailoverError, OSError) as exc:
+            return {"ok": False, "error": str(exc)}
 
     async def _admin_verify(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -454,6 +676,8 @@ async def serve(
     finally:
         for disk in ps.disks.values():
             disk.close()
+        if ps.catalog is not None:
+            ps.catalog.close()
 
 
 def offline_status(cfg: ServerConfig) -> dict[str, Any]:

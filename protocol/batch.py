@@ -20,7 +20,7 @@ import re
 import struct
 import threading
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -42,6 +42,7 @@ __all__ = [
     "decode_batch",
     "encode_batch",
     "peek_batch_header",
+    "read_batch_table",
     "validate_disk_id",
 ]
 
@@ -206,13 +207,14 @@ def encode_batch(
 
 
 def _parse(
-    data: bytes | bytearray | memoryview, limits: Limits
+    data: bytes | bytearray | memoryview, limits: Limits, data_size: int | None = None
 ) -> tuple[BatchHeader, list[tuple[int, int, int, bytes]], int]:
-    """Parse and check everything but the data section: (header, table rows, data offset)."""
+    """Parse and check everything but the data section: (header, table rows, data offset).
+    ``data_size`` given: ``data`` stops where the data section (of that size) starts."""
     mv = memoryview(data)
     if mv.ndim != 1 or mv.itemsize != 1:
         mv = mv.cast("B")
-    total = len(mv)
+    total = len(mv) if data_size is None else len(mv) + data_size
     if total > limits.max_frame_bytes:
         raise ProtocolError(ErrorCode.LIMIT, f"batch of {total} bytes exceeds the frame limit")
     if total < _PREFIX.size:
@@ -285,6 +287,36 @@ def peek_batch_header(
     Raises ProtocolError (BAD_MAGIC, BAD_VERSION, BAD_MESSAGE, LIMIT).
     """
     return _parse(data, limits)[0]
+
+
+def read_batch_table(
+    read: Callable[[int, int], bytes], total: int, limits: Limits = DEFAULT_LIMITS
+) -> tuple[BatchHeader, list[tuple[int, int, int, bytes]], int]:
+    """Parse a stored batch's header and extent table without reading its data section:
+    ``read(offset, length)`` returns bytes of the batch, ``total`` is its size. Returns
+    (header, rows ``(offset, length, kind, xxh3_128)``, offset of the data section).
+    Used to index raw (codec 0) batches kept on disk, whose data is then read piecewise.
+
+    Raises ProtocolError as :func:`peek_batch_header` does.
+    """
+    head = read(0, min(total, _PREFIX.size + 255 + _FIELDS.size))
+    if len(head) < _PREFIX.size:
+        raise _bad("truncated batch header")
+    id_len = head[_PREFIX.size - 1]
+    fields_end = _PREFIX.size + id_len + _FIELDS.size
+    if len(head) < fields_end:
+        raise _bad("truncated batch header")
+    n_ext = _FIELDS.unpack_from(head, _PREFIX.size + id_len)[3]
+    if n_ext > limits.max_extents:
+        raise ProtocolError(ErrorCode.LIMIT, f"{n_ext} extents exceed {limits.max_extents}")
+    comp = _FIELDS.unpack_from(head, _PREFIX.size + id_len)[5]
+    table = read(fields_end, n_ext * _EXTENT.size)
+
+    stub = head[:fields_end] + table
+    if len(stub) != fields_end + n_ext * _EXTENT.size or total != len(stub) + comp:
+        raise _bad(f"stored batch is {total} bytes, its header implies {len(stub) + comp}")
+    header, rows, data_off = _parse(stub, limits, data_size=comp)
+    return header, rows, data_off
 
 
 def decode_batch(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Batch:

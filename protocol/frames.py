@@ -44,6 +44,7 @@ __all__ = [
     "BatchMsg",
     "ConnState",
     "Connection",
+    "Control",
     "DigestReply",
     "DigestRequest",
     "DiskReport",
@@ -97,6 +98,7 @@ class MsgType(enum.IntEnum):
     DIGEST_REPLY = 10
     VERIFY_REQUEST = 11
     VERIFY_RESULT = 12
+    CONTROL = 13
 
 
 def _bad(message: str) -> ProtocolError:
@@ -598,6 +600,42 @@ class VerifyResult:
             raise _bad("verify report is not UTF-8") from None
 
 
+MAX_CONTROL_BODY = 64 << 10
+_CONTROL_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control exchange (recovery points, barriers, freezes): ``name`` says which, ``body``
+    is a JSON object as UTF-8 text, decoded and checked by ``protocol.control``."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CONTROL
+    name: str
+    request_id: int
+    body: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or _CONTROL_NAME_RE.fullmatch(self.name) is None:
+            raise _bad(f"invalid control name {self.name!r}")
+        _check_uint("request_id", self.request_id, _U32_MAX)
+        if not isinstance(self.body, str) or len(self.body.encode()) > MAX_CONTROL_BODY:
+            raise ProtocolError(ErrorCode.LIMIT, "control body too large")
+
+    def _encode(self) -> bytes:
+        raw = self.body.encode()
+        return _pack_str(self.name) + _U32.pack(self.request_id) + _U32.pack(len(raw)) + raw
+
+    @classmethod
+    def _decode(cls, r: _Reader, limits: Limits) -> Control:
+        name, request_id, n = r.str(), r.u32(), r.u32()
+        if n > MAX_CONTROL_BODY:
+            raise ProtocolError(ErrorCode.LIMIT, "control body too large")
+        try:
+            return cls(name, request_id, r._take(n).decode())
+        except UnicodeDecodeError:
+            raise _bad("control body is not UTF-8") from None
+
+
 Message: TypeAlias = (
     Hello
     | HelloOk
@@ -611,6 +649,7 @@ Message: TypeAlias = (
     | DigestReply
     | VerifyRequest
     | VerifyResult
+    | Control
 )
 
 _MESSAGE_TYPES = (
@@ -626,6 +665,7 @@ _MESSAGE_TYPES = (
     DigestReply,
     VerifyRequest,
     VerifyResult,
+    Control,
 )
 _SMALL_DECODERS: dict[int, Callable[[_Reader, Limits], Message]] = {
     int(cls.TYPE): cls._decode
@@ -641,6 +681,7 @@ _SMALL_DECODERS: dict[int, Callable[[_Reader, Limits], Message]] = {
         DigestReply,
         VerifyRequest,
         VerifyResult,
+        Control,
     )
 }
 
@@ -824,6 +865,11 @@ class ConnState(enum.Enum):
     HELLO_SENT = "hello-sent"
     HELLO_RECEIVED = "hello-received"
     READY = "ready"
+    # A master target's connection (failback): the roles of the data flow are swapped, the
+    # process server sends batches and the master target acknowledges them.
+    HELLO_SENT_REVERSE = "hello-sent-reverse"
+    HELLO_RECEIVED_REVERSE = "hello-received-reverse"
+    READY_REVERSE = "ready-reverse"
     CLOSED = "closed"
     ERROR = "error"
 
@@ -845,16 +891,40 @@ def _build_transitions() -> dict[tuple[ConnState, Side, type], ConnState]:
         Heartbeat,
         DigestRequest,
         VerifyResult,
+        Control,
     )
-    downstream: tuple[type, ...] = (Registered, Ack, Heartbeat, DigestReply, VerifyRequest)
+    downstream: tuple[type, ...] = (
+        Registered,
+        Ack,
+        Heartbeat,
+        DigestReply,
+        VerifyRequest,
+        Control,
+    )
     for msg_cls in upstream:
         table[(_S.READY, "client-send", msg_cls)] = _S.READY
         table[(_S.READY, "server-recv", msg_cls)] = _S.READY
     for msg_cls in downstream:
         table[(_S.READY, "server-send", msg_cls)] = _S.READY
         table[(_S.READY, "client-recv", msg_cls)] = _S.READY
+    table[(_S.HELLO_SENT_REVERSE, "client-recv", HelloOk)] = _S.READY_REVERSE
+    table[(_S.HELLO_RECEIVED_REVERSE, "server-send", HelloOk)] = _S.READY_REVERSE
+    for msg_cls in (Register, Ack, Heartbeat, Control):
+        table[(_S.READY_REVERSE, "client-send", msg_cls)] = _S.READY_REVERSE
+        table[(_S.READY_REVERSE, "server-recv", msg_cls)] = _S.READY_REVERSE
+    for msg_cls in (Registered, BatchMsg, Heartbeat, Control):
+        table[(_S.READY_REVERSE, "server-send", msg_cls)] = _S.READY_REVERSE
+        table[(_S.READY_REVERSE, "client-recv", msg_cls)] = _S.READY_REVERSE
     sides: tuple[Side, ...] = ("client-send", "client-recv", "server-send", "server-recv")
-    for state in (_S.START, _S.HELLO_SENT, _S.HELLO_RECEIVED, _S.READY):
+    for state in (
+        _S.START,
+        _S.HELLO_SENT,
+        _S.HELLO_RECEIVED,
+        _S.READY,
+        _S.HELLO_SENT_REVERSE,
+        _S.HELLO_RECEIVED_REVERSE,
+        _S.READY_REVERSE,
+    ):
         for side in sides:
             table[(state, side, ErrorMsg)] = _S.CLOSED
     return table
@@ -913,6 +983,10 @@ class Connection:
     def _apply(self, side: Side, msg: Message) -> None:
         """Check ``msg`` against the table and the disk rules; move state. Raises UNEXPECTED."""
         new_state = _TRANSITIONS.get((self.state, side, type(msg)))
+        if isinstance(msg, Hello) and msg.role == "master-target" and new_state is not None:
+            new_state = (
+                _S.HELLO_SENT_REVERSE if new_state is _S.HELLO_SENT else _S.HELLO_RECEIVED_REVERSE
+            )
         if new_state is None:
             raise ProtocolError(
                 ErrorCode.UNEXPECTED,

@@ -1,0 +1,487 @@
+"""Failover: a recovery point made into a disk a DR VM can use, over NBD or as an image file.
+
+Modes (``tidemark-ps failover``):
+- test (``--test``): a point-in-time view with a writable overlay, exported over NBD, while
+  replication goes on untouched; ``failover cleanup`` removes it.
+- unplanned: the disk is fenced (nothing more is applied; batches still arriving are kept in
+  the cache, they are what the source wrote after the point) and the point is exported.
+- planned (``--planned``): the agent first stops accepting writes and drains, so the point
+  ``latest`` holds every acknowledged write.
+- ``--to FILE``: the point written out as a standalone sparse raw image (no export).
+- ``failover commit``: the replica is rolled back to the point and the overlay merged into it;
+  the export then serves the replica directly (writes still journaled, for failback), the
+  undo history and the other points are deleted.
+
+Every step is timed; the timings are the RTO breakdown in the output and in status. A failover
+is recorded in ``state_dir/failovers/DISK.json`` (atomically) so a restarted process server
+brings its exports back, and finishes a commit a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.nbd_server import NbdExport
+from common.durable import atomic_write_json, fsync_dir, read_json
+from process_server.catalog import Point
+from process_server.failback import save_rolled_back
+from process_server.pit import OverlayDisk, PointView
+from process_server.points import PointError, new_point_id
+from process_server.undo import is_zero
+from protocol.control import Freeze, Frozen, Unfreeze
+
+if TYPE_CHECKING:
+    from process_server.replica import ReplicaDisk
+    from process_server.server import ProcessServer
+
+log = logging.getLogger("tidemark.ps.failover")
+SPECIAL_POINTS = ("latest", "latest-processed", "latest-app-consistent")
+COPY_CHUNK = 8 << 20
+
+
+class FailoverError(Exception):
+    """A failover request cannot be carried out (the message says why)."""
+
+
+@dataclass
+class Failover:
+    disk_id: str
+    record: dict[str, Any]
+    view: PointView
+    overlay: OverlayDisk
+    export: NbdExport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def status(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "id": r["id"],
+            "disk": self.disk_id,
+            "state": r["state"],
+            "test": r["test"],
+            "planned": r["planned"],
+            "point": r["point"],
+            "nbd": self.export.address if self.export else None,
+            "overlay_writes": self.overlay.writes,
+            "overlay_bytes": self.overlay.written_bytes,
+            "timings_ms": r.get("timings_ms", {}),
+            "created_ns": r["created_ns"],
+        }
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.last = self.start
+        self.steps: dict[str, float] = {}
+
+    def step(self, name: str) -> None:
+        now = time.monotonic()
+        self.steps[name] = round((now - self.last) * 1000, 3)
+        self.last = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.steps, "total": round((time.monotonic() - self.start) * 1000, 3)}
+
+
+class FailoverManager:
+    """Every failover of one process server."""
+
+    def __init__(self, server: ProcessServer) -> None:
+        self.server = server
+        self.directory = server.cfg.state_dir / "failovers"
+        self.socket_dir = server.cfg.failover_dir or (server.cfg.state_dir / "failover")
+        self.active: dict[str, Failover] = {}
+        self._lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- choosing the point
+    async def resolve(self, disk: ReplicaDisk, spec: str, *, fence: bool) -> Point:
+        """The point ``spec`` names on ``disk``; with ``fence`` the applier stops there."""
+        catalog = self.server.points.catalog
+        now = time.time_ns()
+        if spec == "latest":
+            target = disk.durable_seq
+            if fence:
+                disk.fence(f"failover to {spec}", target)
+            await disk.wait_applied(target)
+            return Point("latest", disk.disk_id, target, now, "latest")
+        if spec == "latest-processed":
+            seq = disk.applying_seq
+            if fence:
+                disk.fence(f"failover to {spec}", seq)
+                seq = disk.applying_seq  # the applier may have finished one more group
+            return Point("latest-processed", disk.disk_id, seq, now, "latest-processed")
+        if spec == "latest-app-consistent":
+            point = catalog.newest(disk.disk_id, kind="app-consistent")
+        else:
+            point = catalog.get(disk.disk_id, spec)
+            if point is None:
+                when = parse_time(spec)
+                if when is None:
+                    raise FailoverError(f"disk {disk.disk_id}: no point {spec!r}")
+                point = catalog.newest(disk.disk_id, at_or_before_ns=when)
+        if point is None:
+            raise FailoverError(f"disk {disk.disk_id}: no point matches {spec!r}")
+        if fence:
+            disk.fence(f"failover to point {point.id}", disk.applying_seq)
+        return point
+
+    # ----------------------------------------------------------------- failing over
+    async def failover(
+        self,
+        disk_ids: list[str],
+        spec: str,
+        *,
+        test: bool,
+        planned: bool,
+        nbd: str | None,
+        group: str = "",
+    ) -> dict[str, Any]:
+        async with self._lock:
+            for disk_id in disk_ids:
+                if disk_id not in self.server.disks:
+                    raise FailoverError(f"no disk {disk_id!r} on this process server")
+                if disk_id in self.active:
+                    raise FailoverError(
+                        f"disk {disk_id} already has a failover ({self.active[disk_id].record['id']}); "
+                        "clean it up or commit it first"
+                    )
+            if nbd and len(disk_ids) > 1:
+                raise FailoverError("--nbd names one endpoint: it fits a single disk only")
+            points = await self._group_points(disk_ids, spec, group) if group else None
+            results = []
+            for disk_id in disk_ids:
+                point_spec = points[disk_id].id if points else spec
+                results.append(
+                    await self._failover_one(
+                        self.server.disks[disk_id], point_spec, test, planned, nbd
+                    )
+                )
+            return {"ok": True, "failovers": results}
+
+    async def _group_points(self, disk_ids: list[str], spec: str, group: str) -> dict[str, Point]:
+        rows = self.server.points.catalog.group_points(group, disk_ids)
+        if spec == "latest-app-consistent":
+            rows = [r for r in rows if r[0].kind == "app-consistent"]
+        if spec in SPECIAL_POINTS:
+            chosen = rows[-1] if rows else None
+        else:
+            chosen = next((r for r in rows if r[0].id == spec), None)
+            when = parse_time(spec)
+            if chosen is None and when is not None:
+                before = [r for r in rows if r[0].time_ns <= when]
+                chosen = before[-1] if before else None
+        if chosen is None:
+            raise FailoverError(f"group {group}: no group point matches {spec!r}")
+        return {p.disk: p for p in chosen}
+
+    async def _failover_one(
+        self, disk: ReplicaDisk, spec: str, test: bool, planned: bool, nbd: str | None
+    ) -> dict[str, Any]:
+        timer = _Timer()
+        if planned:
+            if test:
+                raise FailoverError("--planned and --test do not go together")
+            await self._freeze(disk)
+            timer.step("freeze_and_drain")
+        try:
+            point = await self.resolve(disk, spec, fence=not test)
+            timer.step("resolve_point")
+            view = disk.open_view(point.seq)
+        except Exception:
+            if not test:
+                disk.unfence()
+            if planned:
+                await self._unfreeze(disk)
+            raise
+        timer.step("open_view")
+        record = {
+            "id": new_point_id("failover"),
+            "disk": disk.disk_id,
+            "state": "active",
+            "test": test,
+            "planned": planned,
+            "point": point.as_dict(),
+            "created_ns": time.time_ns(),
+            "nbd": nbd or self._default_endpoint(disk.disk_id),
+        }
+        failover = await self._bring_up(disk, record, view)
+        timer.step("start_export")
+        record["timings_ms"] = timer.total()
+        await asyncio.to_thread(self._save, record)
+        log.info(
+            "disk=%s event=failover id=%s point=%s seq=%d test=%s planned=%s nbd=%s rto_ms=%.1f",
+            disk.disk_id,
+            record["id"],
+            point.id,
+            point.seq,
+            test,
+            planned,
+            failover.export.address if failover.export else None,
+            record["timings_ms"]["total"],
+        )
+        return failover.status()
+
+    async def _bring_up(
+        self, disk: ReplicaDisk, record: dict[str, Any], view: PointView
+    ) -> Failover:
+        directory = self.directory / disk.disk_id
+        direct = record["state"] == "committed"
+        overlay = await asyncio.to_thread(
+            OverlayDisk,
+            disk.disk_id,
+            view,
+            directory,
+            direct_fd=disk.replica_fd if direct else None,
+        )
+        failover = Failover(disk.disk_id, record, view, overlay)
+        export = NbdExport(overlay, record["nbd"])  # type: ignore[arg-type]
+        try:
+            await export.start()
+        except BaseException:
+            overlay.close()
+            disk.close_view(view)
+            raise
+        failover.export = export
+        self.active[disk.disk_id] = failover
+        return failover
+
+    def _default_endpoint(self, disk_id: str) -> str:
+        path = self.socket_dir / f"{disk_id}.sock"
+        if len(str(path).encode()) > 107:
+            raise FailoverError(
+                f"{path} is too long for a unix socket: set server.failover_dir or pass --nbd"
+            )
+        return f"unix:{path}"
+
+    async def _freeze(self, disk: ReplicaDisk) -> None:
+        if disk.session is None:
+            raise FailoverError(
+                f"--planned needs the agent of {disk.disk_id} ({disk.owner}) connected"
+            )
+        reply = await self.server.ask(disk.disk_id, Freeze(disk.disk_id, 60.0), 90.0)
+        if not isinstance(reply, Frozen) or not reply.ok:
+            error = reply.error if isinstance(reply, Frozen) else repr(reply)
+            raise FailoverError(f"disk {disk.disk_id}: the agent could not freeze: {error}")
+        deadline = time.monotonic() + 60
+        while disk.durable_seq < reply.seq:
+            if time.monotonic() > deadline:
+                raise FailoverError(f"disk {disk.disk_id}: the drain did not reach seq {reply.seq}")
+            await asyncio.sleep(0.01)
+
+    async def _unfreeze(self, disk: ReplicaDisk) -> None:
+        if disk.session is not None:
+            with contextlib.suppress(Exception):
+                await self.server.tell(disk.disk_id, Unfreeze(disk.disk_id))
+
+    # ----------------------------------------------------------------- ending
+    async def cleanup(self, disk_id: str) -> dict[str, Any]:
+        """Remove a failover that was not committed; replication goes on from where it was."""
+        async with self._lock:
+            failover = self._get(disk_id)
+            if failover.record["state"] != "active":
+                raise FailoverError(f"disk {disk_id}: a committed failover cannot be cleaned up")
+            disk = self.server.disks[disk_id]
+            await self._tear_down(failover)
+            await asyncio.to_thread(self._forget, disk_id)
+            if not failover.record["test"]:
+                disk.unfence()
+            if failover.record["planned"]:
+                await self._unfreeze(disk)
+            log.info("disk=%s event=failover_cleaned id=%s", disk_id, failover.record["id"])
+            return {"ok": True, "disk": disk_id, "removed": failover.record["id"]}
+
+    async def commit(self, disk_id: str) -> dict[str, Any]:
+        """Make a failover final: the replica becomes the point plus the DR writes."""
+        async with self._lock:
+            failover = self._get(disk_id)
+            record = failover.record
+            if record["test"]:
+                raise FailoverError(f"disk {disk_id}: a test failover cannot be committed")
+            if record["state"] == "committed":
+                return {"ok": True, "disk": disk_id, "state": "committed"}
+            timer = _Timer()
+            record["state"] = "committing"
+            await asyncio.to_thread(self._save, record)
+            await self._finish_commit(failover)
+            timer.step("merge")
+            record["commit_timings_ms"] = timer.total()
+            await asyncio.to_thread(self._save, record)
+            log.info("disk=%s event=failover_committed id=%s", disk_id, record["id"])
+            return {"ok": True, "disk": disk_id, "state": "committed", **failover.status()}
+
+    async def _finish_commit(self, failover: Failover) -> None:
+        disk = self.server.disks[failover.disk_id]
+        if not failover.overlay.direct:  # what the rollback changes must travel back at failback
+            rolled_back = [(s, e - s) for s, e, _ in failover.view.map.items()]
+            await asyncio.to_thread(
+                save_rolled_back, self.directory / failover.disk_id, rolled_back
+            )
+        await asyncio.to_thread(failover.overlay.merge_into, disk.replica_fd)
+        failover.record["state"] = "committed"
+        await asyncio.to_thread(self._save, failover.record)
+        keep = failover.record["point"]["id"]
+        self.server.points.catalog.delete_disk(disk.disk_id, keep=keep)
+        await disk.drop_history()
+
+    async def _tear_down(self, failover: Failover) -> None:
+        if failover.export is not None:
+            await failover.export.close()
+        failover.overlay.close()
+        self.server.disks[failover.disk_id].close_view(failover.view)
+        self.active.pop(failover.disk_id, None)
+
+    def _get(self, disk_id: str) -> Failover:
+        failover = self.active.get(disk_id)
+        if failover is None:
+            raise FailoverError(f"disk {disk_id} has no failover")
+        return failover
+
+    async def retire(self, disk_id: str) -> None:
+        """Failback is done: the failover ends, leaving the replica as it is."""
+        async with self._lock:
+            failover = self._get(disk_id)
+            await self._tear_down(failover)
+            await asyncio.to_thread(self._forget, disk_id)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, record: dict[str, Any]) -> None:
+        self._save(record)
+
+    def _save(self, record: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_json(self.directory / f"{record['disk']}.json", record)
+
+    def _forget(self, disk_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / f"{disk_id}.json").unlink()
+        shutil.rmtree(self.directory / disk_id, ignore_errors=True)
+        fsync_dir(self.directory)
+
+    async def restore(self) -> None:
+        """Bring back the failovers of a previous run (finishing an interrupted commit)."""
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.glob("*.json")):
+            record = read_json(path)
+            disk = self.server.disks.get(record["disk"])
+            if disk is None:
+                log.error("event=failover_orphan file=%s", path)
+                continue
+            if not record["test"]:
+                disk.fence(f"failover {record['id']}", disk.applying_seq)
+            seq = record["point"]["seq"] if record["state"] != "committed" else disk.applying_seq
+            view = disk.open_view(seq)
+            failover = await self._bring_up(disk, record, view)
+            if record["state"] == "committing":
+                await self._finish_commit(failover)
+            log.info("disk=%s event=failover_restored id=%s", disk.disk_id, record["id"])
+
+    async def close(self) -> None:
+        for failover in list(self.active.values()):
+            await self._tear_down(failover)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [f.status() for f in self.active.values()]
+
+    # ----------------------------------------------------------------- to a file
+    async def to_file(self, disk_id: str, spec: str, path: Path) -> dict[str, Any]:
+        """Write the point out as a sparse raw image at ``path`` (replication goes on)."""
+        disk = self.server.disks.get(disk_id)
+        if disk is None:
+            raise FailoverError(f"no disk {disk_id!r} on this process server")
+        timer = _Timer()
+        point = await self.resolve(disk, spec, fence=False)
+        view = disk.open_view(point.seq)
+        timer.step("open_view")
+        try:
+            written = await asyncio.to_thread(materialise, view, path)
+        finally:
+            disk.close_view(view)
+        timer.step("write_image")
+        return {
+            "ok": True,
+            "disk": disk_id,
+            "point": point.as_dict(),
+            "path": str(path),
+            "data_bytes": written,
+            "size": disk.size,
+            "timings_ms": timer.total(),
+        }
+
+
+def materialise(view: PointView, path: Path) -> int:
+    """Write ``view`` to a new sparse file at ``path`` (fsynced); returns data bytes written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    written = 0
+    try:
+        os.ftruncate(fd, view.size)
+        for start, end in _data_ranges(view):
+            pos = start
+            while pos < end:
+                n = min(COPY_CHUNK, end - pos)
+                data = view.read(pos, n)
+                if not is_zero(data):
+                    os.pwrite(fd, data, pos)
+                    written += n
+                pos += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return written
+
+
+def _data_ranges(view: PointView) -> list[tuple[int, int]]:
+    """Ranges that may hold data at the point: the replica's data ranges and every undo piece
+    holding bytes, merged (everything else reads as zeros)."""
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    fd = view.replica_fd
+    while pos < view.size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        if data >= view.size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), view.size)
+        ranges.append((data, hole))
+        pos = hole
+    with view.lock:
+        ranges.extend((s, e) for s, e, piece in view.map.items() if piece.data_pos >= 0)
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def parse_time(spec: str) -> int | None:
+    """A point time: ISO 8601 (UTC when no zone is given) or seconds since the epoch."""
+    with contextlib.suppress(ValueError):
+        return int(float(spec) * 1e9)
+    try:
+        when = datetime.datetime.fromisoformat(spec)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1e9)
+
+
+__all__ = ["FailoverError", "FailoverManager", "PointError", "materialise", "parse_time"]

@@ -1,0 +1,234 @@
+"""A disk as it was at a recovery point, read from the moving replica and its undo log, with an
+optional writable copy-on-write overlay: what a failover exports.
+
+Reads (for each byte): the overlay if the byte was written since failover, else the oldest
+undo record after the point that covers it, else the replica. The applier keeps running under
+a test failover: before it overwrites replica bytes it adds their undo pieces to every open
+view (under ``lock``), and a view read holds the same lock across its lookup and its replica
+read, so a view never sees a byte newer than its point.
+
+Overlay writes are journaled (an ``agent.journal.Journal`` in the failover directory; durable
+on FLUSH/FUA) before they land in the sparse overlay file; reopening replays the journal.
+Those journaled writes are what failback sends home.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import xxhash
+
+from agent.journal import Journal, decode_entry
+from common.durable import pwrite_all, zero_range
+from common.errors import DiskError, IntegrityError
+from common.segment_log import Cursor
+from process_server.extent_map import ExtentMap
+from process_server.undo import UndoPiece
+
+OVERLAY_FILE = "overlay.img"
+JOURNAL_DIR = "journal"
+
+
+class PointView:
+    """Read-only view of ``replica_fd`` at ``seq``; ``add`` is called by the applier."""
+
+    def __init__(self, replica_fd: int, size: int, seq: int, lock: threading.Lock) -> None:
+        self.replica_fd = replica_fd
+        self.size = size
+        self.seq = seq
+        self.lock = lock
+        self.map: ExtentMap[UndoPiece] = ExtentMap()
+        self._fds: dict[Path, int] = {}
+        self._verified: set[tuple[Path, int]] = set()
+        self.closed = False
+
+    def add(self, pieces: list[tuple[int, int, UndoPiece]]) -> None:
+        """Pieces of undo records after ``seq``, oldest first (caller holds ``lock``)."""
+        self.map.fill_many(pieces)
+        for _, _, piece in pieces:
+            if piece.data_pos >= 0 and piece.path not in self._fds:
+                self._fds[piece.path] = os.open(piece.path, os.O_RDONLY)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` as at the point. Raises IntegrityError when an undo
+        piece fails its digest, OSError."""
+        if offset < 0 or offset + length > self.size:
+            raise DiskError(22, "read beyond the end of the disk")
+        with self.lock:
+            return self.read_locked(offset, length)
+
+    def read_locked(self, offset: int, length: int) -> bytes:
+        """:meth:`read` for a caller that holds ``lock``."""
+        parts: list[bytes] = []
+        for start, end, piece in self.map.lookup(offset, offset + length):
+            if piece is None:
+                data = os.pread(self.replica_fd, end - start, start)
+                if len(data) < end - start:
+                    data += bytes(end - start - len(data))
+                parts.append(data)
+            elif piece.data_pos < 0:
+                parts.append(bytes(end - start))
+            else:
+                parts.append(self._undo_bytes(piece, start, end))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _undo_bytes(self, piece: UndoPiece, start: int, end: int) -> bytes:
+        fd = self._fds[piece.path]
+        key = (piece.path, piece.data_pos)
+        if key not in self._verified:
+            whole = os.pread(fd, piece.length, piece.data_pos)
+            if len(whole) != piece.length or xxhash.xxh3_128_digest(whole) != piece.digest:
+                raise IntegrityError(
+                    f"{piece.path}: undo extent at disk offset {piece.disk_offset} fails its digest"
+                )
+            self._verified.add(key)
+            begin = start - piece.disk_offset
+            return whole[begin : begin + end - start]
+        return os.pread(fd, end - start, piece.data_pos + start - piece.disk_offset)
+
+    def close(self) -> None:
+        self.closed = True
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class OverlayDisk:
+    """The writable disk a failover exports: a ``PointView`` under a journaled overlay.
+    Duck-types what ``agent.nbd_server.NbdExport`` needs of a disk."""
+
+    def __init__(
+        self,
+        disk_id: str,
+        view: PointView,
+        directory: Path,
+        *,
+        read_only: bool = False,
+        direct_fd: int | None = None,
+    ) -> None:
+        """``direct_fd``: a committed failover writes straight into the replica (no overlay)."""
+        self.disk_id = disk_id
+        self.view = view
+        self.size = view.size
+        self.read_only = read_only
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if direct_fd is not None:
+            self._fd = os.dup(direct_fd)
+        else:
+            self._fd = os.open(directory / OVERLAY_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(self._fd, self.size)
+        self.direct = direct_fd is not None
+        self.journal = Journal(directory / JOURNAL_DIR, quota=1 << 62)
+        self.written: ExtentMap[bool] = ExtentMap()
+        self.writes = 0
+        self.written_bytes = 0
+        self._replay()
+
+    def _replay(self) -> None:
+        """Rebuild the overlay and its map from the journal (the overlay file is not synced)."""
+        cursor = Cursor()
+        seq = self.journal.log.first_seq
+        while seq <= self.journal.log.last_seq:
+            records = self.journal.log.read_records(seq, 16 << 20, cursor)
+            if not records:
+                break
+            for record in records:
+                entry = decode_entry(record)
+                if entry.data is None:
+                    zero_range(self._fd, entry.offset, entry.length, punch=True)
+                else:
+                    pwrite_all(self._fd, entry.data, entry.offset)
+                self.written.fill(entry.offset, entry.offset + entry.length, True)
+                seq = record.last_seq + 1
+
+    # ----------------------------------------------------------------- the disk interface
+    async def read(self, offset: int, length: int) -> bytes:
+        if length > 1 << 20:
+            return await asyncio.to_thread(self.read_sync, offset, length)
+        return self.read_sync(offset, length)
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        parts: list[bytes] = []
+        for start, end, mine in self.written.lookup(offset, offset + length):
+            if mine:
+                parts.append(os.pread(self._fd, end - start, start))
+            else:
+                parts.append(self.view.read(start, end - start))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _check(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise DiskError(1, "the failover export is read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DiskError(28, "write beyond the end of the disk")
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        self.journal.append_write(offset, data, time.time_ns())
+        pwrite_all(self._fd, data, offset)
+        self._mark(offset, len(data))
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
+    ) -> None:
+        self._check(offset, length)
+        self.journal.append_zero(offset, length, time.time_ns(), may_trim=may_trim)
+        zero_range(self._fd, offset, length, punch=True)
+        self._mark(offset, length)
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.write_zeroes(offset, length, fua=fua, may_trim=True)
+
+    async def flush(self) -> None:
+        await self.journal.sync()
+
+    def _mark(self, offset: int, length: int) -> None:
+        self.written.fill(offset, offset + length, True)
+        self.writes += 1
+        self.written_bytes += length
+
+    def merge_into(self, replica_fd: int) -> None:
+        """Commit: write the point (the view's undo pieces) and then the overlay into the
+        replica, fdatasync it, and from then on work on the replica directly. Idempotent, so
+        a commit a crash interrupted is simply done again."""
+        if self.direct:
+            return
+        view = self.view
+        with view.lock:
+            for start, end, _ in list(view.map.items()):
+                pos = start
+                while pos < end:
+                    n = min(8 << 20, end - pos)
+                    pwrite_all(replica_fd, view.read_locked(pos, n), pos)
+                    pos += n
+            for start, end, _ in self.written.items():
+                pos = start
+                while pos < end:
+                    n = min(8 << 20, end - pos)
+                    pwrite_all(replica_fd, os.pread(self._fd, n, pos), pos)
+                    pos += n
+            os.fdatasync(replica_fd)
+            view.map = ExtentMap()
+            old, self._fd = self._fd, os.dup(replica_fd)
+            self.written = ExtentMap()
+            self.direct = True
+        os.close(old)
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / OVERLAY_FILE).unlink()
+
+    def close(self) -> None:
+        self.journal.close()
+        os.close(self._fd)
+
+
+__all__ = ["OverlayDisk", "PointView"]

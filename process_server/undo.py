@@ -1,0 +1,268 @@
+"""The undo log of one replica: the old contents of every extent the applier overwrites.
+
+One undo record per applied batch, keyed by the batch's seq range, stored as a raw (codec 0)
+batch of the *old* extents so every piece can be read in place and checked by its XXH3-128.
+The record for a batch is durable before the batch touches the replica, so after a crash the
+history is whole: a batch whose undo record exists is re-applied without a second record.
+
+A point ``P`` (a seq) is the replica with, for each byte, the oldest undo record after ``P``
+that covers it; ``pieces_after(P)`` lists those records' pieces oldest first for an
+``ExtentMap``. A batch whose old contents exceed ``record_max`` (a discard of a whole disk)
+is recorded as a *cut*: history before it can no longer be rebuilt and ``valid_from`` moves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.durable import atomic_write_json, read_json
+from common.segment_log import SegmentLog
+from protocol.batch import CODEC_RAW, Batch, Extent, Limits, encode_batch, read_batch_table
+
+TAG_UNDO = 2
+TAG_CUT = 3
+HISTORY_FILE = "history.json"
+RECORD_MAX = 256 << 20
+UNDO_LIMITS = Limits(
+    max_frame_bytes=1 << 40, max_batch_raw_bytes=(1 << 32) - 1, max_extents=1 << 20
+)
+_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+@dataclass(frozen=True, slots=True)
+class UndoPiece:
+    """One old extent kept in the undo log: where its bytes are (``data_pos`` -1: zeros)."""
+
+    path: Path
+    data_pos: int
+    disk_offset: int
+    length: int
+    digest: bytes
+    seq: int  # last seq of the batch that overwrote it
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    return not data or (data[0] == 0 and data == bytes(len(data)))
+
+
+class UndoLog:
+    """Append, make durable, index and prune one replica's undo records."""
+
+    def __init__(self, directory: Path, log: SegmentLog, valid_from: int, disk_id: str) -> None:
+        self.directory = directory
+        self.log = log
+        self.valid_from = valid_from  # the oldest seq a point may have and still be restored
+        self.disk_id = disk_id
+        self.cuts = 0
+
+    @classmethod
+    def open(cls, directory: Path, disk_id: str, applied_seq: int, segment_bytes: int) -> UndoLog:
+        """Open or create; a new log starts after ``applied_seq``. Raises IntegrityError."""
+        log = SegmentLog.open(directory, base_seq=applied_seq + 1, segment_bytes=segment_bytes)
+        history = directory / HISTORY_FILE
+        if history.exists():
+            valid_from = int(read_json(history)["valid_from"])
+        else:
+            valid_from = log.first_seq - 1
+            atomic_write_json(history, {"valid_from": valid_from})
+        return cls(directory, log, valid_from, disk_id)
+
+    @property
+    def last_seq(self) -> int:
+        return self.log.last_seq
+
+    @property
+    def first_seq(self) -> int:
+        return self.log.first_seq
+
+    @property
+    def bytes_used(self) -> int:
+        return self.log.bytes_used
+
+    def oldest_restorable(self) -> int:
+        """The oldest point seq that the records held can still rebuild."""
+        return max(self.valid_from, self.log.first_seq - 1)
+
+    # ----------------------------------------------------------------- writing (applier thread)
+    def record(self, batch: Batch, replica_fd: int) -> None:
+        """Append the undo record of ``batch`` (not yet applied) to the page cache; the caller
+        makes it durable with :meth:`sync_blocking` before writing the batch to the replica."""
+        header = batch.header
+        if header.first_seq != self.log.next_seq:
+            if header.last_seq < self.log.next_seq:
+                return  # recorded before a crash: the batch is being re-applied
+            raise ValueError(
+                f"undo of {header.first_seq}..{header.last_seq}, expected {self.log.next_seq}"
+            )
+        old = old_contents(replica_fd, batch.extents, RECORD_MAX)
+        if old is None:
+            self.log.append(TAG_CUT, header.first_seq, header.last_seq, ())
+            self.valid_from = header.last_seq
+            self.cuts += 1
+            self.save_history()
+            return
+        data = encode_batch(
+            self.disk_id,
+            header.first_seq,
+            header.last_seq,
+            old,
+            newest_write_ns=header.newest_write_ns,
+            codec=CODEC_RAW,
+        )
+        self.log.append(TAG_UNDO, header.first_seq, header.last_seq, (data,))
+
+    def save_history(self) -> None:
+        atomic_write_json(self.directory / HISTORY_FILE, {"valid_from": self.valid_from})
+
+    def sync_blocking(self) -> None:
+        self.log.sync_blocking()
+
+    # ----------------------------------------------------------------- reading
+    def pieces_after(self, seq: int) -> list[tuple[int, int, UndoPiece]]:
+        """Every old extent recorded for batches after ``seq``, oldest batch first:
+        ``(start, end, piece)`` ready for ``ExtentMap.fill_many``. Raises LookupError when
+        records after ``seq`` were pruned, ValueError when history was cut after ``seq``."""
+        if seq < self.valid_from:
+            raise ValueError(f"history before seq {self.valid_from} is gone (a cut)")
+        return self.pieces_of(self.log.locate(seq + 1), seq)
+
+    def pieces_of(self, locations: list, after: int) -> list[tuple[int, int, UndoPiece]]:
+        out: list[tuple[int, int, UndoPiece]] = []
+        fds: dict[Path, int] = {}
+        try:
+            for loc in locations:
+                if loc.last_seq <= after:
+                    continue
+                if loc.tag == TAG_CUT:
+                    raise ValueError(f"history was cut at seq {loc.last_seq}")
+                fd = fds.get(loc.path)
+                if fd is None:
+                    fd = fds[loc.path] = os.open(loc.path, os.O_RDONLY)
+                base = loc.payload_offset
+
+                def read(offset: int, length: int, fd: int = fd, base: int = base) -> bytes:
+                    return os.pread(fd, length, base + offset)
+
+                _, rows, data_off = read_batch_table(read, loc.size, UNDO_LIMITS)
+                pos = base + data_off
+                for offset, length, kind, digest in rows:
+                    if kind == 0:
+                        out.append(
+                            (
+                                offset,
+                                offset + length,
+                                UndoPiece(loc.path, pos, offset, length, digest, loc.last_seq),
+                            )
+                        )
+                        pos += length
+                    else:
+                        out.append(
+                            (
+                                offset,
+                                offset + length,
+                                UndoPiece(loc.path, -1, offset, length, b"", loc.last_seq),
+                            )
+                        )
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out
+
+    def locations_after(self, seq: int) -> list:
+        return self.log.locate(seq + 1)
+
+    # ----------------------------------------------------------------- pruning
+    async def release_through(self, seq: int) -> int:
+        """Drop whole segments holding only records ``<= seq``; returns bytes freed."""
+        return await self.log.release_through(seq)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Extent] | None:
+    """The replica's current contents under ``extents``: data extents, or zero extents where
+    all-zero or a hole. None when the data exceeds ``limit`` bytes."""
+    out: list[Extent] = []
+    total = 0
+    for extent in extents:
+        start, end = extent.offset, extent.offset + extent.length
+        for data_start, data_end in _data_ranges(fd, start, end):
+            if data_start > start:
+                out.append(Extent(start, data_start - start, None))
+            pos = data_start
+            while pos < data_end:
+                n = min(data_end - pos, 8 << 20)
+                data = os.pread(fd, n, pos)
+                if len(data) < n:
+                    data += bytes(n - len(data))
+                if is_zero(data):
+                    if out and out[-1].data is None and out[-1].offset + out[-1].length == pos:
+                        prev = out.pop()
+                        out.append(Extent(prev.offset, prev.length + n, None))
+                    else:
+                        out.append(Extent(pos, n, None))
+                else:
+                    total += n
+                    if total > limit:
+                        return None
+                    out.append(Extent(pos, n, data))
+                pos += n
+            start = data_end
+        if start < end:
+            out.append(Extent(start, end - start, None))
+    return _merge_zero(out)
+
+
+def _merge_zero(extents: list[Extent]) -> list[Extent]:
+    merged: list[Extent] = []
+    for e in extents:
+        prev = merged[-1] if merged else None
+        if (
+            prev is not None
+            and e.data is None
+            and prev.data is None
+            and prev.offset + prev.length == e.offset
+            and prev.length + e.length < (1 << 32)
+        ):
+            merged[-1] = Extent(prev.offset, prev.length + e.length, None)
+        else:
+            merged.append(e)
+    return [piece for e in merged for piece in _split(e)]
+
+
+def _split(e: Extent) -> list[Extent]:
+    if e.data is not None or e.length < (1 << 32):
+        return [e]
+    out, offset, left = [], e.offset, e.length
+    while left:
+        n = min(left, (1 << 32) - 1)
+        out.append(Extent(offset, n, None))
+        offset += n
+        left -= n
+    return out
+
+
+def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The data (non-hole) ranges within ``[start, end)``; small ranges are taken whole."""
+    if end - start <= 1 << 20:
+        return [(start, end)]
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, _SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, _SEEK_HOLE), end)
+        out.append((data, hole))
+        pos = hole
+    return out
+
+
+__all__ = ["TAG_CUT", "TAG_UNDO", "UndoLog", "UndoPiece", "is_zero", "old_contents"]
