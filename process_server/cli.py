@@ -20,6 +20,7 @@ from process_server.points_cli import (
     run_failback,
     run_failover,
     run_points,
+    take_extra_positionals,
 )
 
 STATUS_COLUMNS = [
@@ -107,7 +108,10 @@ async def _status(config: Path, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not take_extra_positionals(args, extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "pki":
             return run_pki(args)

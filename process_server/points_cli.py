@@ -26,8 +26,7 @@ FAILOVER_ACTIONS = ("cleanup", "commit", "list")
 
 def add_points_parsers(sub: Any) -> None:
     p = sub.add_parser("points", help="list or create recovery points")
-    p.add_argument("action", choices=("list", "create"))
-    p.add_argument("disk", nargs="?", help="disk id (or --group)")
+    p.add_argument("target", nargs="*", help="list|create, then a disk id (or --group)")
     p.add_argument("--config", required=True, type=Path, help="ps.toml")
     p.add_argument("--group", help="a consistency group of the configuration")
     p.add_argument("--tag", default="", help="create: a label kept with the point")
@@ -108,9 +107,22 @@ def _finish(reply: dict[str, Any] | None, as_json: bool, show: Any) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def take_extra_positionals(args: argparse.Namespace, extra: list[str]) -> bool:
+    """argparse stops filling a ``*`` positional at the first option: ``points list --config F
+    DISK`` leaves DISK over. Such leftovers join ``target``; False when one is an option."""
+    if any(item.startswith("-") for item in extra) or not hasattr(args, "target"):
+        return not extra
+    args.target = [*args.target, *extra]
+    return True
+
+
 async def run_points(args: argparse.Namespace) -> int:
-    if bool(args.disk) == bool(args.group):
-        return _usage("name a disk or --group, not both")
+    if not args.target or args.target[0] not in ("list", "create"):
+        return _usage("points list|create DISK|--group G")
+    args.action = args.target[0]
+    args.disk = args.target[1] if len(args.target) == 2 else None
+    if len(args.target) > 2 or bool(args.disk) == bool(args.group):
+        return _usage("name one disk or --group")
     target = {"group": args.group} if args.group else {"disk": args.disk}
     if args.action == "list":
         reply = await _ask(args.config, {"cmd": "points", **target})
@@ -206,4 +218,10 @@ def _print_failovers(reply: dict[str, Any]) -> None:
         print(f"  RTO: {steps}")
 
 
-__all__ = ["add_points_parsers", "run_failback", "run_failover", "run_points"]
+__all__ = [
+    "add_points_parsers",
+    "run_failback",
+    "run_failover",
+    "run_points",
+    "take_extra_positionals",
+]

@@ -101,6 +101,8 @@ class ReplicaDisk:
         self.view_lock = threading.Lock()
         self.fenced: str | None = None  # why nothing more is applied (a failover owns the disk)
         self.apply_limit: int | None = None  # the applier stops at this seq while fenced
+        self._group_done = asyncio.Event()  # clear while a group is being written
+        self._group_done.set()
         self._boundaries: collections.deque[int] = collections.deque(maxlen=BOUNDARIES_KEPT)
         self._boundary_set: set[int] = set()
         self.note_boundary(self.durable_seq)
@@ -213,8 +215,18 @@ class ReplicaDisk:
         self._boundary_set.add(seq)
 
     def is_boundary(self, seq: int) -> bool:
-        """Does a received batch end at ``seq`` (recently enough to be remembered)?"""
-        return seq in self._boundary_set
+        """Does a received batch end at ``seq``? Recent ones are remembered; older ones are
+        found where the next batch starts, in the cache or the undo log."""
+        if seq in self._boundary_set or seq in (self.applied_seq, self.durable_seq):
+            return True
+        for log in (self.cache, self.undo.log if self.undo is not None else None):
+            if log is None or not log.first_seq <= seq + 1 <= log.last_seq:
+                continue
+            with contextlib.suppress(LookupError):
+                found = log.locate(seq + 1)
+                if found:
+                    return found[0].first_seq == seq + 1
+        return False
 
     async def sync_cache(self) -> int:
         """fdatasync the cache (group commit); returns the seq now durable."""
@@ -265,7 +277,11 @@ class ReplicaDisk:
                     self._decoded_bytes -= decoded.header.raw_bytes
                 items.append((record.payload, decoded))
             if items:
-                batches = await asyncio.to_thread(self._apply_records, items)
+                self._group_done.clear()
+                try:
+                    batches = await asyncio.to_thread(self._apply_records, items)
+                finally:
+                    self._group_done.set()
                 for batch in batches:
                     self.applied_bytes += batch.header.raw_bytes
                     self.newest_applied_write_ns = max(
@@ -298,6 +314,11 @@ class ReplicaDisk:
         self.fenced = reason
         self.apply_limit = limit
         self._cache_durable.set()
+
+    async def wait_group_written(self) -> None:
+        """Wait until no group of batches is being written (after :meth:`fence`, the replica
+        then stays still)."""
+        await self._group_done.wait()
 
     def unfence(self) -> None:
         self.fenced = None

@@ -232,6 +232,9 @@ def test_app_consistent_points_run_hooks_and_never_fake_a_point(dep: Deployment)
     assert good["ok"] and Path(f"{post}-3").exists()
     points = ps(dep, "points", "list", "h3")["points"]
     assert [p["tag"] for p in points if p["kind"] == "app-consistent"] == ["db-checkpoint"]
+    # The documented argument order (options first, then the disk) works as well.
+    out = dep.cli("process_server.cli", "points", "list", "--config", str(dep.ps_config), "h3")
+    assert "db-checkpoint" in out.stdout
     image = dep.root / "h3.img"
     ps(dep, "failover", "h3", "--point", "latest-app-consistent", "--to", str(image))
     run("cmp", str(spec.disks["h3"]), str(image))
