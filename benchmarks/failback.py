@@ -411,6 +411,7 @@ def baseline(ctx: Ctx, root: Path, out: dict[str, Any], phase: Any) -> None:
     out["divergent_bytes"] = blocks * COMPARE_BLOCK
     out["divergence_compare_seconds"] = round(time.monotonic() - t0, 2)
     try:
+        out["loadavg_before_rsync"] = [round(x, 2) for x in os.getloadavg()]
         rs = run_rsync(dr_copy, src_copy)
         rs["equal"] = same(dr_copy, src_copy)
         rs["note"] = "local files: no network, no TLS, no fsync (generous to rsync)"
@@ -443,6 +444,7 @@ def failback(ctx: Ctx, out: dict[str, Any], pids: dict[str, int], phase: Any) ->
         out["commands"] = {"master_target": shlex.join(mt_cmd), "planned": shlex.join(planned_cmd)}
         phase("failback: master target launched ... failback --planned returned (timed)")
         out["page_cache"] = warm(source, replica)
+        out["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
         prof = PySpy("failback-ps", {"ps": pids["ps-2"]})
         sampler = ProcessSampler({"ps": pids["ps-2"]}).start()
         proxy.reset()
@@ -605,14 +607,14 @@ def _figures(details: dict[str, Any], plan: Plan | None) -> list[Figure]:
             NAME, "phase: registered -> reverse stream drained", ph["registered_to_drained_s"], "s"
         )
     )
+    figs.append(Figure(NAME, "phase: failback --planned (CLI wall)", ph["planned_command_s"], "s"))
     t = rep.get("timings") or {}
     figs.append(
         Figure(
             NAME,
-            "phase: failback --planned (CLI wall; server drain/verify/swap ms)",
-            ph["planned_command_s"],
-            "s",
-            target=" / ".join(f"{t.get(k, 0):.0f}" for k in ("drain_ms", "verify_ms", "swap_ms")),
+            "phase: --planned, server side: drain / verify / swap",
+            " / ".join(f"{t.get(k, 0):.0f}" for k in ("drain_ms", "verify_ms", "swap_ms")),
+            "ms",
         )
     )
     if fb.get("delta"):

@@ -883,6 +883,8 @@ def run(params: Params) -> ScenarioResult:
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
             details["log_tails"] = _log_tails(root)
+    if rto.get("failovers"):
+        details["rto_summary"] = summary_table(rto["failovers"])
     _figures(result, rto, undo)
     return result
 
@@ -913,6 +915,30 @@ def summarize_failovers(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dic
             server_max=max(server),
             cli_median=statistics.median(r["cli_wall_s"] for r in s["rows"]),
             client_median=statistics.median(r["client_alone_s"] for r in s["rows"]),
+            open_view_ms_median=statistics.median(
+                float(r.get("timings_ms", {}).get("open_view", 0.0)) for r in s["rows"]
+            ),
+        )
+    return out
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (mode, disk size) for the JSON: medians and worsts in ms."""
+    out = []
+    for (mode, size), s in summarize_failovers(rows).items():
+        out.append(
+            {
+                "mode": mode,
+                "size": size,
+                "n": s["n"],
+                "end_to_end_ms_median": _ms(s["e2e_median"]),
+                "end_to_end_ms_max": _ms(s["e2e_max"]),
+                "server_total_ms_median": _ms(s["server_median"]),
+                "server_total_ms_max": _ms(s["server_max"]),
+                "open_view_ms_median": round(s["open_view_ms_median"], 1),
+                "cli_wall_ms_median": _ms(s["cli_median"]),
+                "client_alone_ms_median": _ms(s["client_median"]),
+            }
         )
     return out
 
@@ -971,6 +997,15 @@ def _figures(result: ScenarioResult, rto: dict[str, Any], undo: dict[str, dict[s
                 )
             )
     if rows:
+        overhead = statistics.median(r["cli_wall_s"] - r["server_total_s"] for r in rows)
+        figs.append(
+            Figure(
+                NAME,
+                "tidemark-ps CLI wall - server total (start-up, reply; median)",
+                _ms(overhead),
+                "ms",
+            )
+        )
         client = statistics.median(r["client_alone_s"] for r in rows)
         figs.append(Figure(NAME, "NBD client alone: qemu-io read 0 4k (median)", _ms(client), "ms"))
         checked = [r for r in rows if "compare" in r]

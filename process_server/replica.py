@@ -183,10 +183,9 @@ class ReplicaDisk:
     # ----------------------------------------------------------------- receiving
     async def wait_for_cache_space(self, nbytes: int) -> None:
         """Backpressure: wait until the cache has room for ``nbytes`` more."""
-        while (
-            self.cache.bytes_used + nbytes > self.cache_quota
-            and self.applying_seq < self.cached_seq
-        ):
+        while self.cache.bytes_used + nbytes > self.cache_quota and (
+            self.applying_seq < self.cached_seq or self.fenced
+        ):  # fenced (failed over): nothing frees space until failback or cleanup
             self._space_freed.clear()
             await self._space_freed.wait()
 
@@ -324,6 +323,7 @@ class ReplicaDisk:
         self.fenced = None
         self.apply_limit = None
         self._cache_durable.set()
+        self._space_freed.set()
 
     @property
     def replica_fd(self) -> int:

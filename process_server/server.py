@@ -378,11 +378,6 @@ class ProcessServer:
         if header.last_seq <= disk.cached_seq:
             session.ack_events[disk.disk_id].set()  # a resend: acknowledge again, store nothing
             return
-        if disk.fenced and disk.cache.bytes_used + len(msg.data) > disk.cache_quota:
-            raise ProtocolError(
-                ErrorCode.DISK,
-                f"disk {disk.disk_id} is failed over ({disk.fenced}) and its cache is full",
-            )
         if header.first_seq != disk.cached_seq + 1:
             raise ProtocolError(
                 ErrorCode.SEQ_GAP,

@@ -111,6 +111,8 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
             assert point["id"] == r["mode"].split("@", 1)[1]
         if r["mode"] == "planned@latest":
             assert "freeze_and_drain" in t
+    summary = result["details"]["rto_summary"]
+    assert len(summary) == 2 * len(MODES) and all(row["n"] == 1 for row in summary)
     rto = _figure(result, "RTO test@point, 1 GiB disk: launch -> first 4 KiB read (worst)")
     assert rto["unit"] == "ms" and rto["target"] == "<= 1000 ms" and rto["passed"] in (True, False)
     scale = figure_prefixed(result, "RTO test@point: 4 GiB vs 1 GiB disk")
