@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import xxhash
@@ -83,3 +84,54 @@ def chunk_digests(fd: int, offset: int, length: int, chunk: int, size: int) -> D
             digests.append(xxhash.xxh3_128_digest(view))
         pos = cend
     return DigestResult(digests, read)
+
+
+class DigestTracker:
+    """Full-disk chunk digests kept current cheaply: hashed once (``start``, a thread), then
+    only the chunks written since (``touch``, called *after* each write) are hashed again in
+    ``current``. Failback verifies whole disks this way without reading them at cut-over."""
+
+    def __init__(self, fd: int, size: int, chunk: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.chunk = chunk
+        self._digests: list[bytes] | None = None
+        self._dirty: set[int] = set()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self.rehashed_bytes = 0
+
+    def start(self) -> None:
+        """Hash every chunk (run in a thread; ``touch`` may run meanwhile)."""
+        digests = chunk_digests(self.fd, 0, self.size, self.chunk, self.size).digests
+        with self._lock:
+            self._digests = digests
+        self._ready.set()
+
+    def touch(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first, last = offset // self.chunk, (offset + length - 1) // self.chunk
+        with self._lock:
+            self._dirty.update(range(first, last + 1))
+
+    def current(self) -> list[bytes]:
+        """Every chunk's digest now (run in a thread, with the writers stopped)."""
+        self._ready.wait()
+        with self._lock:
+            dirty, self._dirty = sorted(self._dirty), set()
+            digests = self._digests
+        assert digests is not None
+        for index in dirty:
+            start = index * self.chunk
+            digests[index] = chunk_digests(
+                self.fd, start, self.chunk, self.chunk, self.size
+            ).digests[0]
+            self.rehashed_bytes += min(self.chunk, self.size - start)
+        return list(digests)
+
+
+def verify_chunk(size: int, max_digests: int = 65536) -> int:
+    """The chunk size that covers ``size`` with at most ``max_digests`` digests (64 KiB up)."""
+    chunk = max(64 << 10, -(-size // max_digests))
+    return -(-chunk // 4096) * 4096

@@ -27,7 +27,7 @@ from agent.failback_state import reset_after_failback, source_divergence
 from common.admin import AdminServer
 from common.aio import first_leaf
 from common.config import MasterTargetConfig, MtDiskConfig
-from common.digests import chunk_digests
+from common.digests import DigestTracker, chunk_digests, verify_chunk
 from common.durable import atomic_write_json, read_json
 from common.errors import TidemarkError
 from common.framed import FramedStream
@@ -76,6 +76,8 @@ class MasterTarget:
         self._admin = AdminServer(cfg.admin_socket, {"status": self._admin_status})
         self._stop = asyncio.Event()
         self._appliers: dict[str, asyncio.Task[None]] = {}
+        self._trackers: dict[str, DigestTracker] = {}
+        self._ack_events: dict[str, asyncio.Event] = {}
 
     # ----------------------------------------------------------------- lifecycle
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -209,10 +211,14 @@ class MasterTarget:
     async def _send_digests(
         self, stream: FramedStream, disk_id: str, disk: ReplicaDisk, chunk: int
     ) -> None:
-        result = await asyncio.to_thread(
-            chunk_digests, disk.replica_fd, 0, disk.size, chunk, disk.size
-        )
-        digests = result.digests
+        tracker = self._trackers.get(disk_id)
+        if tracker is not None and tracker.chunk == chunk:
+            digests = await asyncio.to_thread(tracker.current)
+        else:
+            result = await asyncio.to_thread(
+                chunk_digests, disk.replica_fd, 0, disk.size, chunk, disk.size
+            )
+            digests = result.digests
         for start in range(0, max(len(digests), 1), DIGESTS_PER_MESSAGE):
             part = digests[start : start + DIGESTS_PER_MESSAGE]
             await stream.send(
@@ -240,15 +246,23 @@ class MasterTarget:
                     continue
                 await disk.wait_for_cache_space(len(msg.data))
                 disk.append_batch(msg.data, msg.header)
-                seq = await disk.sync_cache()
-                await stream.send(Ack(msg.disk_id, seq))
+                self._ack_events[msg.disk_id].set()  # group commit: the pump syncs and acks
             elif isinstance(msg, Registered):
                 disk = self.disks.get(msg.disk_id)
                 if disk is None:
                     raise ProtocolError(ErrorCode.UNEXPECTED, f"REGISTERED for {msg.disk_id}")
+                if msg.disk_id not in self._trackers:
+                    # The source's digests, hashed once now and kept current as batches land,
+                    # so the final verification re-reads only what changed.
+                    tracker = DigestTracker(disk.replica_fd, disk.size, verify_chunk(disk.size))
+                    disk.on_written = tracker.touch
+                    self._trackers[msg.disk_id] = tracker
+                    tg.create_task(asyncio.to_thread(tracker.start))
                 self._appliers[msg.disk_id] = tg.create_task(
                     disk.run_applier(), name=f"apply-{msg.disk_id}"
                 )
+                event = self._ack_events[msg.disk_id] = asyncio.Event()
+                tg.create_task(self._ack_pump(stream, disk, event), name=f"acks-{msg.disk_id}")
             elif isinstance(msg, Heartbeat):
                 continue
             elif isinstance(msg, Control):
@@ -267,8 +281,20 @@ class MasterTarget:
             else:
                 raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
 
+    async def _ack_pump(
+        self, stream: FramedStream, disk: ReplicaDisk, event: asyncio.Event
+    ) -> None:
+        """One fdatasync and one ACK for every batch that arrived meanwhile."""
+        while disk.disk_id in self.disks:
+            await event.wait()
+            event.clear()
+            seq = await disk.sync_cache()
+            await stream.send(Ack(disk.disk_id, seq))
+
     async def _finish(self, body: FailbackDone) -> None:
         disk = self.disks.pop(body.disk)
+        disk.on_written = None
+        self._trackers.pop(body.disk, None)
         applier = self._appliers.pop(body.disk, None)
         if applier is not None:
             applier.cancel()

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.failback_state import merge_ranges
 from agent.shipper import encode_entries
-from common.digests import chunk_digests
+from common.digests import DigestTracker, chunk_digests, verify_chunk
 from common.durable import atomic_write_json, read_json
 from common.segment_log import Cursor
 from process_server.undo import is_zero
@@ -62,7 +62,6 @@ ROLLED_BACK_FILE = "rolled_back.json"
 PIECE = 4 << 20
 WINDOW_BATCHES = 8
 MAX_BATCH = 4 << 20
-VERIFY_DIGESTS = 1024  # digests per verification: the chunk grows with the disk
 
 
 class FailbackError(Exception):
@@ -100,6 +99,8 @@ class FailbackManager:
         self._fallback_digests: dict[str, dict[int, bytes]] = {}
         self._fallback_chunk: dict[str, int] = {}
         self.completed: dict[str, dict[str, Any]] = {}
+        self.trackers: dict[str, DigestTracker] = {}  # the DR disk's digests, kept current
+        self._hashing: dict[str, asyncio.Future[None]] = {}
         self.wire_total: dict[str, int] = collections.Counter()  # every session's bytes
         self.raw_total: dict[str, int] = collections.Counter()
 
@@ -186,6 +187,12 @@ class FailbackManager:
                 f"disk {disk_id}: target holds seq {mt_seq}, the DR journal has "
                 f"{journal.first_seq}..{journal.last_seq} (delete the target's state to restart)",
             )
+        if disk_id not in self.trackers:
+            # Hash the DR disk once now, off the cut-over's path; DR writes mark their chunks.
+            tracker = DigestTracker(disk.replica_fd, disk.size, verify_chunk(disk.size))
+            failover.overlay.on_written = tracker.touch
+            self.trackers[disk_id] = tracker
+            self._hashing[disk_id] = asyncio.ensure_future(asyncio.to_thread(tracker.start))
         link = ReverseLink(disk_id, session.peer, session.stream, mt_seq + 1, acked_seq=mt_seq)
         self.links[disk_id] = link
         await session.stream.send(Registered(disk_id, mt_seq, journal.last_seq))
@@ -333,6 +340,9 @@ class FailbackManager:
             "batches_last_session": link.batches,
             **failover.record.get("failback", {}),
         }
+        failover.overlay.on_written = None
+        self.trackers.pop(disk_id, None)
+        self._hashing.pop(disk_id, None)
         await self.server.failovers.retire(disk_id)
         next_seq = await disk.restart_sequence() + 1
         disk.unfence()
@@ -351,17 +361,28 @@ class FailbackManager:
         return report
 
     async def _verify(self, link: ReverseLink, disk: Any) -> tuple[bool, int | None]:
-        chunk = max(4 << 20, -(-disk.size // VERIFY_DIGESTS))
-        chunk = -(-chunk // 4096) * 4096
+        tracker = self.trackers[link.disk_id]
+        chunk = tracker.chunk
         link.digests, link.digest_chunk = {}, chunk
         link.digests_done.clear()
-        await link.stream.send(encode_control(FailbackVerify(link.disk_id, chunk)))
-        await asyncio.wait_for(link.digests_done.wait(), 600)
-        ours = await asyncio.to_thread(
-            chunk_digests, disk.replica_fd, 0, disk.size, chunk, disk.size
-        )
-        link.digest_chunk = 0
-        for index, digest in enumerate(ours.digests):
+        # Both sides hash at once: ours in a thread while the master target hashes the source.
+        mine = asyncio.ensure_future(asyncio.to_thread(tracker.current))
+        try:
+            await link.stream.send(encode_control(FailbackVerify(link.disk_id, chunk)))
+            deadline = time.monotonic() + 600
+            while not link.digests_done.is_set():
+                if self.links.get(link.disk_id) is not link or time.monotonic() > deadline:
+                    raise FailbackError(
+                        f"disk {link.disk_id}: the master target went away during verification"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(link.digests_done.wait(), 0.1)
+            ours = await mine
+        finally:
+            link.digest_chunk = 0
+            if not mine.done():
+                mine.cancel()
+        for index, digest in enumerate(ours):
             if link.digests.get(index * chunk) != digest:
                 return False, index * chunk
         return True, None
@@ -372,7 +393,7 @@ class FailbackManager:
             failover = self.server.failovers.active.get(disk_id)
             last = failover.overlay.journal.last_seq if failover else link.next_seq - 1
             first_pending = link.acked_seq + 1
-            lag = 0
+            lag = 0  # an upper bound: the journal bytes not yet released
             if failover is not None and first_pending <= last:
                 lag = max(0, failover.overlay.journal.bytes_used)
             elapsed = time.monotonic() - link.started

@@ -19,6 +19,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -124,6 +125,7 @@ class OverlayDisk:
             self._fd = os.open(directory / OVERLAY_FILE, os.O_RDWR | os.O_CREAT, 0o600)
             os.ftruncate(self._fd, self.size)
         self.direct = direct_fd is not None
+        self.on_written: Callable[[int, int], None] | None = None  # after each write
         self.journal = Journal(directory / JOURNAL_DIR, quota=1 << 62)
         self.written: ExtentMap[bool] = ExtentMap()
         self.writes = 0
@@ -193,6 +195,8 @@ class OverlayDisk:
         await self.journal.sync()
 
     def _mark(self, offset: int, length: int) -> None:
+        if self.on_written is not None:
+            self.on_written(offset, length)
         self.written.fill(offset, offset + length, True)
         self.writes += 1
         self.written_bytes += length

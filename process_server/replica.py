@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ class ReplicaDisk:
         self.view_lock = threading.Lock()
         self.fenced: str | None = None  # why nothing more is applied (a failover owns the disk)
         self.apply_limit: int | None = None  # the applier stops at this seq while fenced
+        self.on_written: Callable[[int, int], None] | None = None  # after each replica write
         self._group_done = asyncio.Event()  # clear while a group is being written
         self._group_done.set()
         self._boundaries: collections.deque[int] = collections.deque(maxlen=BOUNDARIES_KEPT)
@@ -425,6 +427,8 @@ class ReplicaDisk:
                     zero_range(self._fd, extent.offset, extent.length, punch=True)
                 else:
                     pwrite_all(self._fd, extent.data, extent.offset)
+                if self.on_written is not None:
+                    self.on_written(extent.offset, extent.length)
 
     async def make_applied_durable(self) -> None:
         """fdatasync the replica, record applied_seq, free cache segments. Serialized: the
