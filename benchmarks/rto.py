@@ -37,9 +37,9 @@ not vacuous). After the failovers a write through the agent's export must replic
 
 ``--to FILE``: ``failover DISK --point ID --to FILE`` (the point of the 16 GiB disk holds
 ``base`` + 2 MiB of data) against ``cp --sparse=always`` of the replica file in the same run,
-alternated ``repeats`` times, the page cache flushed (``sync``) before each; both throughputs
-count the data (non-hole) bytes. The image is compared with the reference (``qemu-img
-compare``).
+alternated ``repeats`` times (best of each), dirty pages written back (``sync``) before each;
+both throughputs count the data (non-hole) bytes. The image is compared with the reference
+(``qemu-img compare``).
 
 Undo log on vs off: the ``replication`` scenario's workload (1 MiB 2:1-compressible sequential
 writes through the agent's Python API, a flush every 64 writes, drained and applied) in a
@@ -732,6 +732,7 @@ def replication_runs(
     """The replication workload in a new deployment: a fresh pass of ``nbytes`` over a sparse
     disk of that size, then an overwrite pass rewriting every block with other data."""
     label = "on" if undo else "off"
+    os.sync()  # the previous part's dirty pages are not this run's to write back
     dep = Deployment(root / f"u{label}", ps_options={"undo": undo})
     writer: Writer | None = None
     out: dict[str, Any] = {"undo": undo, "passes": {}}

@@ -188,36 +188,49 @@ class FailoverManager:
         self, disk: ReplicaDisk, spec: str, test: bool, planned: bool, nbd: str | None
     ) -> dict[str, Any]:
         timer = _Timer()
+        if planned and test:
+            raise FailoverError("--planned and --test do not go together")
+        if test and disk.undo is None:
+            raise FailoverError(
+                f"disk {disk.disk_id}: a test failover needs the undo log (server.undo = true): "
+                "without it the replica moves under the export"
+            )
+        endpoint = nbd or self._default_endpoint(disk.disk_id)
         if planned:
-            if test:
-                raise FailoverError("--planned and --test do not go together")
             await self._freeze(disk)
             timer.step("freeze_and_drain")
+        view: PointView | None = None
         try:
             point = await self.resolve(disk, spec, fence=not test)
             timer.step("resolve_point")
-            view = disk.open_view(point.seq)
-        except Exception:
+            view = await asyncio.to_thread(disk.open_view, point.seq)  # not on the event loop
+            timer.step("open_view")
+            record = {
+                "id": new_point_id("failover"),
+                "disk": disk.disk_id,
+                "state": "active",
+                "test": test,
+                "planned": planned,
+                "point": point.as_dict(),
+                "created_ns": time.time_ns(),
+                "nbd": endpoint,
+            }
+            failover = await self._bring_up(disk, record, view)
+            timer.step("start_export")
+            record["timings_ms"] = timer.total()
+            await asyncio.to_thread(self._save, record)
+        except BaseException:
+            # Nothing half-done stays behind: the disk applies again, the agent takes writes.
+            if disk.disk_id in self.active:
+                await self._tear_down(self.active[disk.disk_id])
+            elif view is not None:
+                disk.close_view(view)
+            await asyncio.to_thread(self._forget, disk.disk_id)  # no stale overlay journal
             if not test:
                 disk.unfence()
             if planned:
                 await self._unfreeze(disk)
             raise
-        timer.step("open_view")
-        record = {
-            "id": new_point_id("failover"),
-            "disk": disk.disk_id,
-            "state": "active",
-            "test": test,
-            "planned": planned,
-            "point": point.as_dict(),
-            "created_ns": time.time_ns(),
-            "nbd": nbd or self._default_endpoint(disk.disk_id),
-        }
-        failover = await self._bring_up(disk, record, view)
-        timer.step("start_export")
-        record["timings_ms"] = timer.total()
-        await asyncio.to_thread(self._save, record)
         log.info(
             "disk=%s event=failover id=%s point=%s seq=%d test=%s planned=%s nbd=%s rto_ms=%.1f",
             disk.disk_id,
@@ -244,12 +257,11 @@ class FailoverManager:
             direct_fd=disk.replica_fd if direct else None,
         )
         failover = Failover(disk.disk_id, record, view, overlay)
-        export = NbdExport(overlay, record["nbd"])  # type: ignore[arg-type]
         try:
+            export = NbdExport(overlay, record["nbd"])  # type: ignore[arg-type]
             await export.start()
         except BaseException:
             overlay.close()
-            disk.close_view(view)
             raise
         failover.export = export
         self.active[disk.disk_id] = failover
@@ -381,7 +393,7 @@ class FailoverManager:
             if not record["test"]:
                 disk.fence(f"failover {record['id']}", disk.applying_seq)
             seq = record["point"]["seq"] if record["state"] != "committed" else disk.applying_seq
-            view = disk.open_view(seq)
+            view = await asyncio.to_thread(disk.open_view, seq)
             failover = await self._bring_up(disk, record, view)
             if record["state"] == "committing":
                 await self._finish_commit(failover)
@@ -400,9 +412,11 @@ class FailoverManager:
         disk = self.server.disks.get(disk_id)
         if disk is None:
             raise FailoverError(f"no disk {disk_id!r} on this process server")
+        if path.exists() or path.is_symlink():
+            raise FailoverError(f"{path} exists: --to writes a new image, it never overwrites")
         timer = _Timer()
         point = await self.resolve(disk, spec, fence=False)
-        view = disk.open_view(point.seq)
+        view = await asyncio.to_thread(disk.open_view, point.seq)
         timer.step("open_view")
         try:
             written = await asyncio.to_thread(materialise, view, path)
@@ -421,24 +435,46 @@ class FailoverManager:
 
 
 def materialise(view: PointView, path: Path) -> int:
-    """Write ``view`` to a new sparse file at ``path`` (fsynced); returns data bytes written."""
+    """Write ``view`` to a new sparse file at ``path`` (fsynced); returns data bytes written.
+    Where no undo piece lies, the replica is read straight into one reused buffer (no
+    per-chunk allocation); all-zero chunks are left as holes."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     written = 0
+    buf = bytearray(COPY_CHUNK)
+    whole = memoryview(buf)
+    zeros = bytes(COPY_CHUNK)
     try:
         os.ftruncate(fd, view.size)
         for start, end in _data_ranges(view):
             pos = start
             while pos < end:
                 n = min(COPY_CHUNK, end - pos)
-                data = view.read(pos, n)
-                if not is_zero(data):
+                data: bytes | memoryview
+                with view.lock:
+                    pieces = list(view.map.lookup(pos, pos + n))
+                    if len(pieces) == 1 and pieces[0][2] is None:
+                        got = os.preadv(view.replica_fd, [whole[:n]], pos)
+                        if got < n:
+                            whole[got:n] = bytes(n - got)
+                        data = whole[:n]
+                    else:
+                        data = view.read_locked(pos, n)
+                if isinstance(data, memoryview):  # the reused buffer (memoryview == is slow)
+                    zero = buf == zeros if n == COPY_CHUNK else is_zero(bytes(data))
+                else:
+                    zero = is_zero(data)
+                if not zero:
                     os.pwrite(fd, data, pos)
                     written += n
                 pos += n
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return written

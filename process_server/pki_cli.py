@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from process_server import pki
+from protocol.frames import ROLES
 
 __all__ = ["add_pki_parser", "run_pki"]
 
@@ -34,7 +34,9 @@ def add_pki_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--dir", required=True, type=Path, help="PKI directory")
     p.add_argument("--name", required=True, help="peer name (the agent's configured name)")
     p.add_argument("--out", required=True, type=Path, help="bundle file to write (mode 0600)")
-    p.add_argument("--role", choices=sorted(pki.ROLES), default="agent", help="default: agent")
+    p.add_argument(
+        "--role", choices=sorted(ROLES - {"process-server"}), default="agent", help="default: agent"
+    )
     p.add_argument("--days", type=int, default=825, help="validity in days (default: 825)")
     p.add_argument("--force", action="store_true", help="overwrite an existing bundle file")
 
@@ -48,6 +50,8 @@ def add_pki_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ign
 
 
 def run_pki(args: argparse.Namespace) -> int:
+    from process_server import pki  # cryptography: loaded only for these commands
+
     """Run the parsed ``pki`` command; 0 on success, 1 on failure (``error: ...`` on stderr)."""
     try:
         if args.pki_command == "init":

@@ -141,7 +141,10 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
             assert p["bytes"] == QUICK_REPL_BYTES and p["overwritten_fraction"] == frac
             assert p["applied_mb_s"] > 0 and not p["overflow"]
     assert not undo["off"]["passes"]["overwrite"]["undo_bytes"]
-    assert undo["on"]["passes"]["overwrite"]["undo_bytes"] >= QUICK_REPL_BYTES // 2
+    # The undo log's size at the end depends on retention pruning (every 5 s, up to the
+    # oldest point); what it wrote shows in the process server's storage writes.
+    off_w, on_w = (undo[k]["passes"]["overwrite"]["ps_storage_write_bytes"] for k in ("off", "on"))
+    assert on_w > off_w + QUICK_REPL_BYTES // 4, (off_w, on_w)
     for name in ("fresh", "overwrite"):
         fig = _figure(result, f"replication, undo log on vs off, {name} pass: until applied")
         assert fig["ratio"] > 0 and fig["target"] == ">= 0.7x undo off"

@@ -235,9 +235,11 @@ def test_app_consistent_points_run_hooks_and_never_fake_a_point(dep: Deployment)
     # The documented argument order (options first, then the disk) works as well.
     out = dep.cli("process_server.cli", "points", "list", "--config", str(dep.ps_config), "h3")
     assert "db-checkpoint" in out.stdout
-    image = dep.root / "h3.img"
+    image = dep.root / "h3-point.img"
     ps(dep, "failover", "h3", "--point", "latest-app-consistent", "--to", str(image))
     run("cmp", str(spec.disks["h3"]), str(image))
+    again = ps(dep, "failover", "h3", "--point", "latest", "--to", str(image), ok=False)
+    assert not again["ok"] and "never overwrites" in again["error"]
 
     # The agent's own command (what its app_consistent_interval schedule runs) does the same.
     agent = ["agent.cli", "point", "--config", str(spec.config), "--json"]
@@ -274,3 +276,43 @@ def test_points_and_a_test_failover_survive_a_process_server_kill(dep: Deploymen
     image = dep.root / "fo1-after-kill.img"
     ps(dep, "failover", "fo1", "--point", point["id"], "--to", str(image))
     run("cmp", str(at_point), str(image))
+
+
+def test_a_failover_that_cannot_export_leaves_nothing_behind(dep: Deployment):
+    blocker = dep.root / "not-a-socket"
+    blocker.write_text("a regular file where the export socket should go")
+    failed = ps(
+        dep, "failover", "h3", "--point", "latest-processed", "--nbd", f"unix:{blocker}", ok=False
+    )
+    assert not failed["ok"] and "not a socket" in failed["error"]
+    row = next(r for r in ps(dep, "status")["disks"] if r["disk"] == "h3")
+    assert row["state"] == "replicating" and "failover" not in row  # not fenced, not listed
+    spec = dep.agents["web01"]
+    qemu_write(nbd_uri("h3", spec.nbd["h3"]), 0x77, 4096, 4096)  # and still replicating
+    drain(dep, "web01", "h3")
+    run("cmp", str(spec.disks["h3"]), str(dep.replica_path("h3")))
+
+
+def test_a_test_failover_needs_the_undo_log(tmp_path: Path):
+    _require_tools()
+    d = Deployment(tmp_path / "noundo")
+    with d:
+        d.init_pki()
+        d.write_ps_config(undo=False)
+        d.add_agent("n1", {"nu": 1 << 20})
+        d.start_ps()
+        d.start_agent("n1")
+        wait_replicating(d, "n1")
+        reply = ps(
+            d,
+            "failover",
+            "nu",
+            "--test",
+            "--point",
+            "latest",
+            "--nbd",
+            f"unix:{d.root}/x.sock",
+            ok=False,
+        )
+        assert not reply["ok"] and "undo log" in reply["error"]
+        assert ps(d, "points", "list", "nu")["points"] == []  # no history, no points
