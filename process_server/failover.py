@@ -453,6 +453,14 @@ def materialise(view: PointView, path: Path) -> int:
                 data: bytes | memoryview
                 with view.lock:
                     pieces = list(view.map.lookup(pos, pos + n))
+                    if (
+                        len(pieces) == 1
+                        and pieces[0][2] is None
+                        and _copy_range(view.replica_fd, fd, pos, n)
+                    ):
+                        written += n  # the replica holds the point here: copied in the kernel
+                        pos += n
+                        continue
                     if len(pieces) == 1 and pieces[0][2] is None:
                         got = os.preadv(view.replica_fd, [whole[:n]], pos)
                         if got < n:
@@ -478,6 +486,26 @@ def materialise(view: PointView, path: Path) -> int:
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return written
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> bool:
+    """``copy_file_range`` of ``[offset, offset+length)`` at the same offset (no user-space
+    copy; a reflink where the filesystem can). False where it is not available."""
+    copy = getattr(os, "copy_file_range", None)
+    if copy is None:
+        return False
+    done = 0
+    try:
+        while done < length:
+            n = copy(src, dst, length - done, offset + done, offset + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError:
+        return False
+    if done < length:  # past the replica's end: the rest reads as zeros, a hole here
+        return done > 0 or length == 0
+    return True
 
 
 def _data_ranges(view: PointView) -> list[tuple[int, int]]:
