@@ -153,8 +153,8 @@ class _Section:
             return default
         try:
             return parse(self.table[key])
-        except (ValueError, TypeError) as exc:
-            raise self._err(key, str(exc)) from exc
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise self._err(key, str(exc) or type(exc).__name__) from exc
 
     def optional(self, key: str, parse: Callable[[Any], T]) -> T | None:
         self.used.add(key)
@@ -162,8 +162,8 @@ class _Section:
             return None
         try:
             return parse(self.table[key])
-        except (ValueError, TypeError) as exc:
-            raise self._err(key, str(exc)) from exc
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise self._err(key, str(exc) or type(exc).__name__) from exc
 
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
@@ -334,7 +334,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as exc:
+        # ValueError: what tomllib lets through, e.g. an integer beyond int's digit limit
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 

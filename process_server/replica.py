@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.at_rest import Sealer
 from common.digests import chunk_digests
 from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
@@ -124,6 +125,7 @@ class ReplicaDisk:
         undo: bool = False,
         undo_segment: int = 64 << 20,
         image: Path | None = None,
+        sealer: Sealer | None = None,
     ) -> ReplicaDisk:
         """Open an existing replica, or create it when ``create=(owner, size)`` is given.
         Raises ReplicaError, IntegrityError, OSError."""
@@ -154,7 +156,10 @@ class ReplicaDisk:
         else:
             raise ReplicaError(f"no replica for disk {disk_id!r}")
         cache = SegmentLog.open(
-            directory / "cache", base_seq=state["applied_seq"] + 1, segment_bytes=cache_segment
+            directory / "cache",
+            base_seq=state["applied_seq"] + 1,
+            segment_bytes=cache_segment,
+            sealer=sealer.for_context(b"cache:" + disk_id.encode()) if sealer else None,
         )
         if cache.last_seq < state["applied_seq"]:
             raise IntegrityError(

@@ -22,6 +22,7 @@ from typing import Any
 
 from common.admin import AdminServer
 from common.aio import first_leaf
+from common.at_rest import cache_sealer
 from common.config import ServerConfig
 from common.errors import IntegrityError, TidemarkError
 from common.framed import FramedStream
@@ -113,6 +114,8 @@ class ProcessServer:
             },
         )
         self.admin = self._admin
+        # Sealing the cache at rest (docs/security.md); raises KeyFileError for a bad key file.
+        self.sealer = cache_sealer(cfg.cache_key_file, cfg.state_dir)
         self.catalog: Catalog | None = None
         self.points: PointsService = None  # type: ignore[assignment]  # set by run()
         self.failovers = FailoverManager(self)
@@ -191,6 +194,7 @@ class ProcessServer:
             create=create,
             undo=self.cfg.undo,
             undo_segment=self.cfg.undo_segment,
+            sealer=self.sealer,
         )
         self.disks[disk_id] = disk
         return disk
@@ -690,6 +694,7 @@ def offline_status(cfg: ServerConfig) -> dict[str, Any]:
                 apply_sync_interval=1,
                 cache_quota=cfg.cache_quota,
                 cache_segment=cfg.cache_segment,
+                sealer=cache_sealer(cfg.cache_key_file, cfg.state_dir),
             )
             try:
                 out.append(disk.offline_status())

@@ -5,8 +5,8 @@
 # into a configuration that satisfies every documented constraint, or raises ConfigError whose
 # message names the file; nothing else escapes, and memory stays within a bound computed from
 # the file's size (tracemalloc). A short run is in the default suite; `-m slow` runs 100 000
-# cases per loader. Two inputs that escape as other exceptions today are pinned below as
-# strict xfail reproducers (and kept out of the fuzzed number range until fixed).
+# cases per loader. Two inputs that once escaped as other exceptions (a size with hundreds of
+# digits, an integer past int's digit limit) are pinned below as regression tests.
 """Fuzzing the TOML configuration loader, with memory bounds."""
 
 from __future__ import annotations
@@ -254,21 +254,29 @@ def config_inputs(docs: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
 # --------------------------------------------------------------------------- checks
 
 
-def _bounded_load(path: Path, data: bytes, loader: Any) -> Any:
-    path.write_bytes(data)
-    bound = 64 * len(data) + (512 << 10)
+def _traced_load(path: Path, loader: Any) -> tuple[Any, int]:
+    """``(config or None, tracemalloc peak)`` of one load; a ConfigError must name the file."""
     tracemalloc.start()
     try:
         try:
-            return loader(path)
+            return loader(path), tracemalloc.get_traced_memory()[1]
         except ConfigError as exc:
             assert str(exc).startswith(str(path)), f"the error does not name the file: {exc}"
-            return None
-        finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            assert peak <= bound, f"loading {len(data)} bytes peaked at {peak} bytes"
+            return None, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def _bounded_load(path: Path, data: bytes, loader: Any) -> Any:
+    path.write_bytes(data)
+    bound = 64 * len(data) + (512 << 10)
+    cfg, peak = _traced_load(path, loader)
+    if peak > bound:
+        # Once in ~10^5 loads the interpreter grows one of its own tables (~2 MiB) inside the
+        # window; memory that grows with the input would grow again on the same input.
+        cfg, peak = _traced_load(path, loader)
+    assert peak <= bound, f"loading {len(data)} bytes peaked at {peak} bytes, twice"
+    return cfg
 
 
 def check_server(workdir: Path, data: bytes) -> None:
@@ -345,26 +353,14 @@ def test_a_large_config_file_is_read_within_bounds(workdir: Path) -> None:
 # --------------------------------------------------------------------------- known escapes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="bug: common/units.parse_size turns a size with ~300+ digits into float inf, "
-    "int(inf) raises OverflowError, which _size_range does not turn into ConfigError",
-)
-def test_bug_a_size_with_hundreds_of_digits_is_a_config_error(workdir: Path) -> None:
+def test_a_size_with_hundreds_of_digits_is_a_config_error(workdir: Path) -> None:
     path = workdir / "overflow.toml"
     path.write_text(toml_table("[server]", {**SERVER_BASE, "cache_quota": "9" * 400 + " GiB"}))
     with pytest.raises(ConfigError, match="cache_quota"):
         load_server_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: tomllib raises a plain ValueError for an integer over 4300 digits "
-    "(int max str digits); common/config._read_toml catches only TOMLDecodeError",
-)
-def test_bug_an_integer_with_5000_digits_is_a_config_error(workdir: Path) -> None:
+def test_an_integer_with_5000_digits_is_a_config_error(workdir: Path) -> None:
     path = workdir / "digits.toml"
     path.write_text(toml_table("[server]", SERVER_BASE) + "cache_quota = " + "1" * 5000 + "\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
