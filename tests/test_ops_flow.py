@@ -80,6 +80,9 @@ def test_bandwidth_limit_and_sighup_reload(tmp_path: Path) -> None:
     options = {
         "bandwidth_limit": "512KiB",
         "compression_level": 0,  # the limit counts wire bytes: keep them equal to the data
+        # Small batches: a batch goes out whole once the bucket allows it, so the bytes out in
+        # 1.5 s are the rate's plus at most one batch (recovery points also cut batches).
+        "max_batch_bytes": "256KiB",
         "metrics_listen": f"127.0.0.1:{agent_port}",
     }
     spec = dep.add_agent("bw01", {disk: 16 << 20}, nbd=True, options=options)
