@@ -217,8 +217,11 @@ class PointKeeper:
         held: list[ProtectedDisk] = []
         seqs: dict[str, int] = {}
         release: PointRelease | None = None
+        post_done = False
         try:
             if not hooks_ok:
+                await self._post_hooks(disks)  # before the answer: the caller sees them done
+                post_done = True
                 await self.shipper.send_control(
                     PointHeld(False, {}, f"pre-snapshot hook: {hook_error}"), request_id
                 )
@@ -247,12 +250,8 @@ class PointKeeper:
             for d in held:
                 d.release()
             self._releases.pop(req.point_id, None)
-            if req.kind == "app-consistent":
-                for d in disks:
-                    await run_hook(
-                        self.disk_cfg[d.disk_id].post_snapshot_hook,
-                        self.disk_cfg[d.disk_id].hook_timeout,
-                    )
+            if req.kind == "app-consistent" and not post_done:
+                await self._post_hooks(disks)
         hold_ms = (time.monotonic() - started) * 1000
         if release is not None and release.commit:
             for d in disks:
@@ -266,6 +265,11 @@ class PointKeeper:
                     time_ns=release.time_ns,
                     hold_ms=hold_ms,
                 )
+
+    async def _post_hooks(self, disks: list[ProtectedDisk]) -> None:
+        for d in disks:
+            dc = self.disk_cfg[d.disk_id]
+            await run_hook(dc.post_snapshot_hook, dc.hook_timeout)
 
     async def _on_freeze(self, request_id: int, req: Freeze) -> None:
         disk = self.disks.get(req.disk)
