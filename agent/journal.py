@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.failpoints import failpoint
 from common.segment_log import Cursor, Record, SegmentLog
 
 TAG_WRITE = 1
@@ -97,6 +98,7 @@ class Journal:
     def append_write(self, offset: int, data: bytes | memoryview, time_ns: int) -> int:
         seq = self.log.next_seq
         self.log.append(TAG_WRITE, seq, seq, (_WRITE_HEAD.pack(offset, time_ns), data))
+        failpoint("journal.after_append")
         immutable = isinstance(data, bytes) or (
             isinstance(data, memoryview) and isinstance(data.obj, bytes)
         )
@@ -143,7 +145,9 @@ class Journal:
         return [decode_entry(r) for r in self.log.read_records(from_seq, max_bytes, cursor)]
 
     async def sync(self) -> None:
+        failpoint("journal.before_sync")
         await self.log.sync()
+        failpoint("journal.after_sync")
 
     async def release_through(self, seq: int) -> int:
         tail = self._tail

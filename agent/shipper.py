@@ -30,6 +30,7 @@ from agent.journal import JournalEntry
 from common.aio import first_leaf
 from common.config import AgentConfig
 from common.errors import IntegrityError
+from common.failpoints import failpoint
 from common.framed import FramedStream
 from common.rate_limit import limiter_for
 from common.segment_log import Cursor
@@ -266,6 +267,7 @@ class Shipper:
             msg = BatchMsg.from_data(data)
             link.inflight.append((last, raw))
             await stream.send(msg)
+            failpoint("shipper.after_send")
             self.stats.batches_sent += 1
             self.stats.raw_bytes_sent += raw
             self.stats.wire_bytes_sent += len(data)
@@ -281,6 +283,7 @@ class Shipper:
                 while link.inflight and link.inflight[0][0] <= msg.durable_seq:
                     _, raw = link.inflight.popleft()
                     link.inflight_bytes -= raw
+                failpoint("shipper.after_ack")
                 await link.disk.acknowledge(msg.durable_seq)
                 link.acked.set()
             elif isinstance(msg, Heartbeat):

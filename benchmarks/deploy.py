@@ -7,7 +7,9 @@ is left behind.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -20,6 +22,19 @@ from pathlib import Path
 from typing import Any
 
 PYTHON = sys.executable
+PACKAGES = ("agent", "benchmarks", "common", "master_target", "process_server", "protocol")
+
+
+@functools.cache
+def ensure_bytecode() -> None:
+    """Byte-compile tidemark once, as ``pip install`` does for an installed package, so that
+    every process started here loads ``.pyc`` files instead of compiling its sources again
+    (``PYTHONDONTWRITEBYTECODE`` is set on CI machines and would otherwise make each process
+    start ~0.2 s slower than it does on a real host)."""
+    root = Path(__file__).resolve().parent.parent
+    for package in PACKAGES:
+        with contextlib.suppress(OSError):  # a read-only checkout: start as it is
+            compileall.compile_dir(root / package, quiet=2)
 
 
 def free_port() -> int:
@@ -57,6 +72,7 @@ class Deployment:
     def __init__(
         self, root: Path, *, port: int | None = None, ps_options: dict[str, Any] | None = None
     ) -> None:
+        ensure_bytecode()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pki = self.root / "pki"

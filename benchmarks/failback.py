@@ -76,6 +76,7 @@ from benchmarks.sync import PYSPY_ENV, PySpy, allocated, run_rsync, same, warm
 from common.admin import admin_request
 
 NAME = "failback"
+KEEP_LOGS_ENV = "TIDEMARK_BENCH_KEEP_LOGS"  # a directory: the run's logs are copied there
 SUMMARY = (
     "failback of a 4 GiB disk with 1% divergence (rolled back + unreplicated + DR writes) "
     "vs rsync -I --inplace --no-whole-file of the same two images"
@@ -732,5 +733,9 @@ def run(params: Params) -> ScenarioResult:
             details["log_tails"] = _log_tails(root)
         finally:
             dep.stop_all()
+            if keep := os.environ.get(KEEP_LOGS_ENV):  # for a look at the timeline afterwards
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                for log_file in root.rglob("*.log"):
+                    shutil.copy(log_file, Path(keep) / log_file.name)
     result.figures = _figures(details, plan)
     return result

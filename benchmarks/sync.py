@@ -343,7 +343,10 @@ class PySpy:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for label, pid in pids.items():
             out = Path(out_dir) / f"{name}-{label}.txt"
-            cmd = [exe, "record", "--gil", "-f", "raw", "-r", "100", "-o", str(out)]
+            # TIDEMARK_BENCH_PYSPY_IDLE=1: every thread, waiting included (where time goes),
+            # instead of the threads holding the GIL (where CPU goes).
+            mode = ["--idle"] if os.environ.get(PYSPY_ENV + "_IDLE") else ["--gil"]
+            cmd = [exe, "record", *mode, "-f", "raw", "-r", "100", "-o", str(out)]
             self.procs.append(
                 subprocess.Popen(
                     [*cmd, "--pid", str(pid)],

@@ -391,11 +391,11 @@ def load_agent_config(path: Path) -> AgentConfig:
             nbd=d.optional("nbd", _nbd_endpoint),
             mode=d.get("mode", _mode, "journal"),
             scan_interval=d.get("scan_interval", _duration_range(1, 7 * 86400), 300.0),
-            crash_consistent_interval=_zero_or(
-                d.optional("crash_consistent_interval", _duration_range(0, 86400)), 1.0
+            crash_consistent_interval=d.get(
+                "crash_consistent_interval", _duration_range(0, 86400), 1.0
             ),
-            app_consistent_interval=_zero_or(
-                d.optional("app_consistent_interval", _duration_range(0, 7 * 86400)), 0.0
+            app_consistent_interval=d.get(
+                "app_consistent_interval", _duration_range(0, 7 * 86400), 0.0
             ),
             pre_snapshot_hook=d.optional("pre_snapshot_hook", _argv) or (),
             post_snapshot_hook=d.optional("post_snapshot_hook", _argv) or (),
@@ -424,10 +424,6 @@ def load_agent_config(path: Path) -> AgentConfig:
     return cfg
 
 
-def _zero_or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 def _load_groups(path: Path, raw_groups: Any) -> tuple[GroupConfig, ...]:
     if not isinstance(raw_groups, list):
         raise ConfigError(f"{path}: group: must be an array of tables ([[group]])")
@@ -437,10 +433,10 @@ def _load_groups(path: Path, raw_groups: Any) -> tuple[GroupConfig, ...]:
         group = GroupConfig(
             name=g.get("name", _group_name, required=True),
             disks=g.get("disks", _disk_ids, required=True),
-            interval=_zero_or(g.optional("interval", _duration_range(0, 86400)), 1.0),
+            interval=g.get("interval", _duration_range(0, 86400), 1.0),
             hold_timeout=g.get("hold_timeout", _duration_range(0.01, 60), 2.0),
-            app_consistent_interval=_zero_or(
-                g.optional("app_consistent_interval", _duration_range(0, 7 * 86400)), 0.0
+            app_consistent_interval=g.get(
+                "app_consistent_interval", _duration_range(0, 7 * 86400), 0.0
             ),
         )
         g.finish()

@@ -183,7 +183,7 @@ class SegmentLog:
             if scan.flags != flags:
                 if scan.record_count or scan.flags & ~SEGMENT_SEALED:
                     os.close(fd)
-                    raise IntegrityError(_flags_mismatch(path, scan.flags, flags))
+                    raise SealingMismatch(_flags_mismatch(path, scan.flags, flags))
                 _write_segment_header(fd, flags)  # empty: takes the current setting
             if segments and first != segments[-1].last_seq + 1:
                 if size == SEGMENT_HEADER.size and is_last:
@@ -244,8 +244,9 @@ class SegmentLog:
 
     def append(
         self, tag: int, first_seq: int, last_seq: int, parts: Sequence[bytes | memoryview]
-    ) -> None:
-        """Append one record (to the page cache; durable after :meth:`sync`).
+    ) -> RecordLocation:
+        """Append one record (to the page cache; durable after :meth:`sync`); returns where
+        its payload lies.
 
         Raises ValueError if ``first_seq`` is not the next seq, OSError on I/O failure
         (in which case the log is rolled back to its previous end)."""
@@ -276,6 +277,7 @@ class SegmentLog:
         seg.dirty = True
         self.next_seq = last_seq + 1
         self._written += 1
+        return RecordLocation(seg.path, offset + RECORD_HEADER.size, size, tag, first_seq, last_seq)
 
     def _roll(self) -> _Segment:
         seg = _create_segment(self.directory, self.next_seq, self._flags)
@@ -443,6 +445,18 @@ class SegmentLog:
                 break
         return out
 
+    def unseal(self, loc: RecordLocation, payload: bytes | memoryview) -> bytes | memoryview:
+        """The plaintext of the payload read at ``loc`` (as it is when the log is not sealed).
+        Raises IntegrityError (naming the file and offset) when it fails authentication."""
+        if self.sealer is None:
+            return payload
+        try:
+            return self.sealer.open(payload, _SEAL_AAD.pack(loc.tag, loc.first_seq, loc.last_seq))
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"{loc.path}: record at offset {loc.payload_offset}: {exc}"
+            ) from None
+
     def locate(self, from_seq: int) -> list[RecordLocation]:
         """Where the records from the one holding ``from_seq`` on lie, reading only their
         headers (payload checksums are not verified: a reader of a location checks what it
@@ -482,6 +496,10 @@ def _create_segment(directory: Path, first_seq: int, flags: int = 0) -> _Segment
 
 def _write_segment_header(fd: int, flags: int = 0) -> None:
     os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, flags), 0)
+
+
+class SealingMismatch(IntegrityError):
+    """A log written with the other at-rest setting (sealed vs plain) than the one asked for."""
 
 
 def _flags_mismatch(path: Path, found: int, wanted: int) -> str:

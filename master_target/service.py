@@ -30,6 +30,7 @@ from common.config import MasterTargetConfig, MtDiskConfig
 from common.digests import DigestTracker, chunk_digests, verify_chunk
 from common.durable import atomic_write_json, read_json
 from common.errors import TidemarkError
+from common.failpoints import failpoint
 from common.framed import FramedStream
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import load_bundle
@@ -77,6 +78,7 @@ class MasterTarget:
         self._stop = asyncio.Event()
         self._appliers: dict[str, asyncio.Task[None]] = {}
         self._trackers: dict[str, DigestTracker] = {}
+        self._hashing: list[asyncio.Future[None]] = []
         self._ack_events: dict[str, asyncio.Event] = {}
 
     # ----------------------------------------------------------------- lifecycle
@@ -94,6 +96,8 @@ class MasterTarget:
                 self.done[dc.id] = read_json(done)
                 continue
             self.disks[dc.id] = await asyncio.to_thread(self._open, dc)
+        for disk in self.disks.values():
+            self._track(disk)
         await self._admin.start()
         if ready is not None:
             ready.set()
@@ -121,6 +125,9 @@ class MasterTarget:
                     delay = min(delay * 2, self.cfg.reconnect_max)
         finally:
             await self._admin.close()
+            for tracker in self._trackers.values():
+                tracker.close()
+            await asyncio.gather(*self._hashing, return_exceptions=True)
             for disk in self.disks.values():
                 with contextlib.suppress(OSError):
                     await disk.make_applied_durable()
@@ -128,6 +135,15 @@ class MasterTarget:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _track(self, disk: ReplicaDisk) -> None:
+        """Hash the source disk at once, while the link comes up and the delta flows, and keep
+        the digests current as batches land: the final verification re-reads only what
+        changed."""
+        tracker = DigestTracker(disk.replica_fd, disk.size, verify_chunk(disk.size))
+        disk.on_written = tracker.touch
+        self._trackers[disk.disk_id] = tracker
+        self._hashing.append(asyncio.ensure_future(asyncio.to_thread(tracker.start)))
 
     def _open(self, dc: MtDiskConfig) -> ReplicaDisk:
         fd = os.open(dc.path, os.O_RDONLY)
@@ -251,13 +267,6 @@ class MasterTarget:
                 disk = self.disks.get(msg.disk_id)
                 if disk is None:
                     raise ProtocolError(ErrorCode.UNEXPECTED, f"REGISTERED for {msg.disk_id}")
-                if msg.disk_id not in self._trackers:
-                    # The source's digests, hashed once now and kept current as batches land,
-                    # so the final verification re-reads only what changed.
-                    tracker = DigestTracker(disk.replica_fd, disk.size, verify_chunk(disk.size))
-                    disk.on_written = tracker.touch
-                    self._trackers[msg.disk_id] = tracker
-                    tg.create_task(asyncio.to_thread(tracker.start))
                 self._appliers[msg.disk_id] = tg.create_task(
                     disk.run_applier(), name=f"apply-{msg.disk_id}"
                 )
@@ -289,6 +298,7 @@ class MasterTarget:
             await event.wait()
             event.clear()
             seq = await disk.sync_cache()
+            failpoint("mt.cache.after_durable")
             await stream.send(Ack(disk.disk_id, seq))
 
     async def _finish(self, body: FailbackDone) -> None:
@@ -310,6 +320,7 @@ class MasterTarget:
             "time_ns": time.time_ns(),
             "agent_reset": False,
         }
+        failpoint("mt.finish.before_reset")
         if dc.agent_state_dir is not None and (dc.agent_state_dir / "state.json").exists():
             await asyncio.to_thread(reset_after_failback, dc.agent_state_dir, body.next_seq)
             report["agent_reset"] = True

@@ -112,6 +112,23 @@ class Catalog:
         row = self._db.execute(sql + " ORDER BY seq DESC LIMIT 1", args).fetchone()
         return Point(*row) if row else None
 
+    def first_seq(self, disk: str, since_ns: int, min_seq: int = 0) -> int | None:
+        """The lowest seq of a point of ``disk`` taken at or after ``since_ns`` (and at or
+        after ``min_seq``); None when there is none."""
+        row = self._db.execute(
+            "SELECT MIN(seq) FROM points WHERE disk=? AND time_ns>=? AND seq>=?",
+            (disk, since_ns, min_seq),
+        ).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def summary(self, disk: str, min_seq: int) -> tuple[int, int | None]:
+        """How many points of ``disk`` have a seq of at least ``min_seq``, and the time of the
+        oldest of them."""
+        count, oldest = self._db.execute(
+            "SELECT COUNT(*), MIN(time_ns) FROM points WHERE disk=? AND seq>=?", (disk, min_seq)
+        ).fetchone()
+        return int(count), oldest
+
     def group_points(self, group: str, members: list[str]) -> list[list[Point]]:
         """Points of ``group`` that every member has, oldest first (one list per point id,
         in ``members`` order)."""

@@ -10,6 +10,7 @@ lookups without writing a balanced tree here; it is the library hypothesis alrea
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
@@ -61,18 +62,14 @@ class ExtentMap(Generic[V]):
         return added
 
     def fill_many(self, items: Iterable[tuple[int, int, V]]) -> None:
-        """``fill`` each item in order (oldest first). Items that do not overlap anything,
-        the common case, are sorted in one go instead of inserted one by one."""
+        """``fill`` each item in order (oldest first). Into an empty map the items are laid
+        out in one sweep (:func:`first_writer_pieces`) instead of inserted one by one."""
         batch = list(items)
         if not self._pieces and batch:
-            ordered = sorted(batch, key=lambda item: item[0])
-            disjoint = all(
-                ordered[i][1] <= ordered[i + 1][0] for i in range(len(ordered) - 1)
-            ) and all(s < e for s, e, _ in ordered)
-            if disjoint:
-                self._pieces = SortedDict({s: (e, v) for s, e, v in ordered})
-                self.covered_bytes = sum(e - s for s, e, _ in ordered)
-                return
+            pieces = first_writer_pieces(batch)
+            self._pieces = SortedDict({s: (e, v) for s, e, v in pieces})
+            self.covered_bytes = sum(e - s for s, e, _ in pieces)
+            return
         for start, end, value in batch:
             self.fill(start, end, value)
 
@@ -110,3 +107,39 @@ class ExtentMap(Generic[V]):
 
 
 __all__ = ["ExtentMap"]
+
+
+def first_writer_pieces(items: list[tuple[int, int, V]]) -> list[tuple[int, int, V]]:
+    """Disjoint pieces, in disk order, where each byte belongs to the first item (in list
+    order) that covers it: a sweep over the items' bounds with a heap of the items covering
+    the current position (lowest index first), O(n log n)."""
+    bounds: list[tuple[int, int, int]] = []  # (position, 0 = end / 1 = start, item index)
+    for index, (start, end, _) in enumerate(items):
+        if start < end:
+            bounds.append((start, 1, index))
+            bounds.append((end, 0, index))
+    bounds.sort()
+    covering: list[int] = []
+    alive = bytearray(len(items))
+    out: list[tuple[int, int, V]] = []
+    owner = -1  # index of the item owning the bytes from owner_start, -1: none
+    owner_start = 0
+    k, n = 0, len(bounds)
+    while k < n:
+        pos = bounds[k][0]
+        while k < n and bounds[k][0] == pos:
+            _, is_start, index = bounds[k]
+            if is_start:
+                alive[index] = 1
+                heapq.heappush(covering, index)
+            else:
+                alive[index] = 0
+            k += 1
+        while covering and not alive[covering[0]]:
+            heapq.heappop(covering)
+        winner = covering[0] if covering else -1
+        if winner != owner:
+            if owner >= 0:
+                out.append((owner_start, pos, items[owner][2]))
+            owner, owner_start = winner, pos
+    return out

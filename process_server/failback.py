@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent.failback_state import merge_ranges
 from agent.shipper import encode_entries
-from common.digests import DigestTracker, chunk_digests, verify_chunk
+from common.digests import DigestTracker, chunk_digests, data_ranges, is_zero, verify_chunk
 from common.durable import atomic_write_json, read_json
+from common.failpoints import failpoint
 from common.segment_log import Cursor
-from process_server.undo import is_zero
 from protocol.batch import DEFAULT_LIMITS, read_batch_table, validate_disk_id
 from protocol.control import (
     FailbackDigests,
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidemark.ps.failback")
 ROLLED_BACK_FILE = "rolled_back.json"
+SWAP_FILE = "failback-swap.json"  # in the disk's directory: a planned swap was decided
 PIECE = 4 << 20
 WINDOW_BATCHES = 8
 MAX_BATCH = 4 << 20
@@ -116,6 +117,8 @@ class FailbackManager:
                         await self._on_control(msg)
                     elif isinstance(msg, Register):
                         link = await self._register(session, msg)
+                        if link is None:
+                            continue
                         tg.create_task(self._ship(session, link), name=f"failback-{link.disk_id}")
                     elif isinstance(msg, Ack):
                         self._on_ack(msg)
@@ -165,9 +168,20 @@ class FailbackManager:
             )
         return failover
 
-    async def _register(self, session: _Session, msg: Register) -> ReverseLink:
+    async def _register(self, session: _Session, msg: Register) -> ReverseLink | None:
         disk_id = validate_disk_id(msg.disk_id)
+        done = self.completed.get(disk_id)
+        if done is not None and disk_id not in self.server.failovers.active:
+            # The swap is done but the target never heard (a crash before FailbackDone went
+            # out, or the target died before acting on it): tell it again.
+            await session.stream.send(Registered(disk_id, msg.journaled_seq, msg.journaled_seq))
+            await session.stream.send(encode_control(FailbackDone(disk_id, done["next_seq"])))
+            return None
         failover = self._failover(disk_id)
+        if done is not None:  # a new failback of this disk: the old swap is history
+            self.completed.pop(disk_id, None)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.server.disks[disk_id].directory / SWAP_FILE)
         disk = self.server.disks[disk_id]
         if msg.size != disk.size:
             raise ProtocolError(
@@ -187,12 +201,7 @@ class FailbackManager:
                 f"disk {disk_id}: target holds seq {mt_seq}, the DR journal has "
                 f"{journal.first_seq}..{journal.last_seq} (delete the target's state to restart)",
             )
-        if disk_id not in self.trackers:
-            # Hash the DR disk once now, off the cut-over's path; DR writes mark their chunks.
-            tracker = DigestTracker(disk.replica_fd, disk.size, verify_chunk(disk.size))
-            failover.overlay.on_written = tracker.touch
-            self.trackers[disk_id] = tracker
-            self._hashing[disk_id] = asyncio.ensure_future(asyncio.to_thread(tracker.start))
+        self.watch(failover)
         link = ReverseLink(disk_id, session.peer, session.stream, mt_seq + 1, acked_seq=mt_seq)
         self.links[disk_id] = link
         await session.stream.send(Registered(disk_id, mt_seq, journal.last_seq))
@@ -214,6 +223,25 @@ class FailbackManager:
         link.acked_seq = max(link.acked_seq, msg.durable_seq)
         link.acked.set()
 
+    def watch(self, failover: Failover) -> None:
+        """Keep the digests of a committed failover's DR disk from now on: hashed once in the
+        background (right after the commit, or after a restart), then each DR write marks its
+        chunks. A failback then verifies the whole disk without reading it all at cut-over."""
+        disk_id = failover.disk_id
+        if disk_id in self.trackers or failover.record.get("state") != "committed":
+            return
+        disk = self.server.disks[disk_id]
+        tracker = DigestTracker(disk.replica_fd, disk.size, verify_chunk(disk.size))
+        failover.overlay.on_written = tracker.touch
+        self.trackers[disk_id] = tracker
+        self._hashing[disk_id] = asyncio.ensure_future(asyncio.to_thread(tracker.start))
+
+    async def close(self) -> None:
+        """Stop the background hashing (the replicas' fds close after this)."""
+        for tracker in self.trackers.values():
+            tracker.close()
+        await asyncio.gather(*self._hashing.values(), return_exceptions=True)
+
     # ----------------------------------------------------------------- the delta
     async def _prepare_delta(self, failover: Failover) -> None:
         disk_id = failover.disk_id
@@ -223,7 +251,7 @@ class FailbackManager:
         alternate = any(r.alternate for r in reports)
         full_compare = any(r.full_compare for r in reports) or not reports
         if alternate:
-            ranges = data_ranges(disk.replica_fd, disk.size)
+            ranges = [(s, e - s) for s, e in data_ranges(disk.replica_fd, 0, disk.size)]
             how = "alternate location: every data range"
         elif full_compare:
             theirs = self._fallback_digests.pop(disk_id, {})
@@ -246,7 +274,9 @@ class FailbackManager:
         journal = failover.overlay.journal
         first = journal.next_seq
         nbytes = await asyncio.to_thread(_append_ranges, failover, disk.replica_fd, ranges)
+        failpoint("failback.delta.after_append")
         await journal.sync()
+        failpoint("failback.delta.after_sync")
         failover.record["failback"] = {
             "delta_prepared": True,
             "delta_seqs": [first, journal.last_seq],
@@ -343,9 +373,15 @@ class FailbackManager:
         failover.overlay.on_written = None
         self.trackers.pop(disk_id, None)
         self._hashing.pop(disk_id, None)
-        await self.server.failovers.retire(disk_id)
-        next_seq = await disk.restart_sequence() + 1
-        disk.unfence()
+        # The swap is decided, durably, before it starts: a crash anywhere in it is finished by
+        # restore() and the target is told again when it registers (the agent is stopped, so
+        # nothing more reaches the cache meanwhile).
+        next_seq = disk.cached_seq + 1
+        report.update(next_seq=next_seq, failover_id=failover.record["id"], swapped=False)
+        await asyncio.to_thread(atomic_write_json, disk.directory / SWAP_FILE, report)
+        failpoint("failback.swap.before_retire")
+        await self._swap(disk_id, report)
+        failpoint("failback.swap.before_done")
         await link.stream.send(encode_control(FailbackDone(disk_id, next_seq)))
         self.links.pop(disk_id, None)
         timings["swap_ms"] = round((time.monotonic() - mark) * 1000, 1)
@@ -359,6 +395,29 @@ class FailbackManager:
             link.bytes_sent,
         )
         return report
+
+    async def _swap(self, disk_id: str, report: dict[str, Any]) -> None:
+        """Retire the failover and restart the seq numbering after ``next_seq - 1``, then mark
+        the swap done (idempotent: also the end of a swap a crash interrupted)."""
+        disk = self.server.disks[disk_id]
+        active = self.server.failovers.active.get(disk_id)
+        if active is not None and active.record["id"] == report["failover_id"]:
+            await self.server.failovers.retire(disk_id)
+        failpoint("failback.swap.after_retire")
+        await disk.restart_sequence()  # the agent is stopped: nothing new reached the cache
+        disk.unfence()
+        report["swapped"] = True
+        await asyncio.to_thread(atomic_write_json, disk.directory / SWAP_FILE, report)
+
+    async def restore(self) -> None:
+        """At start, before any applier runs: finish a planned swap a crash interrupted."""
+        for disk_id, disk in self.server.disks.items():
+            path = disk.directory / SWAP_FILE
+            if path.exists():
+                report = await asyncio.to_thread(read_json, path)
+                if not report.get("swapped"):
+                    await self._swap(disk_id, report)
+                self.completed[disk_id] = report
 
     async def _verify(self, link: ReverseLink, disk: Any) -> tuple[bool, int | None]:
         tracker = self.trackers[link.disk_id]
@@ -480,20 +539,4 @@ def _differing_chunks(
     return out
 
 
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        if data >= size:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        out.append((data, hole - data))
-        pos = hole
-    return out
-
-
-__all__ = ["FailbackError", "FailbackManager", "data_ranges", "save_rolled_back"]
+__all__ = ["FailbackError", "FailbackManager", "save_rolled_back"]

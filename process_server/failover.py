@@ -30,13 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.failback_state import merge_ranges
 from agent.nbd_server import NbdExport
-from common.durable import atomic_write_json, fsync_dir, read_json
+from common.digests import data_ranges
+from common.durable import atomic_write_json, fsync_dir, pwrite_all, read_json, start_writeback
+from common.failpoints import failpoint
 from process_server.catalog import Point
 from process_server.failback import save_rolled_back
 from process_server.pit import OverlayDisk, PointView
 from process_server.points import PointError, new_point_id
-from process_server.undo import is_zero
 from protocol.control import Freeze, Frozen, Unfreeze
 
 if TYPE_CHECKING:
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidemark.ps.failover")
 SPECIAL_POINTS = ("latest", "latest-processed", "latest-app-consistent")
 COPY_CHUNK = 8 << 20
+KERNEL_COPY_MIN = 256 << 10  # replica spans at least this long go by copy_file_range
+IOV_BATCH = 512  # pieces per pwritev
+WRITEBACK_STEP = 64 << 20  # --to FILE starts writeback after each such stretch
 
 
 class FailoverError(Exception):
@@ -217,6 +222,7 @@ class FailoverManager:
             }
             failover = await self._bring_up(disk, record, view)
             timer.step("start_export")
+            failpoint("failover.after_overlay")
             record["timings_ms"] = timer.total()
             await asyncio.to_thread(self._save, record)
         except BaseException:
@@ -339,12 +345,15 @@ class FailoverManager:
             await asyncio.to_thread(
                 save_rolled_back, self.directory / failover.disk_id, rolled_back
             )
+        failpoint("failover.commit.before_merge")
         await asyncio.to_thread(failover.overlay.merge_into, disk.replica_fd)
+        failpoint("failover.commit.after_merge")
         failover.record["state"] = "committed"
         await asyncio.to_thread(self._save, failover.record)
         keep = failover.record["point"]["id"]
         self.server.points.catalog.delete_disk(disk.disk_id, keep=keep)
         await disk.drop_history()
+        self.server.failbacks.watch(failover)
 
     async def _tear_down(self, failover: Failover) -> None:
         if failover.export is not None:
@@ -397,6 +406,7 @@ class FailoverManager:
             failover = await self._bring_up(disk, record, view)
             if record["state"] == "committing":
                 await self._finish_commit(failover)
+            self.server.failbacks.watch(failover)
             log.info("disk=%s event=failover_restored id=%s", disk.disk_id, record["id"])
 
     async def close(self) -> None:
@@ -436,46 +446,25 @@ class FailoverManager:
 
 def materialise(view: PointView, path: Path) -> int:
     """Write ``view`` to a new sparse file at ``path`` (fsynced); returns data bytes written.
-    Where no undo piece lies, the replica is read straight into one reused buffer (no
-    per-chunk allocation); all-zero chunks are left as holes."""
+    Where the replica holds the point (no undo piece) the kernel copies it
+    (``copy_file_range``); undo pieces are read (digest-checked) and written; zeros at the
+    point and ranges without data stay holes. Writeback is started as the copy goes, so the
+    final fsync finds little left."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     written = 0
-    buf = bytearray(COPY_CHUNK)
-    whole = memoryview(buf)
-    zeros = bytes(COPY_CHUNK)
+    flushed = 0  # writeback started up to here
     try:
         os.ftruncate(fd, view.size)
         for start, end in _data_ranges(view):
-            pos = start
-            while pos < end:
+            for pos in range(start, end, COPY_CHUNK):
                 n = min(COPY_CHUNK, end - pos)
-                data: bytes | memoryview
                 with view.lock:
                     pieces = list(view.map.lookup(pos, pos + n))
-                    if (
-                        len(pieces) == 1
-                        and pieces[0][2] is None
-                        and _copy_range(view.replica_fd, fd, pos, n)
-                    ):
-                        written += n  # the replica holds the point here: copied in the kernel
-                        pos += n
-                        continue
-                    if len(pieces) == 1 and pieces[0][2] is None:
-                        got = os.preadv(view.replica_fd, [whole[:n]], pos)
-                        if got < n:
-                            whole[got:n] = bytes(n - got)
-                        data = whole[:n]
-                    else:
-                        data = view.read_locked(pos, n)
-                if isinstance(data, memoryview):  # the reused buffer (memoryview == is slow)
-                    zero = buf == zeros if n == COPY_CHUNK else is_zero(bytes(data))
-                else:
-                    zero = is_zero(data)
-                if not zero:
-                    os.pwrite(fd, data, pos)
-                    written += n
-                pos += n
+                    written += _copy_pieces(view, fd, pieces)
+                if pos + n - flushed >= WRITEBACK_STEP:
+                    start_writeback(fd, flushed, pos + n - flushed)
+                    flushed = pos + n
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -486,6 +475,48 @@ def materialise(view: PointView, path: Path) -> int:
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return written
+
+
+def _copy_pieces(view: PointView, fd: int, pieces: list[tuple[int, int, Any]]) -> int:
+    """Write the point's bytes of consecutive ``pieces`` (from ``view.map.lookup``; the caller
+    holds ``view.lock``) to ``fd``: long replica spans by ``copy_file_range``, the rest
+    gathered into ``pwritev`` calls; returns the bytes written."""
+    written = 0
+    parts: list[bytes] = []
+    parts_start = parts_end = 0
+
+    def flush() -> None:
+        nonlocal parts
+        if parts:
+            _pwritev_all(fd, parts, parts_start)
+            parts = []
+
+    for start, end, piece in pieces:
+        if piece is not None and piece.data_pos < 0:
+            flush()  # zeros at the point: a hole in the new file
+            continue
+        if piece is None and end - start >= KERNEL_COPY_MIN:
+            flush()
+            if _copy_range(view.replica_fd, fd, start, end - start):
+                written += end - start
+                continue
+        data = view.read_locked(start, end - start)
+        if not parts or parts_end != start or len(parts) >= IOV_BATCH:
+            flush()
+            parts_start = start
+        parts.append(data)
+        parts_end = end
+        written += end - start
+    flush()
+    return written
+
+
+def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
+    total = sum(len(p) for p in parts)
+    done = os.pwritev(fd, parts, offset)
+    if done < total:  # a short write (signals, some devices): the rest one part at a time
+        joined = memoryview(b"".join(parts))[done:]
+        pwrite_all(fd, joined, offset + done)
 
 
 def _copy_range(src: int, dst: int, offset: int, length: int) -> bool:
@@ -511,29 +542,10 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> bool:
 def _data_ranges(view: PointView) -> list[tuple[int, int]]:
     """Ranges that may hold data at the point: the replica's data ranges and every undo piece
     holding bytes, merged (everything else reads as zeros)."""
-    ranges: list[tuple[int, int]] = []
-    pos = 0
-    fd = view.replica_fd
-    while pos < view.size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        if data >= view.size:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), view.size)
-        ranges.append((data, hole))
-        pos = hole
+    ranges = [(s, e - s) for s, e in data_ranges(view.replica_fd, 0, view.size)]
     with view.lock:
-        ranges.extend((s, e) for s, e, piece in view.map.items() if piece.data_pos >= 0)
-    ranges.sort()
-    merged: list[tuple[int, int]] = []
-    for start, end in ranges:
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
+        ranges.extend((s, e - s) for s, e, piece in view.map.items() if piece.data_pos >= 0)
+    return [(s, s + n) for s, n in merge_ranges(ranges)]
 
 
 def parse_time(spec: str) -> int | None:

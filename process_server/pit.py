@@ -15,6 +15,7 @@ Those journaled writes are what failback sends home.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import threading
@@ -27,18 +28,26 @@ import xxhash
 from agent.journal import Journal, decode_entry
 from common.durable import pwrite_all, zero_range
 from common.errors import DiskError, IntegrityError
-from common.segment_log import Cursor
+from common.segment_log import Cursor, RecordLocation
 from process_server.extent_map import ExtentMap
 from process_server.undo import UndoPiece
 
 OVERLAY_FILE = "overlay.img"
+OPENED_CACHE_BYTES = 64 << 20  # plaintext of sealed undo records a view keeps at hand
 JOURNAL_DIR = "journal"
 
 
 class PointView:
     """Read-only view of ``replica_fd`` at ``seq``; ``add`` is called by the applier."""
 
-    def __init__(self, replica_fd: int, size: int, seq: int, lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        replica_fd: int,
+        size: int,
+        seq: int,
+        lock: threading.Lock,
+        unseal: Callable[[RecordLocation, bytes], bytes | memoryview] | None = None,
+    ) -> None:
         self.replica_fd = replica_fd
         self.size = size
         self.seq = seq
@@ -46,6 +55,11 @@ class PointView:
         self.map: ExtentMap[UndoPiece] = ExtentMap()
         self._fds: dict[Path, int] = {}
         self._verified: set[tuple[Path, int]] = set()
+        self._unseal = unseal  # the undo log's, when it is sealed at rest
+        self._opened: collections.OrderedDict[RecordLocation, bytes | memoryview] = (
+            collections.OrderedDict()
+        )  # recently opened sealed records, least recently used first
+        self._opened_bytes = 0
         self.closed = False
 
     def add(self, pieces: list[tuple[int, int, UndoPiece]]) -> None:
@@ -79,6 +93,8 @@ class PointView:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _undo_bytes(self, piece: UndoPiece, start: int, end: int) -> bytes:
+        if piece.record is not None:
+            return self._sealed_bytes(piece, start, end)
         fd = self._fds[piece.path]
         key = (piece.path, piece.data_pos)
         if key not in self._verified:
@@ -92,8 +108,40 @@ class PointView:
             return whole[begin : begin + end - start]
         return os.pread(fd, end - start, piece.data_pos + start - piece.disk_offset)
 
+    def _sealed_bytes(self, piece: UndoPiece, start: int, end: int) -> bytes:
+        """Bytes of a piece of a sealed undo record: the record is read whole and opened
+        (AES-GCM authenticates all of it), then kept among the recently opened ones."""
+        record = piece.record
+        assert record is not None and self._unseal is not None
+        plain = self._opened.get(record)
+        if plain is None:
+            sealed = os.pread(self._fds[piece.path], record.size, record.payload_offset)
+            if len(sealed) != record.size:
+                raise IntegrityError(
+                    f"{piece.path}: undo record at {record.payload_offset} is short"
+                )
+            plain = self._unseal(record, sealed)
+            self._opened[record] = plain
+            self._opened_bytes += len(plain)
+            while self._opened_bytes > OPENED_CACHE_BYTES and len(self._opened) > 1:
+                _, dropped = self._opened.popitem(last=False)
+                self._opened_bytes -= len(dropped)
+        else:
+            self._opened.move_to_end(record)
+        whole = plain[piece.data_pos : piece.data_pos + piece.length]
+        key = (piece.path, record.payload_offset + piece.data_pos)
+        if key not in self._verified:
+            if len(whole) != piece.length or xxhash.xxh3_128_digest(whole) != piece.digest:
+                raise IntegrityError(
+                    f"{piece.path}: undo extent at disk offset {piece.disk_offset} fails its digest"
+                )
+            self._verified.add(key)
+        begin = start - piece.disk_offset
+        return bytes(whole[begin : begin + end - start])
+
     def close(self) -> None:
         self.closed = True
+        self._opened.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

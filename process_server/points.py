@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from common.config import GroupConfig, ServerConfig
+from common.failpoints import failpoint
 from process_server.catalog import Catalog, Point
 from protocol.control import PointHeld, PointMark, PointRelease, PointRequest
 
@@ -83,7 +84,9 @@ class PointsService:
             mark.group,
             mark.hold_ms,
         )
+        failpoint("points.before_insert")
         added = self.catalog.add(point, time.time_ns())
+        failpoint("points.after_insert")
         if added:
             self.recorded += 1
             if point.kind != "crash-consistent":
@@ -245,19 +248,18 @@ class PointsService:
         cfg = self.cfg
         if cfg.keep_all_points_for:
             self.catalog.thin(disk.disk_id, now_ns - int(cfg.keep_all_points_for * 1e9))
-        points = self.catalog.points(disk.disk_id)
         horizon = now_ns - int(cfg.retention * 1e9)
-        keep = [p for p in points if p.time_ns >= horizon]
         # The oldest point kept needs every undo record after it.
-        release = keep[0].seq if keep else disk.applied_seq
+        oldest_kept = self.catalog.first_seq(disk.disk_id, horizon)
+        release = disk.applied_seq if oldest_kept is None else oldest_kept
         if undo.bytes_used > cfg.undo_quota:
             # Over quota: give up the oldest points until what is left fits (estimated by seq
             # position in the log, then checked again on the next round).
             excess = undo.bytes_used - cfg.undo_quota
             span = max(1, undo.last_seq - undo.first_seq + 1)
             cut_seq = undo.first_seq + (span * excess) // undo.bytes_used
-            later = [p for p in keep if p.seq >= cut_seq]
-            release = max(release, later[0].seq if later else disk.applied_seq)
+            later = self.catalog.first_seq(disk.disk_id, horizon, cut_seq)
+            release = max(release, disk.applied_seq if later is None else later)
             note = (
                 f"undo quota {cfg.undo_quota} bytes reached: recovery points before seq "
                 f"{release} dropped early"
@@ -276,12 +278,12 @@ class PointsService:
     def status(self, disk: ReplicaDisk) -> dict[str, Any]:
         undo = disk.undo
         newest = self.catalog.newest(disk.disk_id)
-        points = self.catalog.points(disk.disk_id)
-        oldest = undo.oldest_restorable() if undo else None
-        live = [p for p in points if oldest is None or p.seq >= oldest]
+        count, oldest_ns = self.catalog.summary(
+            disk.disk_id, undo.oldest_restorable() if undo else 0
+        )
         return {
-            "points": len(live),
-            "oldest_point_ns": live[0].time_ns if live else None,
+            "points": count,
+            "oldest_point_ns": oldest_ns,
             "newest_point_ns": newest.time_ns if newest else None,
             "newest_point_age_seconds": round((time.time_ns() - newest.time_ns) / 1e9, 3)
             if newest

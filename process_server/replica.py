@@ -31,6 +31,7 @@ from common.at_rest import Sealer
 from common.digests import chunk_digests
 from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
+from common.failpoints import failpoint
 from common.segment_log import Cursor, SegmentLog
 from process_server.extent_map import ExtentMap
 from process_server.pit import PointView
@@ -167,13 +168,17 @@ class ReplicaDisk:
             )
         undo_log = None
         if undo:
+            # Sealed at rest under the cache's key, bound to this disk's undo log.
+            undo_sealer = sealer.for_context(b"undo:" + disk_id.encode()) if sealer else None
             undo_log = UndoLog.open(
-                directory / UNDO_DIR, disk_id, state["applied_seq"], undo_segment
+                directory / UNDO_DIR, disk_id, state["applied_seq"], undo_segment, undo_sealer
             )
             if undo_log.last_seq < state["applied_seq"]:
                 # Undo was off for a while (or this replica predates it): history starts now.
                 undo_log.close()
-                undo_log = _restart_undo(directory / UNDO_DIR, disk_id, state, undo_segment)
+                undo_log = _restart_undo(
+                    directory / UNDO_DIR, disk_id, state, undo_segment, undo_sealer
+                )
         fd = os.open(state.get("image") or directory / REPLICA_FILE, os.O_RDWR)
         return cls(directory, state, cache, fd, limits, apply_sync_interval, cache_quota, undo_log)
 
@@ -351,10 +356,10 @@ class ReplicaDisk:
         self._decoded_bytes = 0
         await self.cache.release_through(seq)
         if self.undo is not None:
-            segment = self.undo.log.segment_bytes
+            segment, undo_sealer = self.undo.log.segment_bytes, self.undo.log.sealer
             self.undo.close()
             self.undo = await asyncio.to_thread(
-                _restart_undo, self.directory / UNDO_DIR, self.disk_id, state, segment
+                _restart_undo, self.directory / UNDO_DIR, self.disk_id, state, segment, undo_sealer
             )
         self.note_boundary(seq)
         self._space_freed.set()
@@ -414,13 +419,16 @@ class ReplicaDisk:
         open views told, then the group written to the replica."""
         undo = self.undo
         assert undo is not None
-        for batch in group:
-            undo.record(batch, self._fd)
+        locations = [undo.record(batch, self._fd) for batch in group]
         undo.sync_blocking()
-        if self.views:
-            first = group[0].header.first_seq
-            pieces = undo.pieces_of(undo.locations_after(first - 1), first - 1)
-            with self.view_lock:
+        failpoint("applier.after_undo_sync")
+        # Checked under the lock: a view being opened right now (open_view holds the lock while
+        # it reads the undo log, maybe before these records) must be told of them too.
+        with self.view_lock:
+            if self.views:
+                first = group[0].header.first_seq
+                # Records made before a crash (None here) are already in every view's map.
+                pieces = undo.pieces_of([loc for loc in locations if loc is not None], first - 1)
                 for view in self.views:
                     view.add([p for p in pieces if p[2].seq > view.seq])
         self._write_group(group)
@@ -434,6 +442,7 @@ class ReplicaDisk:
                     pwrite_all(self._fd, extent.data, extent.offset)
                 if self.on_written is not None:
                     self.on_written(extent.offset, extent.length)
+        failpoint("applier.after_replica_write")
 
     async def make_applied_durable(self) -> None:
         """fdatasync the replica, record applied_seq, free cache segments. Serialized: the
@@ -442,6 +451,7 @@ class ReplicaDisk:
             target = self.applying_seq
             if target > self.applied_seq:
                 await asyncio.to_thread(os.fdatasync, self._fd)
+                failpoint("applier.before_applied_saved")
                 state = dict(self._state, applied_seq=target)
                 await asyncio.to_thread(atomic_write_json, self.directory / STATE_FILE, state)
                 self._state = state
@@ -566,7 +576,9 @@ class ReplicaDisk:
             )
         if seq > self.applying_seq:
             raise ReplicaError(f"disk {self.disk_id}: seq {seq} is not applied yet")
-        view = PointView(self._fd, self.size, seq, self.view_lock)
+        sealed = self.undo is not None and self.undo.log.sealer is not None
+        unseal = self.undo.log.unseal if sealed and self.undo is not None else None
+        view = PointView(self._fd, self.size, seq, self.view_lock, unseal)
         with self.view_lock:
             if self.undo is not None:
                 try:
@@ -595,10 +607,12 @@ class ReplicaDisk:
         os.close(self._fd)
 
 
-def _restart_undo(directory: Path, disk_id: str, state: dict[str, Any], segment: int) -> UndoLog:
+def _restart_undo(
+    directory: Path, disk_id: str, state: dict[str, Any], segment: int, sealer: Sealer | None
+) -> UndoLog:
     for path in directory.iterdir():
         path.unlink()
-    return UndoLog.open(directory, disk_id, state["applied_seq"], segment)
+    return UndoLog.open(directory, disk_id, state["applied_seq"], segment, sealer)
 
 
 def check_disk_size(disk: ReplicaDisk, size: int) -> None:

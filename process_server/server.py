@@ -25,13 +25,14 @@ from common.aio import first_leaf
 from common.at_rest import cache_sealer
 from common.config import ServerConfig
 from common.errors import IntegrityError, TidemarkError
+from common.failpoints import failpoint
 from common.framed import FramedStream
 from common.rate_limit import cache_pressure_delay
 from common.tls import peer_identity, server_context
 from process_server.catalog import Catalog
 from process_server.failback import FailbackError, FailbackManager
 from process_server.failover import FailoverError, FailoverManager
-from process_server.pki import load_revoked_serials
+from process_server.pki import REVOKED, load_revoked_serials
 from process_server.points import PointError, PointsService
 from process_server.replica import ReplicaDisk, ReplicaError, check_disk_size
 from protocol.batch import Limits, decode_batch, validate_disk_id
@@ -65,6 +66,7 @@ from protocol.frames import (
 log = logging.getLogger("tidemark.ps")
 SERVER_NAME = "tidemark-process-server"
 HELLO_TIMEOUT = 10.0
+REVOCATION_POLL = 1.0  # seconds between checks of pki/revoked.txt for open sessions
 MAX_DIGEST_REQUESTS = 8  # outstanding per session: bounds the replies buffered for a slow reader
 
 
@@ -82,6 +84,7 @@ class _Session:
         self.verify_waiters: dict[int, asyncio.Future[str]] = {}
         self.next_request = 0
         self.revoked = False
+        self.serial = 0
         self.digest_requests = 0
         self.started = time.monotonic()
         self.control_waiters: dict[int, asyncio.Future[ControlBody]] = {}
@@ -139,9 +142,11 @@ class ProcessServer:
                 if (path / "state.json").exists():
                     await asyncio.to_thread(self._open_disk, path.name, None)
             await self.failovers.restore()  # fences first: nothing is applied past a failover
+            await self.failbacks.restore()  # a planned swap a crash interrupted is finished
             for disk in self.disks.values():
                 self._start_applier(disk)
             tg.create_task(self.points.prune_forever(), name="prune")
+            tg.create_task(self._watch_revocations(), name="revocations")
             for group in self.cfg.groups:
                 tg.create_task(
                     self.points.run_group(group, self.ask, self.tell), name=f"group-{group.name}"
@@ -173,6 +178,7 @@ class ProcessServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             await self._admin.close()
+            await self.failbacks.close()
             await self.failovers.close()
             for disk in self.disks.values():
                 with contextlib.suppress(OSError):
@@ -227,6 +233,39 @@ class ProcessServer:
                 delay = min(delay * 2, 10.0)
 
     # ----------------------------------------------------------------- sessions
+    async def _watch_revocations(self) -> None:
+        """End the open sessions whose certificate ``pki revoke`` has since revoked: the
+        revocation list is checked when it changes (polled every REVOCATION_POLL seconds), not
+        only when a connection starts. An unreadable list keeps the sessions and says so."""
+        path = self.cfg.pki_dir / REVOKED
+        seen: tuple[int, int, int] | None = None
+        while True:
+            await asyncio.sleep(REVOCATION_POLL)
+            try:
+                st = path.stat()
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                stamp = (0, 0, 0)
+            except OSError as exc:
+                log.error("event=revocation_list_unreadable path=%s error=%r", path, str(exc))
+                continue
+            if stamp == seen:
+                continue
+            try:
+                revoked = await asyncio.to_thread(load_revoked_serials, self.cfg.pki_dir)
+            except TidemarkError as exc:
+                log.error("event=revocation_list_unreadable path=%s error=%r", path, str(exc))
+                continue
+            seen = stamp
+            for session in list(self.sessions):
+                if session.serial in revoked and not session.revoked:
+                    session.revoked = True
+                    log.warning(
+                        "event=session_revoked peer=%s address=%s", session.peer, session.address
+                    )
+                    if session.task is not None:
+                        session.task.cancel()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = str(writer.get_extra_info("peername"))
         stream = FramedStream(reader, writer, Connection("server", self.limits))
@@ -242,6 +281,7 @@ class ProcessServer:
             return
         session = _Session(peer, role, stream, address)
         session.revoked = revoked
+        session.serial = serial
         self.sessions.add(session)
         reason = "closed"
         try:
@@ -258,7 +298,11 @@ class ProcessServer:
         except TimeoutError:
             reason = "timed out"
         except asyncio.CancelledError:
-            reason = "fenced or stopping"
+            if session.revoked:  # cut by _watch_revocations
+                reason = "certificate revoked"
+                await stream.send_error(ErrorCode.AUTH, f"the certificate of {peer} is revoked")
+            else:
+                reason = "fenced or stopping"
         except OSError as exc:
             reason = f"I/O error: {exc}"
             await stream.send_error(ErrorCode.INTERNAL, "process server I/O error")
@@ -507,6 +551,7 @@ class ProcessServer:
             await event.wait()
             event.clear()
             seq = await disk.sync_cache()
+            failpoint("cache.after_durable")
             await session.stream.send(
                 Ack(disk.disk_id, seq)
             )  # drains: a peer that never reads stalls

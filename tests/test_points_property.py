@@ -17,6 +17,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.at_rest import Keyring, Sealer, new_key_file
 from process_server.failover import materialise
 from process_server.replica import ReplicaDisk
 from protocol.batch import Extent, Limits, encode_batch, peek_batch_header
@@ -36,7 +37,7 @@ batch = st.lists(write_op, min_size=1, max_size=6)
 step = st.tuples(batch, st.booleans(), st.booleans(), st.booleans())
 
 
-def _open(root: Path, create: bool = False) -> ReplicaDisk:
+def _open(root: Path, create: bool = False, sealer: Sealer | None = None) -> ReplicaDisk:
     return ReplicaDisk.open(
         root,
         "p1",
@@ -47,6 +48,7 @@ def _open(root: Path, create: bool = False) -> ReplicaDisk:
         create=("agent", SIZE) if create else None,
         undo=True,
         undo_segment=64 << 10,
+        sealer=sealer,
     )
 
 
@@ -96,8 +98,22 @@ def test_every_point_equals_the_source_at_its_seq(tmp_path_factory, steps) -> No
     asyncio.run(_scenario(root, steps))
 
 
-async def _scenario(root: Path, steps) -> None:
-    disk = _open(root, create=True)
+@given(st.lists(step, min_size=1, max_size=14))
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_every_point_equals_the_source_with_the_undo_log_sealed(tmp_path_factory, steps) -> None:
+    """The same with cache and undo log encrypted at rest (views open sealed records)."""
+    root = tmp_path_factory.mktemp("points-sealed")
+    key_file = root.parent / f"{root.name}.keys"
+    new_key_file(key_file)
+    asyncio.run(_scenario(root, steps, Sealer(Keyring.load(key_file))))
+
+
+async def _scenario(root: Path, steps, sealer: Sealer | None = None) -> None:
+    disk = _open(root, create=True, sealer=sealer)
     applier = asyncio.ensure_future(disk.run_applier())
     source = bytearray(SIZE)
     expected: dict[int, str] = {0: _sha(source)}  # seq -> SHA-256 of the source at that seq
@@ -126,7 +142,7 @@ async def _scenario(root: Path, steps) -> None:
         applier.cancel()
         await asyncio.gather(applier, return_exceptions=True)
         disk.close()
-        disk = _open(root)  # a restarted process server rebuilds the same history
+        disk = _open(root, sealer=sealer)  # a restarted process server rebuilds the history
         for point, digest in expected.items():
             view = disk.open_view(point)
             assert _sha(view.read(0, SIZE)) == digest, f"point at seq {point}"

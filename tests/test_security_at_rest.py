@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import inspect
 import os
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -430,6 +432,97 @@ def test_replica_cache_is_sealed_once_wired(key_file: Path, tmp_path: Path) -> N
         disk.close()
 
 
+async def _undo_scenario(disks: Path, s: Sealer | None) -> tuple[bytes, bytes]:
+    """MARKER written at seq 1, overwritten at seq 2 (its old contents go to the undo log);
+    returns the view at seq 1 read back and the raw bytes of the undo segments."""
+    from process_server.replica import ReplicaDisk
+    from protocol.batch import CODEC_RAW, Extent, Limits, encode_batch, peek_batch_header
+
+    disk = ReplicaDisk.open(
+        disks,
+        "d1",
+        limits=Limits(),
+        apply_sync_interval=0,
+        cache_quota=16 << 20,
+        cache_segment=1 << 20,
+        create=("owner", 1 << 20),
+        undo=True,
+        undo_segment=1 << 20,
+        sealer=s,
+    )
+    applier = asyncio.ensure_future(disk.run_applier())
+    try:
+        for seq, data in ((1, MARKER), (2, b"\x5a" * len(MARKER))):
+            batch = encode_batch(
+                "d1", seq, seq, [Extent(0, len(data), data)], newest_write_ns=seq, codec=CODEC_RAW
+            )
+            disk.append_batch(batch, peek_batch_header(batch))
+            await disk.sync_cache()
+            await disk.wait_applied(seq)
+        view = disk.open_view(1)
+        try:
+            seen = view.read(0, len(MARKER))
+        finally:
+            disk.close_view(view)
+        return seen, raw_segments(disks / "d1" / "undo")
+    finally:
+        applier.cancel()
+        await asyncio.gather(applier, return_exceptions=True)
+        disk.close()
+
+
+def test_undo_log_is_sealed_with_the_cache_key(key_file: Path, tmp_path: Path) -> None:
+    """With a key, the old contents kept for recovery points are sealed too (under the disk's
+    own undo context); a point still reads back exactly; without one they are in the clear
+    (the control that shows the check can fail); a tampered record fails authentication."""
+    from process_server.replica import ReplicaDisk
+    from protocol.batch import Limits
+
+    s = cache_sealer(key_file, tmp_path / "state-elsewhere")
+    seen, raw = asyncio.run(_undo_scenario(tmp_path / "sealed", s))
+    assert seen == MARKER
+    assert raw and MARKER[:25] not in raw
+    seen, raw = asyncio.run(_undo_scenario(tmp_path / "plain", None))
+    assert seen == MARKER and MARKER[:25] in raw  # the control: plaintext is visible unsealed
+
+    def reopen(sealer_: Sealer | None) -> ReplicaDisk:
+        return ReplicaDisk.open(
+            tmp_path / "sealed",
+            "d1",
+            limits=Limits(),
+            apply_sync_interval=0,
+            cache_quota=16 << 20,
+            cache_segment=1 << 20,
+            undo=True,
+            undo_segment=1 << 20,
+            sealer=sealer_,
+        )
+
+    # A view open at seq 1, then one ciphertext byte of the undo record flipped under it: the
+    # view refuses to serve the point (AES-GCM), it never returns altered bytes.
+    disk = reopen(s)
+    try:
+        view = disk.open_view(1)
+        try:
+            assert view.read(0, len(MARKER)) == MARKER
+            view._opened.clear()  # forget the opened record: the next read goes to the file
+            segment = next((tmp_path / "sealed" / "d1" / "undo").glob("*.seg"))
+            with open(segment, "r+b") as f:
+                f.seek(-40, os.SEEK_END)
+                byte = f.read(1)
+                f.seek(-40, os.SEEK_END)
+                f.write(bytes([byte[0] ^ 0x01]))
+            with pytest.raises(IntegrityError, match="undo"):
+                view.read(0, len(MARKER))
+        finally:
+            disk.close_view(view)
+    finally:
+        disk.close()
+    # A sealed undo log is never opened without its key.
+    with pytest.raises(IntegrityError):
+        reopen(None).close()
+
+
 def _wired() -> bool:
     from process_server.replica import ReplicaDisk
 
@@ -487,7 +580,9 @@ def test_process_server_seals_its_cache_end_to_end(tmp_path: Path) -> None:
         dep.init_pki()
         dep.add_agent("web01", {"web01-d": 32 << 20})
         cache = dep.ps_state / "disks" / "web01-d" / "cache"
+        undo = dep.ps_state / "disks" / "web01-d" / "undo"
         seen = {}
+        undo_seen = {}
         for sealed in (False, True):
             if sealed:
                 dep.write_ps_config(cache_key_file=str(keys))
@@ -496,12 +591,20 @@ def test_process_server_seals_its_cache_end_to_end(tmp_path: Path) -> None:
                     dep.start_ps(timeout=15)
                 assert "accessible by group or others" in (dep.root / "ps.log").read_text()
                 keys.chmod(0o600)
+                # The plain undo log is refused under a key, with the way out in the error ...
+                with pytest.raises(RuntimeError):
+                    dep.start_ps(timeout=15)
+                assert "restarts their history" in (dep.root / "ps.log").read_text()
+                shutil.rmtree(undo)  # ... which docs/security.md documents: a new history
             dep.start_ps()
             driver = Driver(dep, "web01")
             try:
                 driver.call(op="drain", timeout=30)  # the initial sync
                 with CacheSampler(cache, blocks) as sampler:
                     load = {"op": "load", "disk": "web01-d", "seconds": 0.25, "block": block}
+                    reply = driver.call(**load, compressible=False)
+                    assert reply["drained"], reply
+                    # Again over the same blocks: their old contents go to the undo log.
                     reply = driver.call(**load, compressible=False)
                     assert reply["drained"], reply
                 seen[sealed] = (sampler.record_bytes, sampler.plaintext_seen)
@@ -512,6 +615,10 @@ def test_process_server_seals_its_cache_end_to_end(tmp_path: Path) -> None:
             dep.stop_ps()
             source = dep.agents["web01"].disks["web01-d"].read_bytes()
             assert dep.replica_path("web01-d").read_bytes() == source
+            kept = raw_segments(undo)
+            undo_seen[sealed] = (len(kept), sum(w in kept for w in sampler.windows))
     assert seen[False][0] > 0 and seen[False][1] > 0, f"the control saw no plaintext: {seen}"
     assert seen[True][0] > 0, f"no cache record was seen while sealed: {seen}"
     assert seen[True][1] == 0, f"plaintext in a sealed cache: {seen}"
+    assert undo_seen[False][1] > 0, f"the control saw no plaintext in the undo log: {undo_seen}"
+    assert undo_seen[True][0] > 4096 and undo_seen[True][1] == 0, f"undo log: {undo_seen}"
