@@ -36,6 +36,7 @@ SCENARIOS: dict[str, str] = {
     "rpo": "benchmarks.rpo",
     "rto": "benchmarks.rto",
     "failback": "benchmarks.failback",
+    "soak": "benchmarks.soak",
 }
 """Scenario name -> module path."""
 
@@ -68,6 +69,18 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0.5 <= n <= 24 * 3600:
         raise argparse.ArgumentTypeError("seconds must be between 0.5 and 86400")
+    return n
+
+
+def _duration(text: str) -> float:
+    from common.units import parse_duration
+
+    try:
+        n = parse_duration(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 30 <= n <= 7 * 86400:
+        raise argparse.ArgumentTypeError("duration must be between 30s and 7 days")
     return n
 
 
@@ -167,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="rpo: take the throughput-vs-block-size plot from this nbd (or rpo) JSON "
         "instead of measuring a short sweep",
     )
+    p.add_argument(
+        "--duration",
+        type=_duration,
+        default=None,
+        metavar="D",
+        help="soak: how long to run (seconds, or 30s / 10m / 1h); sets --seconds "
+        "(the soak runs at least 30 s)",
+    )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p
 
@@ -239,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:14} {summary}")
         return 0
     params = Params(
-        seconds=args.seconds
+        seconds=args.duration
+        if args.duration is not None  # soak: --duration 10m is its --seconds
+        else args.seconds
         if args.seconds is not None
         else (QUICK_SECONDS if args.quick else FULL_SECONDS),
         disk_size=args.disk_size
