@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidemark.ps.failover")
 SPECIAL_POINTS = ("latest", "latest-processed", "latest-app-consistent")
 COPY_CHUNK = 8 << 20
-KERNEL_COPY_MIN = 256 << 10  # replica spans at least this long go by copy_file_range
+KERNEL_COPY_MIN = 64 << 10  # replica spans at least this long go by copy_file_range
 IOV_BATCH = 512  # pieces per pwritev
 WRITEBACK_STEP = 64 << 20  # --to FILE starts writeback after each such stretch
 
@@ -500,7 +500,7 @@ def _copy_pieces(view: PointView, fd: int, pieces: list[tuple[int, int, Any]]) -
             if _copy_range(view.replica_fd, fd, start, end - start):
                 written += end - start
                 continue
-        data = view.read_locked(start, end - start)
+        data = view.piece_bytes(start, end, piece)
         if not parts or parts_end != start or len(parts) >= IOV_BATCH:
             flush()
             parts_start = start

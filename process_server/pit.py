@@ -79,18 +79,20 @@ class PointView:
 
     def read_locked(self, offset: int, length: int) -> bytes:
         """:meth:`read` for a caller that holds ``lock``."""
-        parts: list[bytes] = []
-        for start, end, piece in self.map.lookup(offset, offset + length):
-            if piece is None:
-                data = os.pread(self.replica_fd, end - start, start)
-                if len(data) < end - start:
-                    data += bytes(end - start - len(data))
-                parts.append(data)
-            elif piece.data_pos < 0:
-                parts.append(bytes(end - start))
-            else:
-                parts.append(self._undo_bytes(piece, start, end))
+        parts = [self.piece_bytes(s, e, p) for s, e, p in self.map.lookup(offset, offset + length)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def piece_bytes(self, start: int, end: int, piece: UndoPiece | None) -> bytes:
+        """The point's bytes ``[start, end)`` of one piece of ``map.lookup`` (the caller holds
+        ``lock``): the replica's where no undo piece lies, else the piece's."""
+        if piece is None:
+            data = os.pread(self.replica_fd, end - start, start)
+            if len(data) < end - start:
+                data += bytes(end - start - len(data))
+            return data
+        if piece.data_pos < 0:
+            return bytes(end - start)
+        return self._undo_bytes(piece, start, end)
 
     def _undo_bytes(self, piece: UndoPiece, start: int, end: int) -> bytes:
         if piece.record is not None:
