@@ -143,7 +143,17 @@ class MasterTarget:
         tracker = DigestTracker(disk.replica_fd, disk.size, verify_chunk(disk.size))
         disk.on_written = tracker.touch
         self._trackers[disk.disk_id] = tracker
-        self._hashing.append(asyncio.ensure_future(asyncio.to_thread(tracker.start)))
+        started = time.monotonic()
+        hashing = asyncio.ensure_future(asyncio.to_thread(tracker.start))
+        hashing.add_done_callback(
+            lambda f: log.info(
+                "disk=%s event=source_hashed seconds=%.3f error=%r",
+                disk.disk_id,
+                time.monotonic() - started,
+                None if f.cancelled() else f.exception(),
+            )
+        )
+        self._hashing.append(hashing)
 
     def _open(self, dc: MtDiskConfig) -> ReplicaDisk:
         fd = os.open(dc.path, os.O_RDONLY)
@@ -278,8 +288,16 @@ class MasterTarget:
                 body = decode_control(msg)
                 if isinstance(body, FailbackVerify):
                     disk = self.disks[body.disk]
+                    started = time.monotonic()
                     await disk.make_applied_durable()
+                    durable = time.monotonic()
                     await self._send_digests(stream, body.disk, disk, body.chunk)
+                    log.info(
+                        "disk=%s event=failback_verify applied_durable_ms=%.1f digests_ms=%.1f",
+                        body.disk,
+                        (durable - started) * 1000,
+                        (time.monotonic() - durable) * 1000,
+                    )
                 elif isinstance(body, FailbackDone):
                     await self._finish(body)
                     if not self.disks:
