@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from common.durable import read_json
@@ -49,3 +50,58 @@ async def test_applied_seq_is_monotonic_under_concurrent_recording(tmp_path: Pat
     assert reopened.applied_seq == 40 and reopened.cache.first_seq == 41
     reopened.close()
     assert TAG_BATCH == 1
+
+
+async def test_a_view_being_opened_learns_of_a_batch_applied_meanwhile(tmp_path: Path) -> None:
+    """open_view reads the undo history while holding view_lock; a batch the applier records
+    right then must reach the new view before the replica is overwritten (the soak found the
+    applier looking at the list of views without the lock: the view then read bytes newer
+    than its point). Made deterministic by holding open_view inside its read of the history
+    while batch 2 arrives."""
+    disk = ReplicaDisk.open(
+        tmp_path,
+        "v1",
+        limits=Limits(),
+        apply_sync_interval=0.0,
+        cache_quota=1 << 30,
+        cache_segment=64 << 10,
+        create=("agent", 1 << 20),
+        undo=True,
+        undo_segment=64 << 10,
+    )
+    old, new = b"\x11" * 8192, b"\x22" * 8192
+    applier = asyncio.ensure_future(disk.run_applier())
+    try:
+        data = encode_batch("v1", 1, 1, [Extent(0, len(old), old)], newest_write_ns=1)
+        disk.append_batch(data, peek_batch_header(data))
+        await disk.sync_cache()
+        await disk.wait_applied(1)
+        undo = disk.undo
+        assert undo is not None
+        reading, proceed = threading.Event(), threading.Event()
+        original = undo.pieces_after
+
+        def slow_pieces_after(seq: int) -> list:
+            pieces = original(seq)  # the history as it is now: batch 2 not recorded yet
+            reading.set()
+            proceed.wait(10)
+            return pieces
+
+        undo.pieces_after = slow_pieces_after  # type: ignore[method-assign]
+        opening = asyncio.ensure_future(asyncio.to_thread(disk.open_view, 1))
+        assert await asyncio.to_thread(reading.wait, 10)
+        data = encode_batch("v1", 2, 2, [Extent(0, len(new), new)], newest_write_ns=2)
+        disk.append_batch(data, peek_batch_header(data))
+        await disk.sync_cache()
+        await asyncio.sleep(0.3)  # the applier records batch 2 meanwhile (and must then wait)
+        proceed.set()
+        view = await opening
+        await disk.wait_applied(2)
+        with open(disk.replica_path, "rb") as f:
+            assert f.read(len(new)) == new  # the replica moved on ...
+        assert view.read(0, len(old)) == old  # ... the view stayed at its point
+        disk.close_view(view)
+    finally:
+        applier.cancel()
+        await asyncio.gather(applier, return_exceptions=True)
+        disk.close()
