@@ -8,13 +8,16 @@ Rules it keeps:
 - A journal segment is deleted only after the process server acknowledged it.
 - Failures are classified once: connection and protocol errors are temporary
   (reconnect with backoff); an AUTH refusal is logged loudly and retried slowly.
+  Every failure is logged: a new error at once, a repeated one at most every
+  REPEAT_LOG_INTERVAL seconds with how many times it happened since.
+- Waits with a timeout use ``asyncio.timeout``/``wait_event``, never ``asyncio.wait_for``:
+  on 3.11 it can lose the cancellation that ends a session (or the agent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import json
 import logging
@@ -27,7 +30,7 @@ import zstandard
 
 from agent.disk import ProtectedDisk
 from agent.journal import JournalEntry
-from common.aio import first_leaf
+from common.aio import first_leaf, wait_event
 from common.config import AgentConfig
 from common.errors import IntegrityError
 from common.failpoints import failpoint
@@ -61,6 +64,7 @@ MAX_EXTENT = (1 << 32) - 1
 INLINE_ENCODE_BYTES = 4 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
 NAGLE_RECORDS = 256  # fewer waiting records than this, with a batch in flight, may wait...
 NAGLE_DELAY = 0.005  # ...this long for more (bounds the RPO cost to 5 ms)
+REPEAT_LOG_INTERVAL = 10.0  # seconds between log lines of one repeating link failure
 
 
 @dataclass
@@ -107,6 +111,9 @@ class Shipper:
         self.linked: set[str] = set()  # disks replicating on the current connection
         self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
         self.on_control: Callable[[int, ControlBody], Awaitable[None]] | None = None
+        self._failures = 0  # consecutive failed connections or sessions
+        self._repeats = 0  # failures not logged since the last line (same error)
+        self._logged_at = 0.0  # monotonic time of the last link-down line
 
     async def run(self) -> None:
         """Connect, replicate, reconnect with backoff; returns only when cancelled."""
@@ -133,33 +140,52 @@ class Shipper:
             self._disconnected()
             if time.monotonic() - started > 5 * self.cfg.reconnect_max:
                 delay = self.cfg.reconnect_min
-            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            pause = delay * (0.8 + 0.4 * random.random())
+            self._log_failure(pause)
+            await asyncio.sleep(pause)
             delay = min(delay * 2, self.cfg.reconnect_max)
 
     def _note_error(self, message: str) -> None:
+        self._failures += 1
         if message != self.stats.last_error:
-            log.warning("event=replication_link_down error=%r", message)
+            self._repeats = -1  # a new error: logged at once by _log_failure
         self.stats.last_error = message
+
+    def _log_failure(self, retry_in: float) -> None:
+        """One line per new error; a repeating one every REPEAT_LOG_INTERVAL seconds, with the
+        count since its last line (a link failing the same way over and over stays visible)."""
+        now = time.monotonic()
+        self._repeats += 1
+        if self._repeats and now - self._logged_at < REPEAT_LOG_INTERVAL:
+            return
+        log.warning(
+            "event=replication_link_down error=%r failures=%d repeated=%d retry_in=%.2fs",
+            self.stats.last_error,
+            self._failures,
+            self._repeats,
+            retry_in,
+        )
+        self._repeats = 0
+        self._logged_at = now
 
     async def _session(self) -> None:
         for disk in self.disks.values():
             disk.link_state = "connecting"
         ps = self.cfg.process_server
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        async with asyncio.timeout(self.cfg.connect_timeout):
+            reader, writer = await asyncio.open_connection(
                 ps.host,
                 ps.port,
                 ssl=self._ssl,
                 server_hostname=CLIENT_SERVER_HOSTNAME,
                 limit=1 << 20,
-            ),
-            self.cfg.connect_timeout,
-        )
+            )
         writer.transport.set_write_buffer_limits(high=8 << 20)
         stream = FramedStream(reader, writer, Connection("client"))
         try:
             await stream.send(Hello(self.cfg.name, "agent"))
-            hello = await asyncio.wait_for(stream.recv(), self.cfg.connect_timeout)
+            async with asyncio.timeout(self.cfg.connect_timeout):
+                hello = await stream.recv()
             if not isinstance(hello, HelloOk):
                 raise ProtocolError(
                     ErrorCode.UNEXPECTED, f"expected HELLO_OK, got {type(hello).__name__}"
@@ -168,7 +194,8 @@ class Shipper:
             links: dict[str, _DiskLink] = {}
             for disk in self.disks.values():
                 await stream.send(Register(disk.disk_id, disk.size, disk.journaled_seq))
-                reply = await asyncio.wait_for(stream.recv(), self.cfg.connect_timeout)
+                async with asyncio.timeout(self.cfg.connect_timeout):
+                    reply = await stream.recv()
                 if not isinstance(reply, Registered) or reply.disk_id != disk.disk_id:
                     raise ProtocolError(
                         ErrorCode.UNEXPECTED, f"expected REGISTERED for {disk.disk_id}"
@@ -179,7 +206,13 @@ class Shipper:
             self.stats.connects += 1
             self.stats.connected_since = time.monotonic()
             self.stats.last_error = None
-            log.info("event=replication_link_up process_server=%s disks=%d", ps, len(links))
+            log.info(
+                "event=replication_link_up process_server=%s disks=%d after_failures=%d",
+                ps,
+                len(links),
+                self._failures,
+            )
+            self._failures = 0
             for disk in self.disks.values():
                 disk.link_state = "replicating"
             async with asyncio.TaskGroup() as tg:
@@ -249,8 +282,7 @@ class Shipper:
                 # A batch is in flight and only a few records wait: give them up to
                 # NAGLE_DELAY (or until an ACK) to grow into one batch instead of many tiny ones.
                 link.acked.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(link.acked.wait(), NAGLE_DELAY)
+                await wait_event(link.acked, NAGLE_DELAY)
             entries = disk.journal.read(link.next_seq, max_batch, cursor)
             cut = next((c for c in disk.point_cuts if c >= link.next_seq), None)
             data, last, raw = await encode_entries(disk.disk_id, entries, max_batch, level, cut)
@@ -275,7 +307,8 @@ class Shipper:
     async def _receive(self, stream: FramedStream, links: dict[str, _DiskLink]) -> None:
         timeout = max(3 * self.cfg.heartbeat_interval, 10.0)
         while True:
-            msg = await asyncio.wait_for(stream.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                msg = await stream.recv()
             if isinstance(msg, Ack):
                 link = links.get(msg.disk_id)
                 if link is None:
@@ -342,7 +375,8 @@ class Shipper:
                     disk_id, request_id, offset, length, chunk, min_seq, width, select_unit, select
                 )
             )
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         finally:
             self._requests.pop(request_id, None)
 
@@ -376,8 +410,8 @@ class Shipper:
             )
             self._state_changed.clear()
             await stream.send(Heartbeat(self._heartbeat_counter, reports))
-            with contextlib.suppress(TimeoutError):  # a state change is reported at once
-                await asyncio.wait_for(self._state_changed.wait(), self.cfg.heartbeat_interval)
+            # A state change is reported at once.
+            await wait_event(self._state_changed, self.cfg.heartbeat_interval)
 
     def status(self) -> dict[str, object]:
         return {

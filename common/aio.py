@@ -1,8 +1,9 @@
 """Small asyncio helpers.
 
-Rule: an exception raised inside a TaskGroup reaches callers as the leaf
+Rules: an exception raised inside a TaskGroup reaches callers as the leaf
 exception that caused it, so error classification (temporary vs permanent)
-works the same with and without task groups.
+works the same with and without task groups; a cancellation is never lost
+(see :func:`wait_event`).
 """
 
 from __future__ import annotations
@@ -26,3 +27,21 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type
         if not isinstance(leaf, asyncio.CancelledError):
             return leaf
     return leaves[0] if leaves else group
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``event``; True if it is set, False on timeout.
+
+    Use this, not ``asyncio.wait_for(event.wait(), timeout)``: on Python 3.11 ``wait_for``
+    returns normally when its task is cancelled just after the event was set, so the
+    cancellation is lost and a task group waiting for that task to end waits forever. Here
+    there is no inner task, and a cancellation always propagates.
+    """
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
