@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from common.aio import wait_event
 from protocol.control import (
     ControlBody,
     Freeze,
@@ -293,8 +294,7 @@ class PointKeeper:
     # ----------------------------------------------------------------- sending markers
     async def _send_forever(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SEND_INTERVAL)
+            await wait_event(self._wake, SEND_INTERVAL)
             self._wake.clear()
             connection = self.shipper.stats.connects
             if not self.shipper.connected.is_set():

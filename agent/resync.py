@@ -22,7 +22,6 @@ below half its quota by waiting, so resync never causes an overflow by itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from common.aio import first_leaf
+from common.aio import first_leaf, wait_event
 from common.digests import chunk_digests, zero_digest
 from common.durable import atomic_write
 from protocol.errors import ProtocolError
@@ -107,8 +106,7 @@ class Resyncer:
         while True:
             if disk.bitmap is None:
                 self.wake.clear()
-                with contextlib.suppress(TimeoutError):  # overflow or rebase may mark it anytime
-                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                await wait_event(self.wake, 1.0)  # overflow or rebase may mark it anytime
                 continue
             if disk.disk_id not in self.shipper.linked:
                 await self.shipper.connected.wait()

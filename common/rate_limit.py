@@ -15,7 +15,6 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as _dt
 import re
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.aio import wait_event
 from common.units import parse_size
 
 MAX_WAIT_STEP = 1.0  # re-read the limit at least this often while waiting
@@ -231,8 +231,7 @@ class BandwidthLimiter:
                         bucket.take(nbytes, now)
                         break
                     self._changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), min(delay, MAX_WAIT_STEP))
+                    await wait_event(self._changed, min(delay, MAX_WAIT_STEP))
             finally:  # also when the sender is cancelled (link lost)
                 self.throttled_seconds += self._clock() - started
                 self._waiting_since = None

@@ -25,7 +25,7 @@ from typing import Any
 
 from agent.failback_state import reset_after_failback, source_divergence
 from common.admin import AdminServer
-from common.aio import first_leaf
+from common.aio import first_leaf, wait_event
 from common.config import MasterTargetConfig, MtDiskConfig
 from common.digests import DigestTracker, chunk_digests, verify_chunk
 from common.durable import atomic_write_json, read_json
@@ -118,10 +118,7 @@ class MasterTarget:
                 if time.monotonic() - started > 5 * self.cfg.reconnect_max:
                     delay = self.cfg.reconnect_min
                 if self.disks:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            self._stop.wait(), delay * (0.8 + 0.4 * random.random())
-                        )
+                    await wait_event(self._stop, delay * (0.8 + 0.4 * random.random()))
                     delay = min(delay * 2, self.cfg.reconnect_max)
         finally:
             await self._admin.close()
@@ -186,7 +183,8 @@ class MasterTarget:
         stream = FramedStream(reader, writer, Connection("client"))
         try:
             await stream.send(Hello(self.cfg.name, "master-target"))
-            hello = await asyncio.wait_for(stream.recv(), self.cfg.connect_timeout)
+            async with asyncio.timeout(self.cfg.connect_timeout):
+                hello = await stream.recv()
             if not isinstance(hello, HelloOk):
                 raise ProtocolError(
                     ErrorCode.UNEXPECTED, f"expected HELLO_OK, got {type(hello).__name__}"
@@ -262,7 +260,8 @@ class MasterTarget:
     async def _receive(self, stream: FramedStream, tg: asyncio.TaskGroup) -> None:
         timeout = max(3 * self.cfg.heartbeat_interval, 30.0)
         while True:
-            msg = await asyncio.wait_for(stream.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                msg = await stream.recv()
             if isinstance(msg, BatchMsg):
                 disk = self.disks.get(msg.disk_id)
                 if disk is None:

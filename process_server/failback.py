@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.failback_state import merge_ranges
 from agent.shipper import encode_entries
+from common.aio import wait_event
 from common.digests import DigestTracker, chunk_digests, data_ranges, is_zero, verify_chunk
 from common.durable import atomic_write_json, read_json
 from common.failpoints import failpoint
@@ -112,7 +113,8 @@ class FailbackManager:
         async with asyncio.TaskGroup() as tg:
             try:
                 while True:
-                    msg = await asyncio.wait_for(stream.recv(), self.server.cfg.heartbeat_timeout)
+                    async with asyncio.timeout(self.server.cfg.heartbeat_timeout):
+                        msg = await stream.recv()
                     if isinstance(msg, Control):
                         await self._on_control(msg)
                     elif isinstance(msg, Register):
@@ -311,8 +313,7 @@ class FailbackManager:
                 await journal.release_through(released)
             if len(link.inflight) >= WINDOW_BATCHES or link.next_seq > journal.last_seq:
                 link.acked.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(link.acked.wait(), 0.01)
+                await wait_event(link.acked, 0.01)
                 continue
             entries = journal.read(link.next_seq, MAX_BATCH, cursor)
             data, last, raw = await encode_entries(link.disk_id, entries, MAX_BATCH, 1)
@@ -434,8 +435,7 @@ class FailbackManager:
                     raise FailbackError(
                         f"disk {link.disk_id}: the master target went away during verification"
                     )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(link.digests_done.wait(), 0.1)
+                await wait_event(link.digests_done, 0.1)
             ours = await mine
         finally:
             link.digest_chunk = 0

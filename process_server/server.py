@@ -317,7 +317,8 @@ class ProcessServer:
 
     async def _converse(self, session: _Session) -> None:
         stream = session.stream
-        hello = await asyncio.wait_for(stream.recv(), HELLO_TIMEOUT)
+        async with asyncio.timeout(HELLO_TIMEOUT):
+            hello = await stream.recv()
         if not isinstance(hello, Hello):
             raise ProtocolError(ErrorCode.UNEXPECTED, "expected HELLO")
         if hello.name != session.peer or hello.role != session.role:
@@ -348,7 +349,8 @@ class ProcessServer:
         )
         async with asyncio.TaskGroup() as tg:
             while True:
-                msg = await asyncio.wait_for(stream.recv(), self.cfg.heartbeat_timeout)
+                async with asyncio.timeout(self.cfg.heartbeat_timeout):
+                    msg = await stream.recv()
                 if isinstance(msg, BatchMsg):
                     await self._on_batch(session, msg)
                 elif isinstance(msg, Register):
