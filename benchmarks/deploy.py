@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 PYTHON = sys.executable
+MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"  # as Environment= in packaging/systemd/*.service
 PACKAGES = ("agent", "benchmarks", "common", "master_target", "process_server", "protocol")
 
 
@@ -64,6 +65,17 @@ class AgentSpec:
     state_dir: Path
     disks: dict[str, Path] = field(default_factory=dict)
     nbd: dict[str, str] = field(default_factory=dict)
+
+
+def service_env() -> dict[str, str]:
+    """The environment the packaged systemd units give tidemark's services (see
+    packaging/systemd and docs/operations.md): unbuffered output and glibc's malloc
+    advising transparent huge pages for its large buffers."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, MALLOC_TUNABLE) if t)
+    return env
 
 
 class Deployment:
@@ -177,7 +189,7 @@ class Deployment:
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(self.root / log_name, "ab")  # noqa: SIM115 - closed in stop_all
         self._logs.append(log)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = service_env()
         return subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
@@ -283,6 +295,7 @@ class Driver:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
+            env=service_env(),
             start_new_session=True,
         )
         ready = self._read()

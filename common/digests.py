@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import xxhash
 
-# Bytes read per pread. Large on purpose: hashing runs in threads beside an event loop, and
-# each pread gives the GIL away; getting it back can take a whole switch interval (5 ms)
-# while the loop is busy, so 4 MiB reads made a 1 GiB pass take 1.1 s instead of 0.15 s.
-READ_SPAN = 16 << 20
+READ_SPAN = 4 << 20  # bytes per read, into a pooled buffer (see _take_buffer)
+_POOL: list[bytearray] = []  # read buffers given back, reused: a fresh one costs page faults
+_POOL_LOCK = threading.Lock()
+_POOL_MAX = 4
 TRACK_SLICE = 256 << 20  # DigestTracker.start checks for close() this often
 TRACK_READ_SPAN = 16 << 20  # larger reads fall out of the L3 cache: 64 MiB is 2.7x slower
 
@@ -75,31 +75,55 @@ def chunk_digests(
     read = 0
     r = 0
     pos = offset
-    # One buffer for every read (a fresh multi-MiB bytes per read costs page faults), made
-    # at the first read (a range of holes reads nothing).
-    whole: memoryview | None = None
+    # One pooled buffer for every read, taken at the first read (a range of holes reads
+    # nothing): a fresh multi-MiB buffer per read costs page faults, and a zero-filled one
+    # takes them while holding the GIL.
+    owned: bytearray | None = None
     buf = memoryview(b"")
     buf_start = 0
-    while pos < end:
-        cend = min(pos + chunk, end)
-        while r < len(ranges) and ranges[r][1] <= pos:
-            r += 1
-        if r >= len(ranges) or ranges[r][0] >= cend:
-            digests.append(zero_digest(cend - pos))
-        else:
-            if not (buf_start <= pos and cend <= buf_start + len(buf)):
-                span = min(max(read_span, cend - pos), end - pos)
-                if whole is None or len(whole) < span:
-                    whole = memoryview(bytearray(span))
-                buf = whole[:span]
-                got = os.preadv(fd, [buf], pos)
-                if got < span:
-                    buf[got:] = bytes(span - got)  # past the end of the file: zeros
-                buf_start = pos
-                read += span
-            digests.append(xxhash.xxh3_128_digest(buf[pos - buf_start : cend - buf_start]))
-        pos = cend
+    try:
+        while pos < end:
+            cend = min(pos + chunk, end)
+            while r < len(ranges) and ranges[r][1] <= pos:
+                r += 1
+            if r >= len(ranges) or ranges[r][0] >= cend:
+                digests.append(zero_digest(cend - pos))
+            else:
+                if not (buf_start <= pos and cend <= buf_start + len(buf)):
+                    span = min(max(read_span, cend - pos), end - pos)
+                    if owned is None or len(owned) < span:
+                        buf.release()
+                        if owned is not None:
+                            _give_buffer(owned)
+                        owned = _take_buffer(span)
+                    buf.release()
+                    buf = memoryview(owned)[:span]
+                    got = os.preadv(fd, [buf], pos)
+                    if got < span:
+                        buf[got:] = bytes(span - got)  # past the end of the file: zeros
+                    buf_start = pos
+                    read += span
+                digests.append(xxhash.xxh3_128_digest(buf[pos - buf_start : cend - buf_start]))
+            pos = cend
+    finally:
+        buf.release()
+        if owned is not None:
+            _give_buffer(owned)
     return DigestResult(digests, read)
+
+
+def _take_buffer(size: int) -> bytearray:
+    with _POOL_LOCK:
+        for index, candidate in enumerate(_POOL):
+            if len(candidate) >= size:
+                return _POOL.pop(index)
+    return bytearray(size)
+
+
+def _give_buffer(buffer: bytearray) -> None:
+    with _POOL_LOCK:
+        if len(_POOL) < _POOL_MAX:
+            _POOL.append(buffer)
 
 
 class DigestTracker:
