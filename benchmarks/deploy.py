@@ -261,6 +261,27 @@ class Deployment:
         self.stop_all()
 
     # ----------------------------------------------------------------- observing
+    def ps_json(self, *args: str, timeout: float = 120) -> dict[str, Any]:
+        """``tidemark-ps ARGS --config ps.toml --json``: its JSON reply, with ``returncode``
+        added (and ``stderr`` when it printed any, ``stdout`` when that was not JSON)."""
+        out = self.cli(
+            "process_server.cli",
+            *args,
+            "--config",
+            str(self.ps_config),
+            "--json",
+            check=False,
+            timeout=timeout,
+        )
+        try:
+            reply = dict(json.loads(out.stdout)) if out.stdout.strip() else {}
+        except (TypeError, ValueError):  # not JSON, or not an object
+            reply = {"stdout": out.stdout}
+        reply.setdefault("returncode", out.returncode)
+        if out.stderr.strip():
+            reply.setdefault("stderr", out.stderr.strip()[-2000:])
+        return reply
+
     def ps_status(self) -> dict[str, Any]:
         out = self.cli("process_server.cli", "status", "--config", str(self.ps_config), "--json")
         return dict(json.loads(out.stdout))

@@ -25,6 +25,8 @@ from typing import Literal, TypeVar
 
 import xxhash
 
+from benchmarks.proxy import stop_loop_thread
+
 Direction = Literal["up", "down"]  # up: agent -> process server; down: the replies
 Mode = Literal["passthrough", "terminate"]
 T = TypeVar("T")
@@ -480,7 +482,7 @@ class FaultProxy:
         return self._call(lambda: len(self._links))
 
     def close(self) -> None:
-        async def shutdown() -> None:
+        async def close_sockets() -> None:
             if self._accept_task is not None:
                 self._accept_task.cancel()
             if self._listener is not None:
@@ -488,18 +490,8 @@ class FaultProxy:
             for link in list(self._links):
                 link.abort()
             self._flowing.set()
-            for _ in range(3):
-                await asyncio.sleep(0)
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        stop_loop_thread(self._loop, self._thread, close_sockets)
 
     def __enter__(self) -> FaultProxy:
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Awaitable, Callable
 
 
 class CountingProxy:
@@ -92,27 +93,42 @@ class CountingProxy:
         self._loop.call_soon_threadsafe(_cut)
 
     def close(self) -> None:
-        async def shutdown() -> None:
+        async def close_sockets() -> None:
             if self._server is not None:
                 self._server.close()
                 await self._server.wait_closed()
             for w in list(self._writers):
                 w.transport.abort()
-            for _ in range(3):
-                await asyncio.sleep(0)  # let the pumps see the aborts and finish
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        stop_loop_thread(self._loop, self._thread, close_sockets)
 
     def __enter__(self) -> CountingProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stop_loop_thread(
+    loop: asyncio.AbstractEventLoop,
+    thread: threading.Thread,
+    close_sockets: Callable[[], Awaitable[None]],
+) -> None:
+    """Stop a proxy's event loop running in ``thread``: ``close_sockets`` on the loop, a few
+    turns for the pumps to see the aborts, every other task cancelled and awaited, then the
+    loop stopped, the thread joined and the loop closed."""
+
+    async def shutdown() -> None:
+        await close_sockets()
+        for _ in range(3):
+            await asyncio.sleep(0)  # let the pumps see the aborts and finish
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()

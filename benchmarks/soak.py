@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -251,23 +250,8 @@ class Soak:
         return round(time.monotonic() - self.t0, 2)
 
     def ps(self, *args: str, ok: bool = True, timeout: float = 120) -> dict[str, Any]:
-        out = self.dep.cli(
-            "process_server.cli",
-            *args,
-            "--config",
-            str(self.dep.ps_config),
-            "--json",
-            check=False,
-            timeout=timeout,
-        )
-        try:
-            reply = dict(json.loads(out.stdout)) if out.stdout.strip() else {}
-        except json.JSONDecodeError:
-            reply = {"stdout": out.stdout}
-        reply.setdefault("returncode", out.returncode)
-        if out.stderr.strip():
-            reply.setdefault("stderr", out.stderr.strip()[-2000:])
-        if ok and out.returncode != 0:
+        reply = self.dep.ps_json(*args, timeout=timeout)
+        if ok and reply["returncode"] != 0:
             raise Stuck(f"tidemark-ps {' '.join(args)} failed: {reply}")
         return reply
 

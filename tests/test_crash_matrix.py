@@ -227,19 +227,10 @@ class Rig:
         return int(self.call(op="status")["status"]["disks"][0]["journaled_seq"])
 
     def ps_cli(self, *args: str, ok: bool = True, timeout: float = 120) -> dict[str, Any]:
-        out = self.dep.cli(
-            "process_server.cli",
-            *args,
-            "--config",
-            str(self.dep.ps_config),
-            "--json",
-            check=False,
-            timeout=timeout,
-        )
-        reply = json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
+        reply = self.dep.ps_json(*args, timeout=timeout)
         if ok:
-            assert out.returncode == 0, f"tidemark-ps {args}: {reply} {out.stderr}"
-        return dict(reply)
+            assert reply["returncode"] == 0, f"tidemark-ps {args}: {reply}"
+        return reply
 
     # ----------------------------------------------------------------- writing
     def one_op(self) -> tuple[str, int, int, int] | None:
@@ -622,6 +613,10 @@ class Cycle:
         assert row and row["applied_seq"] >= row["journal_last_seq"] > 0, row
         # Planned swap, the process server killed in the middle.
         rig.restart_ps(f"{swap}=1")
+        deadline = time.monotonic() + 60
+        while self.failback_row() is None:  # --planned needs the master target linked again
+            assert time.monotonic() < deadline, "the master target did not reconnect"
+            time.sleep(0.1)
         rig.ps_cli("failback", DISK, "--planned", ok=False, timeout=300)
         if not rig.ps_alive():
             tally.kill(f"failback-swap:{swap}")
