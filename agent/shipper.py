@@ -59,6 +59,7 @@ from protocol.frames import (
     VerifyResult,
 )
 
+DIGEST_REQUESTS_IN_FLIGHT = 8  # the process server's MAX_DIGEST_REQUESTS per session
 log = logging.getLogger("tidemark.agent.shipper")
 MAX_EXTENT = (1 << 32) - 1
 INLINE_ENCODE_BYTES = 4 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
@@ -103,6 +104,7 @@ class Shipper:
         self._stream: FramedStream | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._requests: dict[int, asyncio.Future[DigestReply]] = {}
+        self._digest_slots = asyncio.Semaphore(DIGEST_REQUESTS_IN_FLIGHT)
         self._next_request = 0
         self.connected = asyncio.Event()
         self._state_changed = asyncio.Event()
@@ -362,23 +364,34 @@ class Shipper:
         """Replica digests of ``[offset, offset+length)`` (or of the selected units) once the
         server applied ``min_seq``. Raises ConnectionError when the link is down or drops,
         TimeoutError."""
-        stream = self._stream
-        if stream is None or disk_id not in self.linked:
-            raise ConnectionResetError("replication link is down")
-        self._next_request = (self._next_request + 1) % (1 << 32)
-        request_id = self._next_request
-        future: asyncio.Future[DigestReply] = asyncio.get_running_loop().create_future()
-        self._requests[request_id] = future
-        try:
-            await stream.send(
-                DigestRequest(
-                    disk_id, request_id, offset, length, chunk, min_seq, width, select_unit, select
+        # The process server answers at most MAX_DIGEST_REQUESTS outstanding requests per
+        # session and closes a session that sends more: every disk's resync shares that.
+        async with self._digest_slots:
+            stream = self._stream
+            if stream is None or disk_id not in self.linked:
+                raise ConnectionResetError("replication link is down")
+            self._next_request = (self._next_request + 1) % (1 << 32)
+            request_id = self._next_request
+            future: asyncio.Future[DigestReply] = asyncio.get_running_loop().create_future()
+            self._requests[request_id] = future
+            try:
+                await stream.send(
+                    DigestRequest(
+                        disk_id,
+                        request_id,
+                        offset,
+                        length,
+                        chunk,
+                        min_seq,
+                        width,
+                        select_unit,
+                        select,
+                    )
                 )
-            )
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            self._requests.pop(request_id, None)
+                async with asyncio.timeout(timeout):
+                    return await future
+            finally:
+                self._requests.pop(request_id, None)
 
     async def send_control(self, body: ControlBody, request_id: int = 0) -> None:
         """Send a control body on the current connection. Raises ConnectionError when down."""
