@@ -43,6 +43,7 @@ from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batc
 from protocol.control import ControlBody, decode_control, encode_control
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import (
+    MAX_DIGEST_REQUESTS,
     Ack,
     BatchMsg,
     Connection,
@@ -59,7 +60,6 @@ from protocol.frames import (
     VerifyResult,
 )
 
-DIGEST_REQUESTS_IN_FLIGHT = 8  # the process server's MAX_DIGEST_REQUESTS per session
 log = logging.getLogger("tidemark.agent.shipper")
 MAX_EXTENT = (1 << 32) - 1
 INLINE_ENCODE_BYTES = 4 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
@@ -104,7 +104,7 @@ class Shipper:
         self._stream: FramedStream | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._requests: dict[int, asyncio.Future[DigestReply]] = {}
-        self._digest_slots = asyncio.Semaphore(DIGEST_REQUESTS_IN_FLIGHT)
+        self._digest_slots = asyncio.Semaphore(MAX_DIGEST_REQUESTS)
         self._next_request = 0
         self.connected = asyncio.Event()
         self._state_changed = asyncio.Event()
@@ -364,8 +364,7 @@ class Shipper:
         """Replica digests of ``[offset, offset+length)`` (or of the selected units) once the
         server applied ``min_seq``. Raises ConnectionError when the link is down or drops,
         TimeoutError."""
-        # The process server answers at most MAX_DIGEST_REQUESTS outstanding requests per
-        # session and closes a session that sends more: every disk's resync shares that.
+        # Every disk's resync shares the session's MAX_DIGEST_REQUESTS (protocol.frames).
         async with self._digest_slots:
             stream = self._stream
             if stream is None or disk_id not in self.linked:

@@ -1,7 +1,7 @@
 # The whole-disk hashing pass of common.digests.DigestTracker, run in a child process so that
 # it hashes on its own core instead of taking the GIL from the event loop of the process that
 # asked (python-xxhash holds the GIL while it hashes). Rule: the output is exactly what
-# chunk_digests gives, 16 bytes per chunk in disk order, or a non-zero exit.
+# whole_disk_digests gives, 16 bytes per chunk in disk order, or a non-zero exit.
 """``python -m common.digest_worker FD SIZE CHUNK``: write the XXH3-128 digest of every
 ``CHUNK``-byte chunk of the first ``SIZE`` bytes of the inherited file descriptor ``FD``
 to stdout (holes are not read; their digest is that of zeros)."""
@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 
-from common.digests import TRACK_READ_SPAN, chunk_digests
+from common.digests import whole_disk_digests
 
 NICENESS = 5
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(NICENESS)
     out = sys.stdout.buffer
     try:
-        out.write(b"".join(chunk_digests(fd, 0, size, chunk, size, TRACK_READ_SPAN).digests))
+        out.write(b"".join(whole_disk_digests(fd, size, chunk)))
         out.flush()
     except OSError as exc:
         print(f"digest_worker: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -90,11 +91,8 @@ def chunk_digests(
                 digests.append(zero_digest(cend - pos))
             else:
                 if not (buf_start <= pos and cend <= buf_start + len(buf)):
-                    span = min(max(read_span, cend - pos), end - pos)
-                    if owned is None or len(owned) < span:
-                        buf.release()
-                        if owned is not None:
-                            _give_buffer(owned)
+                    span = min(max(read_span, cend - pos), end - pos)  # never grows: end - pos
+                    if owned is None:
                         owned = _take_buffer(span)
                     buf.release()
                     buf = memoryview(owned)[:span]
@@ -124,6 +122,21 @@ def _give_buffer(buffer: bytearray) -> None:
     with _POOL_LOCK:
         if len(_POOL) < _POOL_MAX:
             _POOL.append(buffer)
+
+
+def whole_disk_digests(
+    fd: int, size: int, chunk: int, cancelled: Callable[[], bool] = lambda: False
+) -> list[bytes]:
+    """Every chunk's digest of the first ``size`` bytes of ``fd`` (DigestTracker's pass, in
+    this process or in ``common.digest_worker``), checking ``cancelled`` between slices.
+    Raises OSError (ECANCELED when cancelled)."""
+    digests: list[bytes] = []
+    span = max(chunk, (TRACK_SLICE // chunk) * chunk)
+    for offset in range(0, size, span):
+        if cancelled():
+            raise OSError(errno.ECANCELED, "digest tracker closed")
+        digests += chunk_digests(fd, offset, span, chunk, size, TRACK_READ_SPAN).digests
+    return digests
 
 
 class DigestTracker:
@@ -189,15 +202,7 @@ class DigestTracker:
         return [out[i : i + 16] for i in range(0, len(out), 16)]
 
     def _hash_here(self) -> list[bytes]:
-        digests: list[bytes] = []
-        span = max(self.chunk, (TRACK_SLICE // self.chunk) * self.chunk)
-        for offset in range(0, self.size, span):
-            if self._closed:
-                raise OSError(errno.ECANCELED, "digest tracker closed")
-            digests += chunk_digests(
-                self.fd, offset, span, self.chunk, self.size, TRACK_READ_SPAN
-            ).digests
-        return digests
+        return whole_disk_digests(self.fd, self.size, self.chunk, lambda: self._closed)
 
     def close(self) -> None:
         """Stop a pass in progress (the child is killed; in-process, at the next slice): the

@@ -427,12 +427,9 @@ class SegmentLog:
                         f"{seg.path}: bad record checksum at offset {cur.offset + pos}"
                     )
                 if wanted and self.sealer is not None:
-                    try:
-                        payload = self.sealer.open(payload, _SEAL_AAD.pack(tag, first, last))
-                    except IntegrityError as exc:
-                        raise IntegrityError(
-                            f"{seg.path}: record at offset {cur.offset + pos}: {exc}"
-                        ) from None
+                    payload = self._open_sealed(
+                        seg.path, cur.offset + pos, tag, first, last, payload
+                    )
                 pos = end
                 if wanted:
                     out.append(Record(tag, first, last, payload))
@@ -450,12 +447,18 @@ class SegmentLog:
         Raises IntegrityError (naming the file and offset) when it fails authentication."""
         if self.sealer is None:
             return payload
+        return self._open_sealed(
+            loc.path, loc.payload_offset, loc.tag, loc.first_seq, loc.last_seq, payload
+        )
+
+    def _open_sealed(
+        self, path: Path, offset: int, tag: int, first: int, last: int, payload: bytes | memoryview
+    ) -> bytes:
+        assert self.sealer is not None
         try:
-            return self.sealer.open(payload, _SEAL_AAD.pack(loc.tag, loc.first_seq, loc.last_seq))
+            return self.sealer.open(payload, _SEAL_AAD.pack(tag, first, last))
         except IntegrityError as exc:
-            raise IntegrityError(
-                f"{loc.path}: record at offset {loc.payload_offset}: {exc}"
-            ) from None
+            raise IntegrityError(f"{path}: record at offset {offset}: {exc}") from None
 
     def locate(self, from_seq: int) -> list[RecordLocation]:
         """Where the records from the one holding ``from_seq`` on lie, reading only their

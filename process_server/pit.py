@@ -95,51 +95,49 @@ class PointView:
         return self._undo_bytes(piece, start, end)
 
     def _undo_bytes(self, piece: UndoPiece, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of an undo piece; the whole piece is checked against its
+        digest at its first read (a plain log's later reads take only the bytes asked)."""
+        begin = start - piece.disk_offset
         if piece.record is not None:
-            return self._sealed_bytes(piece, start, end)
+            whole = self._opened_record(piece)[piece.data_pos : piece.data_pos + piece.length]
+            self._check(piece, piece.record.payload_offset + piece.data_pos, whole)
+            return bytes(whole[begin : begin + end - start])
         fd = self._fds[piece.path]
-        key = (piece.path, piece.data_pos)
-        if key not in self._verified:
-            whole = os.pread(fd, piece.length, piece.data_pos)
-            if len(whole) != piece.length or xxhash.xxh3_128_digest(whole) != piece.digest:
-                raise IntegrityError(
-                    f"{piece.path}: undo extent at disk offset {piece.disk_offset} fails its digest"
-                )
-            self._verified.add(key)
-            begin = start - piece.disk_offset
-            return whole[begin : begin + end - start]
-        return os.pread(fd, end - start, piece.data_pos + start - piece.disk_offset)
+        if (piece.path, piece.data_pos) in self._verified:
+            return os.pread(fd, end - start, piece.data_pos + begin)
+        whole = os.pread(fd, piece.length, piece.data_pos)
+        self._check(piece, piece.data_pos, whole)
+        return whole[begin : begin + end - start]
 
-    def _sealed_bytes(self, piece: UndoPiece, start: int, end: int) -> bytes:
-        """Bytes of a piece of a sealed undo record: the record is read whole and opened
-        (AES-GCM authenticates all of it), then kept among the recently opened ones."""
+    def _check(self, piece: UndoPiece, position: int, whole: bytes | memoryview) -> None:
+        key = (piece.path, position)
+        if key in self._verified:
+            return
+        if len(whole) != piece.length or xxhash.xxh3_128_digest(whole) != piece.digest:
+            raise IntegrityError(
+                f"{piece.path}: undo extent at disk offset {piece.disk_offset} fails its digest"
+            )
+        self._verified.add(key)
+
+    def _opened_record(self, piece: UndoPiece) -> bytes | memoryview:
+        """The plaintext of a sealed piece's record: read whole and opened (AES-GCM
+        authenticates all of it, a short read included), then kept among the recently opened
+        ones."""
         record = piece.record
         assert record is not None and self._unseal is not None
         plain = self._opened.get(record)
-        if plain is None:
-            sealed = os.pread(self._fds[piece.path], record.size, record.payload_offset)
-            if len(sealed) != record.size:
-                raise IntegrityError(
-                    f"{piece.path}: undo record at {record.payload_offset} is short"
-                )
-            plain = self._unseal(record, sealed)
-            self._opened[record] = plain
-            self._opened_bytes += len(plain)
-            while self._opened_bytes > OPENED_CACHE_BYTES and len(self._opened) > 1:
-                _, dropped = self._opened.popitem(last=False)
-                self._opened_bytes -= len(dropped)
-        else:
+        if plain is not None:
             self._opened.move_to_end(record)
-        whole = plain[piece.data_pos : piece.data_pos + piece.length]
-        key = (piece.path, record.payload_offset + piece.data_pos)
-        if key not in self._verified:
-            if len(whole) != piece.length or xxhash.xxh3_128_digest(whole) != piece.digest:
-                raise IntegrityError(
-                    f"{piece.path}: undo extent at disk offset {piece.disk_offset} fails its digest"
-                )
-            self._verified.add(key)
-        begin = start - piece.disk_offset
-        return bytes(whole[begin : begin + end - start])
+            return plain
+        plain = self._unseal(
+            record, os.pread(self._fds[piece.path], record.size, record.payload_offset)
+        )
+        self._opened[record] = plain
+        self._opened_bytes += len(plain)
+        while self._opened_bytes > OPENED_CACHE_BYTES and len(self._opened) > 1:
+            _, dropped = self._opened.popitem(last=False)
+            self._opened_bytes -= len(dropped)
+        return plain
 
     def close(self) -> None:
         self.closed = True

@@ -576,8 +576,7 @@ class ReplicaDisk:
             )
         if seq > self.applying_seq:
             raise ReplicaError(f"disk {self.disk_id}: seq {seq} is not applied yet")
-        sealed = self.undo is not None and self.undo.log.sealer is not None
-        unseal = self.undo.log.unseal if sealed and self.undo is not None else None
+        unseal = self.undo.log.unseal if self.undo is not None else None
         view = PointView(self._fd, self.size, seq, self.view_lock, unseal)
         with self.view_lock:
             if self.undo is not None:

@@ -47,6 +47,7 @@ from protocol.control import (
 )
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import (
+    MAX_DIGEST_REQUESTS,
     Ack,
     BatchMsg,
     Connection,
@@ -67,7 +68,6 @@ log = logging.getLogger("tidemark.ps")
 SERVER_NAME = "tidemark-process-server"
 HELLO_TIMEOUT = 10.0
 REVOCATION_POLL = 1.0  # seconds between checks of pki/revoked.txt for open sessions
-MAX_DIGEST_REQUESTS = 8  # outstanding per session: bounds the replies buffered for a slow reader
 
 
 class _Session:

@@ -34,6 +34,7 @@ __all__ = [
     "EOF_EVENT",
     "HEADER",
     "MAGIC",
+    "MAX_DIGEST_REQUESTS",
     "MAX_DISKS_PER_CONNECTION",
     "MAX_ERROR_MESSAGE_BYTES",
     "MAX_REPORTS",
@@ -405,6 +406,9 @@ MIN_CHUNK = 512
 MAX_CHUNK = 16 << 20
 MAX_SELECT_BYTES = 8192
 MAX_REPORT_BYTES = 1 << 20
+# Outstanding DigestRequests per session: the process server closes a session that sends more
+# (it bounds the replies buffered for a slow reader); an agent keeps within it.
+MAX_DIGEST_REQUESTS = 8
 _DIGEST_REQ = struct.Struct(
     ">IQQIQBIH"
 )  # request_id, offset, length, chunk, min_seq, width, unit, len(select)

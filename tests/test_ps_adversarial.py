@@ -31,13 +31,13 @@ from benchmarks.deploy import Deployment, Driver
 from common.admin import admin_request
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import load_bundle
-from process_server.server import MAX_DIGEST_REQUESTS
 from protocol.batch import CODEC_RAW, CODEC_ZSTD, Extent, Limits, encode_batch, peek_batch_header
 from protocol.errors import ErrorCode
 from protocol.frames import (
     EOF,
     HEADER,
     MAGIC,
+    MAX_DIGEST_REQUESTS,
     PROTOCOL_VERSION,
     Ack,
     BatchMsg,
