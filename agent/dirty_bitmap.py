@@ -64,7 +64,7 @@ class DirtyBitmap:
 
     @property
     def dirty_bytes(self) -> int:
-        count = sum(bin(b).count("1") for b in self.bits)
+        count = int.from_bytes(self.bits, "little").bit_count()  # in C: status polls this
         return min(count * self.granularity, self.size)
 
     def regions(self) -> list[tuple[int, int]]:

@@ -107,6 +107,10 @@ class ProtectedDisk:
         self._image_commit = GroupCommit(lambda: os.fdatasync(self._fd))
         self._pending = _PendingWrites()
         self.acked_seq = journal.first_seq - 1
+        # The newest seq of a write (NBD, API, or journaled before this process started):
+        # resync's digest requests wait for the replica to apply it, not for resync's own
+        # records, which never touch the range being compared.
+        self.write_seq = journal.last_seq
         self.new_records = asyncio.Event()
         self.link_state = (
             "standalone"  # set by the shipper: connecting / replicating / disconnected
@@ -485,6 +489,8 @@ class ProtectedDisk:
                 exc.errno or errno.EIO, f"{self.disk_id}: image write failed: {exc}"
             ) from exc
         self._image_commit.mark()
+        if seq:
+            self.write_seq = seq
         return seq
 
     def _apply_to_image(
@@ -667,6 +673,7 @@ class ProtectedDisk:
         self.epoch += 1
         self._pending = _PendingWrites()
         self.acked_seq = next_seq - 1
+        self.write_seq = next_seq - 1
         self.overflowed = False
         self._state["overflowed"] = False
         await asyncio.to_thread(self._save_state)

@@ -4,7 +4,11 @@ only what differs, while writes go on.
 How (each side hashes locally; only digests and differing data cross the wire):
 1. Level 1: XXH3-128 of every 64 KiB chunk of a range on the source (holes are not read)
    and, from the process server, of the same chunks of the replica once it has applied
-   every write journaled before the source was hashed.
+   every write journaled before the source was hashed. Resync's own records are not
+   waited for: they lie in other ranges (ranges are disjoint), so the agent hashes and
+   journals ahead while the shipper and the process server catch up (a record of an
+   earlier, interrupted pass that is not applied yet only makes its chunk differ, and
+   be sent again).
 2. Level 2, for each differing chunk: the chunk is read again *in one event-loop step*
    with the append of its journal records, compared by 4 KiB block digests against the
    replica's, and only the differing blocks are journaled (an all-zero chunk as one zero
@@ -22,6 +26,7 @@ below half its quota by waiting, so resync never causes an overflow by itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -45,7 +50,7 @@ log = logging.getLogger("tidemark.agent.resync")
 CHUNK = 64 << 10
 BLOCK = 4 << 10
 BLOCK_WIDTH = 8  # level-2 digests: the first 8 bytes of each block's XXH3-128
-PIPELINE = 3  # ranges in flight at once (hash the next while the previous drains)
+PIPELINE = 6  # ranges in flight at once (hash the next while the previous drains)
 RANGE = 16 << 20  # one level-1 request: 256 chunk digests
 CHECKPOINT_BYTES = 256 << 20
 CHECKPOINT_SECONDS = 2.0
@@ -212,9 +217,17 @@ class Resyncer:
     async def _sync_range(self, offset: int, length: int, stats: SyncStats) -> None:
         """Level 1 over a range, then level 2 over its differing chunks (one request each)."""
         disk = self.disk
-        seq = disk.journaled_seq
+        seq = disk.write_seq  # not resync's own records: they are in other ranges
         source = await asyncio.to_thread(
-            chunk_digests, disk.image_fd, offset, length, CHUNK, disk.size
+            functools.partial(
+                chunk_digests,
+                disk.image_fd,
+                offset,
+                length,
+                CHUNK,
+                disk.size,
+                mapped=not disk.scan_only,  # another program writing it may shrink it
+            )
         )
         stats.hashed_bytes += source.bytes_read
         reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)
@@ -257,7 +270,7 @@ class Resyncer:
             offset,
             length,
             BLOCK,
-            self.disk.journaled_seq,
+            self.disk.write_seq,
             width=BLOCK_WIDTH,
             select_unit=CHUNK,
             select=bytes(mask),

@@ -491,7 +491,7 @@ class ReplicaDisk:
             for start, n in ranges or [(offset, length)]:
                 if start >= self.size:
                     break
-                result = chunk_digests(self._fd, start, n, chunk, self.size)
+                result = chunk_digests(self._fd, start, n, chunk, self.size, mapped=True)
                 read += result.bytes_read
                 out.extend(d[:width] for d in result.digests)
             return b"".join(out), read
