@@ -366,6 +366,18 @@ class SegmentLog:
         self._firsts = []
 
     # ----------------------------------------------------------------- reading
+    def skip_past(self, cursor: Cursor, location: RecordLocation) -> None:
+        """Place ``cursor`` just after the record at ``location`` (a reader that had that
+        record in memory and did not read it here); a released record resets the cursor,
+        so the next read finds its place again."""
+        for seg in reversed(self._segments):
+            if seg.path == location.path:
+                cursor.segment_first = seg.first_seq
+                cursor.offset = location.payload_offset + location.size
+                cursor.next_seq = location.last_seq + 1
+                return
+        cursor.segment_first = -1
+
     def read_records(
         self,
         from_seq: int,

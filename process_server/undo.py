@@ -13,6 +13,7 @@ is recorded as a *cut*: history before it can no longer be rebuilt and ``valid_f
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,8 +220,12 @@ def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Exten
     total = 0
     for extent in extents:
         start, end = extent.offset, extent.offset + extent.length
-        # A short range is read whole; a long one (a trim) only where it holds data.
-        spans = [(start, end)] if end - start <= 1 << 20 else data_ranges(fd, start, end)
+        # A short range is read whole unless it lies in a hole (an initial sync fills a
+        # replica of holes: nothing to read); a long one (a trim) only where it holds data.
+        if end - start > 1 << 20:
+            spans = data_ranges(fd, start, end)
+        else:
+            spans = [] if _in_hole(fd, start, end) else [(start, end)]
         for data_start, data_end in spans:
             if data_start > start:
                 out.append(Extent(start, data_start - start, None))
@@ -242,6 +247,15 @@ def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Exten
         if start < end:
             out.append(Extent(start, end - start, None))
     return _merge_zero(out)
+
+
+def _in_hole(fd: int, start: int, end: int) -> bool:
+    """Is [start, end) entirely a hole? One SEEK_DATA (a lookup where there is data at
+    ``start``); where unknown, no (the range is read)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) >= end
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data from start to the end of the file
 
 
 def _merge_zero(extents: list[Extent]) -> list[Extent]:
