@@ -211,3 +211,25 @@ async def test_a_huge_trim_keeps_the_activity_log_loadable(tmp_path: Path) -> No
     hot = disk.activity_log.load()
     assert 0 < len(hot) <= 128 and max(hot) == ((4 << 30) - 4097) // (4 << 20)
     await disk.close()
+
+
+async def test_write_seq_follows_writes_not_resync_records(tmp_path: Path) -> None:
+    """Resync's digest requests wait for ``write_seq``: every write, zero-write and trim
+    moves it, resync's own records (journal_bytes / journal_zero) do not, and a reopened
+    disk counts whatever its journal holds as writes."""
+    _image(tmp_path)
+    disk = await _open(tmp_path)
+    try:
+        assert disk.write_seq == disk.journaled_seq
+        seq = await disk.write(0, b"a" * 4096)
+        assert disk.write_seq == seq == disk.journaled_seq
+        resync_seq = disk.journal_bytes(8192, b"b" * 4096)
+        disk.journal_zero(65536, 4096)
+        assert resync_seq > seq and disk.journaled_seq > disk.write_seq == seq
+        zero_seq = await disk.write_zeroes(0, 4096)
+        assert disk.write_seq == zero_seq == disk.journaled_seq
+        await disk.close()
+        disk = await _open(tmp_path)
+        assert disk.write_seq == disk.journaled_seq == zero_seq
+    finally:
+        await disk.close()
