@@ -62,7 +62,7 @@ from protocol.frames import (
 
 log = logging.getLogger("tidemark.agent.shipper")
 MAX_EXTENT = (1 << 32) - 1
-INLINE_ENCODE_BYTES = 4 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
+INLINE_ENCODE_BYTES = 1 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
 NAGLE_RECORDS = 256  # fewer waiting records than this, with a batch in flight, may wait...
 NAGLE_DELAY = 0.005  # ...this long for more (bounds the RPO cost to 5 ms)
 REPEAT_LOG_INTERVAL = 10.0  # seconds between log lines of one repeating link failure
