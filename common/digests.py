@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import xxhash
 
 READ_SPAN = 4 << 20  # bytes per read, into a pooled buffer (see _take_buffer)
-MAP_SPAN = 4 << 20  # bytes per mapping (chunk_digests(mapped=True)): fewer system calls
+MAP_SPAN = 4 << 20  # least bytes per mapping (chunk_digests(mapped=True))
 _POOL: list[bytearray] = []  # read buffers given back, reused: a fresh one costs page faults
 _POOL_LOCK = threading.Lock()
 _POOL_MAX = 4
