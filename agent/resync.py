@@ -26,7 +26,6 @@ below half its quota by waiting, so resync never causes an overflow by itself.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -219,15 +218,13 @@ class Resyncer:
         disk = self.disk
         seq = disk.write_seq  # not resync's own records: they are in other ranges
         source = await asyncio.to_thread(
-            functools.partial(
-                chunk_digests,
-                disk.image_fd,
-                offset,
-                length,
-                CHUNK,
-                disk.size,
-                mapped=not disk.scan_only,  # another program writing it may shrink it
-            )
+            chunk_digests,
+            disk.image_fd,
+            offset,
+            length,
+            CHUNK,
+            disk.size,
+            mapped=not disk.scan_only,  # another program writing it may shrink it
         )
         stats.hashed_bytes += source.bytes_read
         reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)

@@ -114,7 +114,8 @@ class Shipper:
         self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
         self.on_control: Callable[[int, ControlBody], Awaitable[None]] | None = None
         self._failures = 0  # consecutive failed connections or sessions
-        self._repeats = 0  # failures not logged since the last line (same error)
+        self._repeats = 0  # failures of the logged error not logged since its last line
+        self._logged_error: str | None = None  # the error of the last link-down line
         self._logged_at = 0.0  # monotonic time of the last link-down line
 
     async def run(self) -> None:
@@ -149,17 +150,19 @@ class Shipper:
 
     def _note_error(self, message: str) -> None:
         self._failures += 1
-        if message != self.stats.last_error:
-            self._repeats = -1  # a new error: logged at once by _log_failure
         self.stats.last_error = message
 
     def _log_failure(self, retry_in: float) -> None:
         """One line per new error; a repeating one every REPEAT_LOG_INTERVAL seconds, with the
         count since its last line (a link failing the same way over and over stays visible)."""
         now = time.monotonic()
-        self._repeats += 1
-        if self._repeats and now - self._logged_at < REPEAT_LOG_INTERVAL:
-            return
+        error = self.stats.last_error
+        if error != self._logged_error:
+            self._repeats = 0  # a new error: logged at once
+        else:
+            self._repeats += 1
+            if now - self._logged_at < REPEAT_LOG_INTERVAL:
+                return
         log.warning(
             "event=replication_link_down error=%r failures=%d repeated=%d retry_in=%.2fs",
             self.stats.last_error,
@@ -169,6 +172,7 @@ class Shipper:
         )
         self._repeats = 0
         self._logged_at = now
+        self._logged_error = error
 
     async def _session(self) -> None:
         for disk in self.disks.values():

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import xxhash
 
 READ_SPAN = 4 << 20  # bytes per read, into a pooled buffer (see _take_buffer)
-MAP_SPAN = 4 << 20  # least bytes per mapping (chunk_digests(mapped=True))
 _POOL: list[bytearray] = []  # read buffers given back, reused: a fresh one costs page faults
 _POOL_LOCK = threading.Lock()
 _POOL_MAX = 4
@@ -53,11 +52,15 @@ def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     never a wrong digest. So a file with as many blocks as bytes is all data: no SEEK_HOLE,
     which on ext4 walks every extent up to the next hole, i.e. to the end of such a file,
     at each call."""
-    whole = [(start, end)] if start < end else []
     try:
         st = os.fstat(fd)
     except OSError:
-        return whole
+        return [(start, end)] if start < end else []
+    return _data_ranges(fd, start, end, st)
+
+
+def _data_ranges(fd: int, start: int, end: int, st: os.stat_result) -> list[tuple[int, int]]:
+    whole = [(start, end)] if start < end else []
     if not stat.S_ISREG(st.st_mode) or st.st_blocks * 512 >= st.st_size:
         return whole  # a device (its lseek may not know holes at all) or a full file
     out: list[tuple[int, int]] = []
@@ -103,8 +106,9 @@ def chunk_digests(
     replica. Spans past the file's current end, and anything not a regular file, are read.
     """
     end = min(offset + length, size)
-    ranges = data_ranges(fd, offset, end)
-    file_end = _mappable_end(fd) if mapped else 0
+    st = os.fstat(fd)
+    ranges = _data_ranges(fd, offset, end, st)
+    file_end = st.st_size if mapped and stat.S_ISREG(st.st_mode) else 0  # how far to map
     digests: list[bytes] = []
     read = 0
     r = 0
@@ -125,8 +129,7 @@ def chunk_digests(
                 digests.append(zero_digest(cend - pos))
             else:
                 if not (buf_start <= pos and cend <= buf_start + len(buf)):
-                    span = max(read_span, MAP_SPAN) if pos < file_end else read_span
-                    span = min(max(span, cend - pos), end - pos)  # never grows: end - pos
+                    span = min(max(read_span, cend - pos), end - pos)  # never grows: end - pos
                     buf.release()
                     if mapping is not None:
                         mapping.close()
@@ -162,12 +165,6 @@ def chunk_digests(
 
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-def _mappable_end(fd: int) -> int:
-    """How far ``fd`` may be mapped: its size if it is a regular file, else 0 (read it)."""
-    st = os.fstat(fd)
-    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def _take_buffer(size: int) -> bytearray:

@@ -375,13 +375,18 @@ class ReplicaDisk:
             if entry is None or entry[0].header.last_seq > target:
                 break
             batch, location = entry
-            del self._decoded[expected]
-            self._decoded_bytes -= batch.header.raw_bytes
+            self._pop_decoded(expected)
             self.cache.skip_past(cursor, location)
             items.append((b"", batch))
             taken += batch.header.raw_bytes
             expected = batch.header.last_seq + 1
         return items
+
+    def _pop_decoded(self, first_seq: int) -> tuple[Batch, RecordLocation] | None:
+        entry = self._decoded.pop(first_seq, None)
+        if entry is not None:
+            self._decoded_bytes -= entry[0].header.raw_bytes
+        return entry
 
     def _read_cached(self, cursor: Cursor) -> list[tuple[bytes | memoryview, Batch | None]]:
         """The next durable batches read back from the cache (after a restart, or beyond
@@ -400,9 +405,7 @@ class ReplicaDisk:
                     f"does not follow applied seq {expected - 1}"
                 )
             expected = record.last_seq + 1
-            entry = self._decoded.pop(record.first_seq, None)
-            if entry is not None:
-                self._decoded_bytes -= entry[0].header.raw_bytes
+            entry = self._pop_decoded(record.first_seq)
             items.append((record.payload, entry[0] if entry is not None else None))
         return items
 
