@@ -21,6 +21,7 @@ TAG_ZERO = 2
 _WRITE_HEAD = struct.Struct(">QQ")  # offset, write time ns
 _ZERO_BODY = struct.Struct(">QQQB")  # offset, length, write time ns, may_trim
 FLAG_MAY_TRIM = 1
+RECYCLE_SEGMENTS = 2  # released segment files kept for reuse (common/segment_log.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,9 @@ class Journal:
         base_seq: int = 1,
         tail_bytes: int = 32 << 20,
     ) -> None:
-        self.log = SegmentLog.open(directory, base_seq=base_seq, segment_bytes=segment_bytes)
+        self.log = SegmentLog.open(
+            directory, base_seq=base_seq, segment_bytes=segment_bytes, recycle=RECYCLE_SEGMENTS
+        )
         self.quota = quota
         # The newest records, kept in memory (bounded) so the shipper need not read them
         # back from the file. The file stays the truth: after a restart, or for records

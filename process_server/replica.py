@@ -46,6 +46,7 @@ STATE_FILE = "state.json"
 APPLY_GROUP_RECORDS = 64  # batches applied as one group (one undo sync, one replica pass)
 APPLY_GROUP_BYTES = 32 << 20  # data bytes of a group taken from memory
 DECODED_LIMIT = 64 << 20  # verified batches kept in memory for the applier (beyond: re-read)
+RECYCLE_SEGMENTS = 2  # released cache segment files kept for reuse (common/segment_log.py)
 REPLICA_FILE = "replica.img"
 UNDO_DIR = "undo"
 BOUNDARIES_KEPT = 1 << 16  # recent batch ends: where a recovery point may fall
@@ -166,6 +167,7 @@ class ReplicaDisk:
             base_seq=state["applied_seq"] + 1,
             segment_bytes=cache_segment,
             sealer=sealer.for_context(b"cache:" + disk_id.encode()) if sealer else None,
+            recycle=RECYCLE_SEGMENTS,
         )
         if cache.last_seq < state["applied_seq"]:
             raise IntegrityError(
