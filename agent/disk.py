@@ -111,6 +111,9 @@ class ProtectedDisk:
         # resync's digest requests wait for the replica to apply it, not for resync's own
         # records, which never touch the range being compared.
         self.write_seq = journal.last_seq
+        # The newest reference record (resync data read from the image when shipped): no
+        # point may be taken before the process server holds it (finish_resync).
+        self.last_ref_seq = 0
         self.new_records = asyncio.Event()
         self.link_state = (
             "standalone"  # set by the shipper: connecting / replicating / disconnected
@@ -255,11 +258,13 @@ class ProtectedDisk:
         seq = self.journal.first_seq
         while seq <= self.journal.last_seq:
             for entry in self.journal.read(seq, 8 << 20):
-                if redo:
+                if entry.ref:
+                    self.last_ref_seq = entry.seq  # the image holds it: nothing to redo
+                elif redo:
                     self._apply_to_image(entry.offset, entry.length, entry.data, entry.may_trim)
                     self.redo_records += 1
                 self._pending.add(
-                    entry.seq, entry.length if entry.data is not None else 0, entry.time_ns
+                    entry.seq, entry.length if entry.carries_data else 0, entry.time_ns
                 )
                 seq = entry.seq + 1
         if redo:
@@ -567,8 +572,14 @@ class ProtectedDisk:
 
     # ----------------------------------------------------------------- resync support
     def resync_ready(self) -> bool:
-        """A resync may run: needed, and the journal has room to carry its data."""
-        return self.bitmap is not None and self.journal.bytes_used < self.journal.quota // 2
+        """A resync may run: needed, and the journal has room to carry its data (data not yet
+        acknowledged counts in full, references included, as if it were in the journal)."""
+        limit = self.journal.quota // 2
+        return (
+            self.bitmap is not None
+            and self.journal.bytes_used < limit
+            and self._pending.bytes < limit
+        )
 
     def begin_resync(self) -> None:
         """Writes go back to the journal; the bitmap is now the set of regions to verify."""
@@ -589,6 +600,16 @@ class ProtectedDisk:
         now = now or time.time_ns()
         seq = self.journal.append_write(offset, data, now)
         self._pending.add(seq, len(data), now)
+        self.new_records.set()
+        return seq
+
+    def journal_ref(self, offset: int, length: int) -> int:
+        """Journal a reference to bytes the image holds (resync): the shipper reads them when
+        it builds the batch, so they are written once, to the replica (agent/journal.py)."""
+        now = time.time_ns()
+        seq = self.journal.append_ref(offset, length, now)
+        self.last_ref_seq = seq
+        self._pending.add(seq, length, now)
         self.new_records.set()
         return seq
 
@@ -624,6 +645,14 @@ class ProtectedDisk:
         await self.checkpoint_resync()
         if self.overflowed or self._pending_clears or self.bitmap is None or not self.bitmap.empty:
             return  # a write overflowed the journal meanwhile, or more is marked: not level
+        # A reference not yet held by the process server may still be read from the image
+        # (again, after a reconnection) with bytes newer than a point taken from now on.
+        while self.acked_seq < self.last_ref_seq:
+            await asyncio.sleep(0.02)
+            if self.overflowed or self._pending_clears or self.bitmap is None:
+                return
+            if not self.bitmap.empty:
+                return
         self.bitmap = None
         self.unclean_regions = []
         self._state["resync_required"] = False
@@ -674,6 +703,7 @@ class ProtectedDisk:
         self._pending = _PendingWrites()
         self.acked_seq = next_seq - 1
         self.write_seq = next_seq - 1
+        self.last_ref_seq = 0  # its references went with the journal (all is marked)
         self.overflowed = False
         self._state["overflowed"] = False
         await asyncio.to_thread(self._save_state)

@@ -4,6 +4,13 @@ A thin layer over :class:`common.segment_log.SegmentLog` that encodes write and
 zero (write-zeroes / trim) records. Rule: a record is appended *before* the
 image is written, in the same event-loop step, so the journal is a write-ahead
 log of the image and can be replayed onto it after an unclean stop.
+
+Resync journals *references* (``TAG_REF``): a range whose bytes the image already holds.
+The shipper reads them from the image when it builds the batch, so resync data is written
+once (to the replica) instead of also into this journal. A reference read late may carry
+bytes of newer writes; their own records follow it in seq order and are applied after it,
+so the replica ends level, and no recovery point is taken before every reference is
+acknowledged (``ProtectedDisk.finish_resync``). Redo after an unclean stop skips them.
 """
 
 from __future__ import annotations
@@ -18,15 +25,18 @@ from common.segment_log import Cursor, Record, SegmentLog
 
 TAG_WRITE = 1
 TAG_ZERO = 2
+TAG_REF = 3
 _WRITE_HEAD = struct.Struct(">QQ")  # offset, write time ns
 _ZERO_BODY = struct.Struct(">QQQB")  # offset, length, write time ns, may_trim
+_REF_BODY = struct.Struct(">QQQ")  # offset, length, time ns
 FLAG_MAY_TRIM = 1
 RECYCLE_SEGMENTS = 2  # released segment files kept for reuse (common/segment_log.py)
 
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """One journaled write: ``data`` is None for a zero extent (trim / write-zeroes)."""
+    """One journaled write: ``data`` is None for a zero extent (trim / write-zeroes) and for
+    a reference (``ref``: the bytes are the image's, read when shipped)."""
 
     seq: int
     offset: int
@@ -34,6 +44,12 @@ class JournalEntry:
     time_ns: int
     data: bytes | memoryview | None
     may_trim: bool = False
+    ref: bool = False
+
+    @property
+    def carries_data(self) -> bool:
+        """Bytes travel for it (a write or a reference), not a zero extent."""
+        return self.data is not None or self.ref
 
 
 def decode_entry(record: Record) -> JournalEntry:
@@ -47,6 +63,9 @@ def decode_entry(record: Record) -> JournalEntry:
         return JournalEntry(
             record.first_seq, offset, length, time_ns, None, bool(flags & FLAG_MAY_TRIM)
         )
+    if record.tag == TAG_REF and len(record.payload) == _REF_BODY.size:
+        offset, length, time_ns = _REF_BODY.unpack(record.payload)
+        return JournalEntry(record.first_seq, offset, length, time_ns, None, ref=True)
     raise ValueError(f"journal record {record.first_seq}: unknown tag {record.tag}")
 
 
@@ -117,6 +136,13 @@ class Journal:
         self._remember(JournalEntry(seq, offset, length, time_ns, None, may_trim), 64)
         return seq
 
+    def append_ref(self, offset: int, length: int, time_ns: int) -> int:
+        """A reference: ``[offset, offset+length)`` of the image, read when shipped."""
+        seq = self.log.next_seq
+        self.log.append(TAG_REF, seq, seq, (_REF_BODY.pack(offset, length, time_ns),))
+        self._remember(JournalEntry(seq, offset, length, time_ns, None, ref=True), 64)
+        return seq
+
     def _remember(self, entry: JournalEntry, cost: int) -> None:
         tail = self._tail
         if tail and tail[-1].seq + 1 != entry.seq:
@@ -139,7 +165,7 @@ class Journal:
             taken = 0
             for i in range(from_seq - tail[0].seq, len(tail)):
                 entry = tail[i]
-                size = entry.length if entry.data is not None else 0
+                size = entry.length if entry.carries_data else 0
                 if out and taken + size > max_bytes:
                     break
                 out.append(entry)

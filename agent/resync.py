@@ -9,11 +9,14 @@ How (each side hashes locally; only digests and differing data cross the wire):
    journals ahead while the shipper and the process server catch up (a record of an
    earlier, interrupted pass that is not applied yet only makes its chunk differ, and
    be sent again).
-2. Level 2, for each differing chunk: the chunk is read again *in one event-loop step*
-   with the append of its journal records, compared by 4 KiB block digests against the
-   replica's, and only the differing blocks are journaled (an all-zero chunk as one zero
-   extent). Resync data therefore travels as ordinary journal records, in seq order with
-   the writes around it: exactly-once, crash safety and ordering come from the journal.
+2. Level 2, for each differing chunk: the chunk is read again, compared by 4 KiB block
+   digests against the replica's, and only the differing blocks are journaled (an all-zero
+   chunk as one zero extent). A chunk the replica holds as zeros (a fresh replica: the
+   initial sync) needs no comparison: runs of such chunks are journaled as they are.
+   Resync data travels as journal records, in seq order with the writes around it:
+   exactly-once, crash safety and ordering come from the journal. The records are
+   *references* (agent/journal.py): the shipper reads the bytes from the image when it
+   builds the batch, so they are written once, to the replica, not also to the journal.
 3. Progress is the dirty bitmap: a range's bits are cleared once its records are in the
    journal, and the bitmap is persisted after the journal is synced (a checkpoint), so an
    interrupted sync resumes where it stopped.
@@ -53,6 +56,7 @@ PIPELINE = 6  # ranges in flight at once (hash the next while the previous drain
 RANGE = 16 << 20  # one level-1 request: 256 chunk digests
 CHECKPOINT_BYTES = 256 << 20
 CHECKPOINT_SECONDS = 2.0
+REF_MAX = 1 << 20  # longest reference record (the shipper reads it into one batch)
 
 
 _ZERO_BLOCK = zero_digest(4 << 10)[:8]
@@ -246,13 +250,38 @@ class Resyncer:
         }
         asked = [i for i in differing if i not in zero_chunks]
         blocks = await self._block_digests(offset, length, asked) if asked else {}
-        for i in zero_chunks:
-            blocks[i] = [_ZERO_BLOCK] * -(-min(CHUNK, end - (offset + i * CHUNK)) // BLOCK)
-        stats.hashed_bytes += sum(min(CHUNK, end - (offset + i * CHUNK)) for i in differing)
-        for i in differing:
+        if disk.scan_only:  # another program writes the image: journal its bytes as read
+            for i in zero_chunks:
+                blocks[i] = [_ZERO_BLOCK] * -(-min(CHUNK, end - (offset + i * CHUNK)) // BLOCK)
+            asked = differing
+        else:
+            self._journal_zero_replica_chunks(offset, end, sorted(zero_chunks), stats)
+        stats.hashed_bytes += sum(min(CHUNK, end - (offset + i * CHUNK)) for i in asked)
+        for i in asked:
             chunk_offset = offset + i * CHUNK
             self._sync_chunk(chunk_offset, min(CHUNK, end - chunk_offset), blocks[i], stats)
             await asyncio.sleep(0)  # each chunk is one loop step; let writers in between
+
+    def _journal_zero_replica_chunks(
+        self, offset: int, end: int, chunks: list[int], stats: SyncStats
+    ) -> None:
+        """Chunks the replica holds as zeros differ wherever the source holds data: runs of
+        them are journaled as references, unread (the shipper sends zero blocks it finds in
+        them as zero extents, so holes stay holes)."""
+        run_start = run_end = -1
+        for i in chunks:
+            start = offset + i * CHUNK
+            stop = min(start + CHUNK, end)
+            if start == run_end and stop - run_start <= REF_MAX:
+                run_end = stop
+                continue
+            if run_start >= 0:
+                self.disk.journal_ref(run_start, run_end - run_start)
+                stats.sent_bytes += run_end - run_start
+            run_start, run_end = start, stop
+        if run_start >= 0:
+            self.disk.journal_ref(run_start, run_end - run_start)
+            stats.sent_bytes += run_end - run_start
 
     async def _block_digests(
         self, offset: int, length: int, chunks: list[int]
@@ -283,8 +312,8 @@ class Resyncer:
         return out
 
     def _sync_chunk(self, offset: int, length: int, replica: list[bytes], stats: SyncStats) -> None:
-        """Journal exactly the blocks of one chunk that differ from the replica. Synchronous:
-        the read and the journal appends happen in one loop step (ordered with writes)."""
+        """Journal exactly the blocks of one chunk that differ from the replica: references,
+        or in scan mode the bytes read (the read and the appends in one loop step)."""
         disk = self.disk
         fresh = disk.read_image(offset, length)
         if xxhash.xxh3_128_digest(fresh) == zero_digest(length):
@@ -295,20 +324,23 @@ class Resyncer:
                 disk.journal_zero(offset, length)  # holes stay holes on the replica
                 stats.zero_bytes += length
             return
-        run_start = -1
+        runs: list[tuple[int, int]] = []  # differing blocks, [start, end) within the chunk
         for i in range(0, length, BLOCK):
-            block = fresh[i : i + BLOCK]
             j = i // BLOCK
-            same = j < len(replica) and xxhash.xxh3_128_digest(block)[:BLOCK_WIDTH] == replica[j]
-            if not same and run_start < 0:
-                run_start = i
-            if same and run_start >= 0:
-                disk.journal_bytes(offset + run_start, fresh[run_start:i])
-                stats.sent_bytes += i - run_start
-                run_start = -1
-        if run_start >= 0:
-            disk.journal_bytes(offset + run_start, fresh[run_start:])
-            stats.sent_bytes += length - run_start
+            digest = xxhash.xxh3_128_digest(fresh[i : i + BLOCK])[:BLOCK_WIDTH]
+            if j < len(replica) and digest == replica[j]:
+                continue
+            stop = min(i + BLOCK, length)
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], stop)
+            else:
+                runs.append((i, stop))
+        for start, stop in runs:
+            if disk.scan_only:
+                disk.journal_bytes(offset + start, fresh[start:stop])
+            else:
+                disk.journal_ref(offset + start, stop - start)
+            stats.sent_bytes += stop - start
 
     # ----------------------------------------------------------------- verify
     async def verify(self, *, repair: bool = False, recheck: int = 3) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import json
 import logging
 import random
@@ -291,7 +290,9 @@ class Shipper:
                 await wait_event(link.acked, NAGLE_DELAY)
             entries = disk.journal.read(link.next_seq, max_batch, cursor)
             cut = next((c for c in disk.point_cuts if c >= link.next_seq), None)
-            data, last, raw = await encode_entries(disk.disk_id, entries, max_batch, level, cut)
+            data, last, raw = await encode_entries(
+                disk.disk_id, entries, max_batch, level, cut, disk.read_image
+            )
             link.next_seq = last + 1
             link.inflight_bytes += raw
             await queue.put((data, last, raw))
@@ -441,41 +442,81 @@ class Shipper:
 
 
 async def encode_entries(
-    disk_id: str, entries: list[JournalEntry], max_batch: int, level: int, cut: int | None = None
+    disk_id: str,
+    entries: list[JournalEntry],
+    max_batch: int,
+    level: int,
+    cut: int | None = None,
+    read_image: Callable[[int, int], bytes] | None = None,
 ) -> tuple[bytes, int, int]:
     """One batch from the head of ``entries`` (at least one entry): coalesced, at most about
-    ``max_batch`` data bytes, ending at ``cut`` if that falls inside. Returns ``(encoded, last
-    seq, raw bytes)``. Used by the agent's shipper and by failback's reverse stream."""
-    coalescer = Coalescer()
+    ``max_batch`` data bytes, ending at ``cut`` if that falls inside. References are read
+    with ``read_image`` now (agent/journal.py). Returns ``(encoded, last seq, raw bytes)``.
+    Used by the agent's shipper and by failback's reverse stream. Raises ValueError for a
+    reference without ``read_image``, OSError when the image cannot be read."""
     newest = 0
+    size = 0
     taken: list[JournalEntry] = []
     for entry in entries:
         if cut is not None and entry.seq > cut and taken:
             break  # a recovery point falls at `cut`: the batch ends there
-        if entry.data is not None:
-            if coalescer.raw_bytes + entry.length > max_batch and taken:
+        if entry.carries_data:
+            if size + entry.length > max_batch and taken:
                 break
-            coalescer.add_data(entry.offset, entry.data)  # type: ignore[arg-type]  # copies a memoryview
-        else:
-            coalescer.add_zero(entry.offset, entry.length)
+            size += entry.length
         newest = max(newest, entry.time_ns)
         taken.append(entry)
     first, last = taken[0].seq, taken[-1].seq
-    extents = _split_long_zeroes(coalescer.extents())
-    raw = coalescer.raw_bytes
-    codec = CODEC_ZSTD if level != 0 and _compressible(extents) else CODEC_RAW
-    encode = functools.partial(
-        encode_batch,
-        disk_id,
-        first,
-        last,
-        extents,
-        newest_write_ns=newest,
-        codec=codec,
-        level=level,
-    )
-    data = await asyncio.to_thread(encode) if raw > INLINE_ENCODE_BYTES else encode()
+
+    def build() -> tuple[bytes, int]:
+        coalescer = Coalescer()
+        for entry in taken:
+            if entry.ref:
+                if read_image is None:
+                    raise ValueError(f"journal record {entry.seq}: a reference with no image")
+                _add_image_bytes(coalescer, entry.offset, read_image(entry.offset, entry.length))
+            elif entry.data is not None:
+                coalescer.add_data(entry.offset, entry.data)  # type: ignore[arg-type]  # copies a memoryview
+            else:
+                coalescer.add_zero(entry.offset, entry.length)
+        extents = _split_long_zeroes(coalescer.extents())
+        codec = CODEC_ZSTD if level != 0 and _compressible(extents) else CODEC_RAW
+        data = encode_batch(
+            disk_id, first, last, extents, newest_write_ns=newest, codec=codec, level=level
+        )
+        return data, coalescer.raw_bytes
+
+    data, raw = await asyncio.to_thread(build) if size > INLINE_ENCODE_BYTES else build()
     return data, last, raw
+
+
+_ZERO_BLOCK = bytes(4 << 10)
+
+
+def _add_image_bytes(coalescer: Coalescer, offset: int, data: bytes) -> None:
+    """Bytes read for a reference; its all-zero 4 KiB blocks go as zero extents (a hole on
+    the source stays a hole on the replica, and costs nothing on the wire)."""
+    if _ZERO_BLOCK not in data:  # one C scan; the common case
+        coalescer.add_data(offset, data)
+        return
+    view = memoryview(data)
+    block = len(_ZERO_BLOCK)
+    run_start, run_zero = 0, view[:block] == _ZERO_BLOCK
+    for pos in range(block, len(data), block):
+        zero = view[pos : pos + block] == _ZERO_BLOCK
+        if zero != run_zero:
+            _add_run(coalescer, offset, view, run_start, pos, run_zero)
+            run_start, run_zero = pos, zero
+    _add_run(coalescer, offset, view, run_start, len(data), run_zero)
+
+
+def _add_run(
+    coalescer: Coalescer, offset: int, view: memoryview, start: int, end: int, zero: bool
+) -> None:
+    if zero:
+        coalescer.add_zero(offset + start, end - start)
+    else:
+        coalescer.add_data(offset + start, view[start:end])  # type: ignore[arg-type]  # copied
 
 
 _SAMPLE = 64 << 10

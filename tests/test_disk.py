@@ -4,6 +4,7 @@ reads, independently of the code under test."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -231,5 +232,62 @@ async def test_write_seq_follows_writes_not_resync_records(tmp_path: Path) -> No
         await disk.close()
         disk = await _open(tmp_path)
         assert disk.write_seq == disk.journaled_seq == zero_seq
+    finally:
+        await disk.close()
+
+
+async def test_a_reference_is_not_redone_and_its_seq_survives_an_unclean_stop(
+    tmp_path: Path,
+) -> None:
+    """A reference (resync data the image holds) has no bytes in the journal: the redo after
+    an unclean stop must leave the image's bytes alone (a zero extent would wipe them), and
+    the reopened disk still knows the newest reference (no point before it is acknowledged)."""
+    image = _image(tmp_path)
+    data = os.urandom(65536)
+    with open(image, "r+b") as f:
+        f.seek(131072)
+        f.write(data)
+    disk = await _open(tmp_path)
+    written = await disk.write(0, b"w" * 4096)
+    ref = disk.journal_ref(131072, 65536)
+    assert ref == written + 1 == disk.last_ref_seq
+    assert disk.pending_bytes == 4096 + 65536, "a reference's bytes are still to travel"
+    entry = disk.journal.read(ref, 1 << 20)[0]
+    assert entry.ref and entry.data is None and entry.carries_data
+    await disk.journal.sync()
+    disk.journal.close()  # SIGKILL: no close(), the state stays unclean
+    reopened = await _open(tmp_path)
+    try:
+        assert reopened.redo_records == 1, "only the write is redone"
+        assert reopened.last_ref_seq == ref
+        assert reopened.pending_bytes == 4096 + 65536
+        assert image.read_bytes()[131072 : 131072 + 65536] == data
+        from_file = reopened.journal.read(ref, 1 << 20)[0]  # decoded from the segment file
+        assert (from_file.seq, from_file.offset, from_file.length) == (ref, 131072, 65536)
+        assert from_file.ref and from_file.data is None
+    finally:
+        await reopened.close()
+
+
+async def test_no_point_before_the_last_reference_is_acknowledged(tmp_path: Path) -> None:
+    """A reference is read from the image when it is shipped, possibly with newer bytes: the
+    resync finishes (state ``replicating``, points allowed) only once the process server
+    acknowledged the newest one."""
+    _image(tmp_path)
+    disk = await _open(tmp_path)
+    try:
+        assert disk.state == "initial-sync"
+        disk.resynced(0, SIZE)
+        ref = disk.journal_ref(0, 65536)
+        finishing = asyncio.ensure_future(disk.finish_resync())
+        await asyncio.sleep(0.2)
+        assert not finishing.done() and disk.state == "initial-sync"
+        await disk.acknowledge(ref - 1)
+        await asyncio.sleep(0.1)
+        assert not finishing.done() and disk.state == "initial-sync"
+        await disk.acknowledge(ref)
+        async with asyncio.timeout(5):
+            await finishing
+        assert disk.state != "initial-sync" and not disk.resync_required
     finally:
         await disk.close()
