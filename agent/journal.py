@@ -29,6 +29,7 @@ TAG_REF = 3
 _WRITE_HEAD = struct.Struct(">QQ")  # offset, write time ns
 _ZERO_BODY = struct.Struct(">QQQB")  # offset, length, write time ns, may_trim
 _REF_BODY = struct.Struct(">QQQ")  # offset, length, time ns
+_REF_LENGTH = struct.Struct(">Q")  # a reference's length, at offset 8 of its body
 FLAG_MAY_TRIM = 1
 RECYCLE_SEGMENTS = 2  # released segment files kept for reuse (common/segment_log.py)
 
@@ -67,6 +68,16 @@ def decode_entry(record: Record) -> JournalEntry:
         offset, length, time_ns = _REF_BODY.unpack(record.payload)
         return JournalEntry(record.first_seq, offset, length, time_ns, None, ref=True)
     raise ValueError(f"journal record {record.first_seq}: unknown tag {record.tag}")
+
+
+def _data_bytes(tag: int, payload: bytes | memoryview) -> int:
+    """What a record counts toward a read's byte budget: the bytes it stands for (a
+    reference's length, a write's data; a zero extent nothing but its record)."""
+    if tag == TAG_REF and len(payload) == _REF_BODY.size:
+        return int(_REF_LENGTH.unpack_from(payload, 8)[0])
+    if tag == TAG_WRITE:
+        return max(len(payload) - _WRITE_HEAD.size, 0)
+    return len(payload)
 
 
 class Journal:
@@ -171,7 +182,8 @@ class Journal:
                 out.append(entry)
                 taken += size
             return out
-        return [decode_entry(r) for r in self.log.read_records(from_seq, max_bytes, cursor)]
+        records = self.log.read_records(from_seq, max_bytes, cursor, cost=_data_bytes)
+        return [decode_entry(r) for r in records]
 
     async def sync(self) -> None:
         failpoint("journal.before_sync")

@@ -32,7 +32,7 @@ import bisect
 import contextlib
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -434,10 +434,13 @@ class SegmentLog:
         max_bytes: int,
         cursor: Cursor | None = None,
         max_records: int = 1 << 30,
+        cost: Callable[[int, bytes | memoryview], int] | None = None,
     ) -> list[Record]:
         """Records from the one holding ``from_seq`` on, up to about ``max_bytes`` of payload
-        (at least one record if any). Raises LookupError if ``from_seq`` was released,
-        IntegrityError on a bad checksum."""
+        (at least one record if any); ``cost(tag, payload)``, when given, is what a record
+        counts toward ``max_bytes`` instead of its payload's size (a journal reference
+        stands for bytes it does not hold). Raises LookupError if ``from_seq`` was
+        released, IntegrityError on a bad checksum."""
         if from_seq >= self.next_seq:
             return []
         if from_seq < self.first_seq:
@@ -472,7 +475,8 @@ class SegmentLog:
             while pos + RECORD_HEADER.size <= len(chunk):
                 checksum, size, tag, first, last = RECORD_HEADER.unpack_from(chunk, pos)
                 wanted = last >= from_seq
-                if wanted and out and (taken + size > max_bytes or len(out) >= max_records):
+                over = cost is None and taken + size > max_bytes  # (a cost: once it is read)
+                if wanted and out and (over or len(out) >= max_records):
                     full = True
                     break
                 end = pos + RECORD_HEADER.size + size
@@ -492,10 +496,14 @@ class SegmentLog:
                     payload = self._open_sealed(
                         seg.path, cur.offset + pos, tag, first, last, payload
                     )
+                weight = size if cost is None or not wanted else cost(tag, payload)
+                if wanted and out and taken + weight > max_bytes:
+                    full = True
+                    break
                 pos = end
                 if wanted:
                     out.append(Record(tag, first, last, payload))
-                    taken += size
+                    taken += weight
                 cur.next_seq = last + 1
                 if end >= len(chunk):
                     break

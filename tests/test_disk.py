@@ -291,3 +291,33 @@ async def test_no_point_before_the_last_reference_is_acknowledged(tmp_path: Path
         assert disk.state != "initial-sync" and not disk.resync_required
     finally:
         await disk.close()
+
+
+def test_a_journal_read_from_the_file_counts_what_references_stand_for(tmp_path: Path) -> None:
+    """Read back from the segment file (after a restart: no in-memory tail), a batch's worth
+    of journal entries is bounded by the bytes they stand for (a reference's length, a
+    write's data), not by their record sizes, and reads that follow each other with one
+    cursor return every entry once, in order."""
+    from agent.journal import Journal
+    from common.segment_log import Cursor
+
+    journal = Journal(tmp_path / "j", quota=1 << 30)
+    journal.append_write(0, b"w" * 4096, 1)
+    for i in range(200):
+        journal.append_ref((i + 1) << 20, 1 << 20, 2)
+    journal.append_zero(0, 4096, 3, may_trim=True)
+    journal.log.sync_blocking()
+    journal.close()
+    journal = Journal(tmp_path / "j", quota=1 << 30)
+    try:
+        first = journal.read(1, 4 << 20)
+        assert [e.seq for e in first] == [1, 2, 3, 4], "4 KiB + three 1 MiB references fit in 4 MiB"
+        cursor, seq, seen = Cursor(), 1, []
+        while seq <= journal.last_seq:
+            entries = journal.read(seq, 4 << 20, cursor)
+            assert sum(e.length for e in entries if e.carries_data) <= 4 << 20 or len(entries) == 1
+            seen += [e.seq for e in entries]
+            seq = entries[-1].seq + 1
+        assert seen == list(range(1, 203))
+    finally:
+        journal.close()
