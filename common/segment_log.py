@@ -84,6 +84,7 @@ class _Segment:
     size: int
     last_seq: int  # first_seq - 1 while empty
     dirty: bool = False
+    reused: bool = False  # a kept file: its old records lie past ``size``
 
 
 @dataclass(slots=True)
@@ -184,7 +185,7 @@ class SegmentLog:
                 scan.error is not None
                 and not is_last
                 and scan.record_count > 0
-                and int(names[index + 1].stem) == scan.last_seq + 1
+                and names[index + 1].name == _segment_name(scan.last_seq + 1)
             )  # a recycled file's old contents past the records the next segment continues
             if stale_tail:
                 os.ftruncate(fd, scan.records_end)
@@ -324,7 +325,9 @@ class SegmentLog:
             with contextlib.suppress(OSError):
                 old.unlink()
             return _create_segment(self.directory, self.next_seq, self._flags)
-        return _Segment(self.next_seq, path, fd, SEGMENT_HEADER.size, self.next_seq - 1, dirty=True)
+        return _Segment(
+            self.next_seq, path, fd, SEGMENT_HEADER.size, self.next_seq - 1, dirty=True, reused=True
+        )
 
     async def sync(self) -> None:
         """Make every appended record durable (group commit). Raises OSError.
@@ -391,11 +394,7 @@ class SegmentLog:
             while len(self._segments) > 1 and self._segments[0].last_seq <= seq:
                 seg = self._segments.pop(0)
                 self._firsts.pop(0)
-                if len(self._pool) < self.recycle and seg.size >= self.segment_bytes // 2:
-                    kept = self.directory / f".recycle-{seg.first_seq}.tmp"
-                    os.rename(seg.path, kept)
-                    self._pool.append((kept, seg.fd))
-                else:
+                if not self._keep(seg):
                     os.close(seg.fd)
                     seg.path.unlink()
                 freed += seg.size
@@ -404,8 +403,23 @@ class SegmentLog:
                 await asyncio.to_thread(fsync_dir, self.directory)
             return freed
 
+    def _keep(self, seg: _Segment) -> bool:
+        """Keep a released segment's file for reuse (``recycle``); False: delete it."""
+        if len(self._pool) >= self.recycle or seg.size < self.segment_bytes // 2:
+            return False
+        kept = self.directory / f".recycle-{seg.first_seq}.tmp"
+        try:
+            os.rename(seg.path, kept)
+        except OSError:
+            return False
+        self._pool.append((kept, seg.fd))
+        return True
+
     def close(self) -> None:
         for seg in self._segments:
+            if seg.reused:  # its old records are not left behind (no truncation at next open)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(seg.fd, seg.size)
             os.close(seg.fd)
         self._segments = []
         for path, fd in self._pool:

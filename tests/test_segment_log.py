@@ -240,10 +240,14 @@ async def test_a_released_segment_file_is_reused_and_its_old_records_never_read(
     assert again.first_seq == 4 and again.last_seq == 15
     assert [r.payload for r in again.read_records(4, 1 << 30)] == payloads
     assert not list(tmp_path.glob(".recycle-*.tmp")), "kept files are dropped at open"
+    log.close()  # the crashed process's descriptors (before anything new is appended)
     again.append(1, 16, 16, (b"on",))
     assert again.read_records(16, 10)[0].payload == b"on"
     again.close()
-    log.close()
+    clean = SegmentLog.open(tmp_path, segment_bytes=8192, recycle=2)  # after a clean stop
+    assert clean.truncated_bytes == 0, "a clean stop leaves no old records to cut (no warning)"
+    assert [r.payload for r in clean.read_records(4, 1 << 30)] == [*payloads, b"on"]
+    clean.close()
 
 
 @given(
