@@ -169,6 +169,7 @@ class Resyncer:
             finally:
                 gate.release()
 
+        counted = False
         try:
             async with asyncio.TaskGroup() as tg:
                 for offset, length in regions:
@@ -181,6 +182,9 @@ class Resyncer:
             if disk.overflowed:
                 return stats
             await disk.checkpoint_resync()
+            # Counted before the disk can report level: whoever sees `replicating` sees this.
+            self._add_totals(stats)
+            counted = True
             if disk.bitmap is not None and disk.bitmap.empty and not disk.overflowed:
                 await disk.finish_resync()
             log.info(
@@ -195,7 +199,8 @@ class Resyncer:
             return stats
         finally:
             disk.resync_progress = stats.progress("resync") if disk.bitmap is not None else None
-            self._add_totals(stats)
+            if not counted:
+                self._add_totals(stats)
 
     def _add_totals(self, stats: SyncStats) -> None:
         t = self.totals
