@@ -5,6 +5,7 @@ source and replica are compared with `cmp` and with SEEK_DATA maps (holes must s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.journal import TAG_REF, TAG_WRITE
 from benchmarks.deploy import Deployment, Driver
 from benchmarks.proxy import CountingProxy
+from common.segment_log import SegmentLog
 
 MiB = 1 << 20
 
@@ -120,6 +123,52 @@ def test_writes_during_initial_sync_are_kept(dep: Deployment, tmp_path: Path) ->
         assert cmp(spec.disks["d1"], dep.replica_path("d1"))
     finally:
         driver.quit()
+
+
+def test_agent_killed_with_resync_references_and_writes_in_flight(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    """The initial sync journals references (read from the image when shipped) between the
+    writes that go on meanwhile. SIGKILL of the agent while both are unacknowledged (checked
+    in its journal after the kill), then a restart: the redo replays the writes and leaves
+    the references alone (the image keeps every flushed byte), the references are read
+    again, and the replica ends equal to the source (`cmp`)."""
+    image = tmp_path / "src.img"
+    make_image(image, 96 * MiB, seed=6, data_fraction=0.7)
+    spec = dep.add_agent(
+        "a1",
+        {"d1": image},
+        options={"bandwidth_limit": "8MiB", "max_batch_bytes": "256KiB", "window_bytes": "1MiB"},
+    )
+    dep.start_ps()
+    driver = Driver(dep, "a1")
+    rnd = random.Random(7)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the sync has journaled references ahead of the (slow) link
+            row = driver.call(op="status")["status"]["disks"][0]
+            if (row.get("resync") or {}).get("sent_bytes", 0) >= 8 * MiB:
+                break
+            assert time.monotonic() < deadline, row
+            time.sleep(0.05)
+        for i in range(100):
+            offset = rnd.randrange(0, 96 * MiB - 65536, 512)
+            length = rnd.choice([512, 4096, 65536])
+            assert driver.call(op="write", disk="d1", offset=offset, length=length, seed=i)["ok"]
+        assert driver.call(op="flush", disk="d1")["ok"]
+    finally:
+        driver.kill()  # SIGKILL
+    source = hashlib.sha256(image.read_bytes()).hexdigest()  # every write was flushed
+    journal = SegmentLog.open(spec.state_dir / "disks" / "d1" / "journal")
+    try:
+        tags = [r.tag for r in journal.read_records(journal.first_seq, 1 << 40)]
+    finally:
+        journal.close()
+    assert TAG_REF in tags and TAG_WRITE in tags, "references and writes must be in flight"
+    dep.start_agent("a1")
+    wait_in_sync(dep, "a1", "d1", timeout=180)
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == source, "the redo changed the image"
+    assert cmp(spec.disks["d1"], dep.replica_path("d1"))
 
 
 def test_interrupted_initial_sync_resumes_without_resending(
