@@ -45,6 +45,15 @@ class DigestResult:
     bytes_read: int  # bytes actually read and hashed (holes are skipped)
 
 
+def in_hole(fd: int, start: int, end: int) -> bool:
+    """Is [start, end) entirely a hole? One SEEK_DATA (a lookup where there is data at
+    ``start``); where unknown, no."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) >= end
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data from start to the end of the file
+
+
 def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """Allocated ``(offset, end)`` ranges of [start, end); the whole range if unknown.
 

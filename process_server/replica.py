@@ -33,6 +33,7 @@ from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
 from common.segment_log import Cursor, RecordLocation, SegmentLog
+from process_server.direct_write import DirectWriter
 from process_server.extent_map import ExtentMap
 from process_server.pit import PointView
 from process_server.undo import UndoLog
@@ -113,6 +114,8 @@ class ReplicaDisk:
         self.on_written: Callable[[int, int], None] | None = None  # after each replica write
         self._group_done = asyncio.Event()  # clear while a group is being written
         self._group_done.set()
+        # Aligned extents into holes bypass the page cache (process_server/direct_write.py).
+        self.direct = DirectWriter(self.replica_path, self.disk_id)
         self._boundaries: collections.deque[int] = collections.deque(maxlen=BOUNDARIES_KEPT)
         self._boundary_set: set[int] = set()
         self.note_boundary(self.durable_seq)
@@ -474,7 +477,7 @@ class ReplicaDisk:
             for extent in batch.extents:
                 if extent.data is None:
                     zero_range(self._fd, extent.offset, extent.length, punch=True)
-                else:
+                elif not self.direct.try_write(self._fd, extent.data, extent.offset):
                     pwrite_all(self._fd, extent.data, extent.offset)
                 if self.on_written is not None:
                     self.on_written(extent.offset, extent.length)
@@ -575,6 +578,7 @@ class ReplicaDisk:
             "received_batches": self.received_batches,
             "received_bytes": self.received_bytes,
             "applied_bytes": self.applied_bytes,
+            "direct_written_bytes": self.direct.written_bytes,
             "replica_path": str(self.replica_path),
             "digest_bytes_read": self.digest_bytes_read,
             "error": self.applier_error,
@@ -639,6 +643,7 @@ class ReplicaDisk:
         self.cache.close()
         if self.undo is not None:
             self.undo.close()
+        self.direct.close()
         os.close(self._fd)
 
 

@@ -13,14 +13,13 @@ is recorded as a *cut*: history before it can no longer be rebuilt and ``valid_f
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.at_rest import Sealer
-from common.digests import data_ranges, is_zero
+from common.digests import data_ranges, in_hole, is_zero
 from common.durable import atomic_write_json, read_json
 from common.failpoints import failpoint
 from common.segment_log import RecordLocation, SealingMismatch, SegmentLog
@@ -225,7 +224,7 @@ def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Exten
         if end - start > 1 << 20:
             spans = data_ranges(fd, start, end)
         else:
-            spans = [] if _in_hole(fd, start, end) else [(start, end)]
+            spans = [] if in_hole(fd, start, end) else [(start, end)]
         for data_start, data_end in spans:
             if data_start > start:
                 out.append(Extent(start, data_start - start, None))
@@ -247,15 +246,6 @@ def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Exten
         if start < end:
             out.append(Extent(start, end - start, None))
     return _merge_zero(out)
-
-
-def _in_hole(fd: int, start: int, end: int) -> bool:
-    """Is [start, end) entirely a hole? One SEEK_DATA (a lookup where there is data at
-    ``start``); where unknown, no (the range is read)."""
-    try:
-        return os.lseek(fd, start, os.SEEK_DATA) >= end
-    except OSError as exc:
-        return exc.errno == errno.ENXIO  # no data from start to the end of the file
 
 
 def _merge_zero(extents: list[Extent]) -> list[Extent]:
