@@ -122,6 +122,7 @@ class ProtectedDisk:
         self._closed = False
         self._bitmap_lock = asyncio.Lock()
         self._pending_clears: list[tuple[int, int]] = []
+        self._overflows = 0  # journal overflows since open (checkpoint_resync)
         self.redo_records = 0
         self.overflowed = False  # writes bypass the journal (recorded in the bitmap only)
         self.activity_log: ActivityLog | None = None
@@ -526,6 +527,8 @@ class ProtectedDisk:
         if self.bitmap is None:
             self.bitmap = DirtyBitmap(self.size)
         self.overflowed = True
+        self._overflows += 1
+        self._pending_clears = []  # checkpoint_resync: a clear must not wipe an overflow write
         self._state["overflowed"] = True
         self._state["resync_required"] = True
         self._state["resync_reason"] = "journal-overflow"
@@ -627,14 +630,22 @@ class ProtectedDisk:
 
     def resynced(self, offset: int, length: int) -> None:
         """A range was compared and its differences journaled: its bits may be cleared, but
-        only at the next checkpoint, once those journal records are durable."""
-        self._pending_clears.append((offset, length))
+        only at the next checkpoint, once those journal records are durable. Not while the
+        journal is overflowed: a write in the range would then be marked in the bitmap only,
+        and the clear would wipe it."""
+        if not self.overflowed:
+            self._pending_clears.append((offset, length))
 
     async def checkpoint_resync(self) -> None:
-        """Make resync progress durable: the journal first, then the shrunken bitmap."""
+        """Make resync progress durable: the journal first, then the shrunken bitmap. Clears
+        are dropped (the ranges stay dirty, to be verified again) if the journal overflowed
+        since they were recorded: a write in one of them may be in the bitmap only."""
         clears, self._pending_clears = self._pending_clears, []
+        overflows = self._overflows
         await self.journal.sync()
         if self.bitmap is not None:
+            if self.overflowed or self._overflows != overflows:
+                clears = []
             for offset, length in clears:
                 self.bitmap.clear(offset, length)
             async with self._bitmap_lock:

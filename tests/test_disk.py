@@ -149,6 +149,34 @@ async def test_journal_overflow_switches_to_a_persisted_dirty_bitmap(tmp_path: P
     await reopened.close()
 
 
+async def test_a_resync_clear_never_wipes_a_write_made_during_an_overflow(tmp_path: Path) -> None:
+    """A range compared by the resync (its clear pending until the next checkpoint), then the
+    journal overflows and a write lands in that range, marked in the bitmap only: the
+    checkpoint must leave the range dirty, or the write would never reach the replica."""
+    _image(tmp_path, 64 << 20)
+    disk = await ProtectedDisk.open(
+        "d0", tmp_path / "disk.img", tmp_path / "state", journal_quota=1 << 20
+    )
+    for i in range(4):  # overflow once, then resume as a resync would
+        await disk.write((32 << 20) + i * (512 << 10), os.urandom(512 << 10))
+    assert disk.overflowed and disk.bitmap is not None
+    await disk.rebase_journal(disk.journaled_seq + 1, "test")  # empty journal, all marked
+    disk.begin_resync()
+    assert not disk.overflowed
+    disk.bitmap.clear(0, 64 << 20)
+    disk.bitmap.mark(0, 16 << 20)
+    disk.resynced(0, 16 << 20)  # X compared: its bits may go at the next checkpoint
+    for i in range(4):  # writes elsewhere overflow the journal again
+        await disk.write((32 << 20) + i * (512 << 10), os.urandom(512 << 10))
+    assert disk.overflowed
+    await disk.write(4096, b"W" * 4096)  # W lands in X: in the bitmap only
+    disk.resynced(16 << 20, 4096)  # while overflowed: not taken
+    await disk.checkpoint_resync()
+    chunk = 4096 // disk.bitmap.granularity
+    assert disk.bitmap.is_dirty(chunk), "the overflow write's mark was wiped"
+    await disk.close()
+
+
 async def test_an_image_with_data_needs_an_initial_resync(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(SIZE))
