@@ -391,29 +391,42 @@ class SegmentLog:
             if active.last_seq >= active.first_seq and active.last_seq <= seq:
                 self._roll()
             removed = False
+            kept: list[tuple[Path, int]] = []
             while len(self._segments) > 1 and self._segments[0].last_seq <= seq:
                 seg = self._segments.pop(0)
                 self._firsts.pop(0)
-                if not self._keep(seg):
+                keeping = self._keep(seg, len(kept))
+                if keeping is None:
                     os.close(seg.fd)
                     seg.path.unlink()
+                else:
+                    kept.append(keeping)
                 freed += seg.size
                 removed = True
             if removed:
-                await asyncio.to_thread(fsync_dir, self.directory)
+                try:
+                    await asyncio.to_thread(fsync_dir, self.directory)
+                except BaseException:
+                    for _, fd in kept:  # their names may not be durable: never reuse them
+                        os.close(fd)  # (the next open deletes leftover .recycle files)
+                    raise
+            # Only now may appends overwrite a kept file: until its new name is durable, a
+            # power loss brings back its old segment name, and new records under it would
+            # make the log unreadable.
+            self._pool.extend(kept)
             return freed
 
-    def _keep(self, seg: _Segment) -> bool:
-        """Keep a released segment's file for reuse (``recycle``); False: delete it."""
-        if len(self._pool) >= self.recycle or seg.size < self.segment_bytes // 2:
-            return False
+    def _keep(self, seg: _Segment, pending: int) -> tuple[Path, int] | None:
+        """Rename a released segment's file for reuse (``recycle``); None: delete it instead.
+        ``pending``: files kept by this release so far, not yet in the pool."""
+        if len(self._pool) + pending >= self.recycle or seg.size < self.segment_bytes // 2:
+            return None
         kept = self.directory / f".recycle-{seg.first_seq}.tmp"
         try:
             os.rename(seg.path, kept)
         except OSError:
-            return False
-        self._pool.append((kept, seg.fd))
-        return True
+            return None
+        return kept, seg.fd
 
     def close(self) -> None:
         for seg in self._segments:

@@ -3,13 +3,16 @@ corruption detection and segment release."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import common.segment_log as segment_log
 from common.errors import IntegrityError
 from common.segment_log import RECORD_HEADER, SEGMENT_HEADER, Cursor, SegmentLog
 
@@ -248,6 +251,43 @@ async def test_a_released_segment_file_is_reused_and_its_old_records_never_read(
     assert clean.truncated_bytes == 0, "a clean stop leaves no old records to cut (no warning)"
     assert [r.payload for r in clean.read_records(4, 1 << 30)] == [*payloads, b"on"]
     clean.close()
+
+
+async def test_a_kept_file_is_not_reused_before_its_new_name_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the release's directory fsync is still running, the kept file's old segment name
+    is what a power loss would bring back: records appended meanwhile must not go into it
+    (the log would not open again), so a roll then starts a new file."""
+    gate = threading.Event()
+    real_fsync_dir = segment_log.fsync_dir
+
+    def slow_fsync_dir(path: Path) -> None:
+        gate.wait(10)
+        real_fsync_dir(path)
+
+    log = SegmentLog.open(tmp_path, segment_bytes=8192, recycle=2)
+    _fill(log, [3000] * 9)  # segments 1..3, 4..6, 7..9
+    log.sync_blocking()
+    before = {_inode(p) for p in _segments(tmp_path)}
+    monkeypatch.setattr(segment_log, "fsync_dir", slow_fsync_dir)
+    release = asyncio.ensure_future(log.release_through(3))
+    await asyncio.sleep(0.05)
+    assert not release.done() and list(tmp_path.glob(".recycle-*.tmp"))
+    _fill(log, [3000] * 3)  # rolls into segment 10 while the fsync is pending
+    fresh = [p for p in _segments(tmp_path) if _inode(p) not in before]
+    assert len(fresh) == 1, "the roll must take a new file, not the kept one"
+    gate.set()
+    await release
+    monkeypatch.setattr(segment_log, "fsync_dir", real_fsync_dir)
+    _fill(log, [3000] * 3)  # the next roll, after the fsync: now the kept file is reused
+    reused = [p for p in _segments(tmp_path) if _inode(p) in before and p.name >= fresh[0].name]
+    assert reused, "after the directory fsync the kept file must be reused"
+    log.sync_blocking()
+    log.close()
+    again = SegmentLog.open(tmp_path, segment_bytes=8192, recycle=2)
+    assert again.first_seq == 4 and again.last_seq == 15
+    again.close()
 
 
 @given(
