@@ -18,6 +18,7 @@ replica's ``fdatasync`` (one inode), which also flushes the device's cache. Wher
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -90,7 +91,8 @@ class DirectWriter:
             os.close(self._fd)
             self._fd = None
         if self._buffer is not None:
-            self._buffer.close()
+            with contextlib.suppress(BufferError):  # a view still exported: freed with it
+                self._buffer.close()
             self._buffer = None
 
 

@@ -114,6 +114,7 @@ class ReplicaDisk:
         self.on_written: Callable[[int, int], None] | None = None  # after each replica write
         self._group_done = asyncio.Event()  # clear while a group is being written
         self._group_done.set()
+        self._group_work: asyncio.Future[list[Batch]] | None = None  # its worker thread
         # Aligned extents into holes bypass the page cache (process_server/direct_write.py).
         self.direct = DirectWriter(self.replica_path, self.disk_id)
         self._boundaries: collections.deque[int] = collections.deque(maxlen=BOUNDARIES_KEPT)
@@ -264,6 +265,12 @@ class ReplicaDisk:
         try:
             await self._apply_forever()
         finally:
+            work = self._group_work
+            if work is not None and not work.done():
+                # A cancelled await leaves the worker thread writing: the replica (and the
+                # O_DIRECT buffer) must not be closed under it.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({work})
             if self._durable_task is not None:
                 with contextlib.suppress(OSError, asyncio.CancelledError):
                     await asyncio.shield(self._durable_task)
@@ -284,10 +291,11 @@ class ReplicaDisk:
                 items = self._read_cached(cursor)
             if items:
                 self._group_done.clear()
-                try:
-                    batches = await asyncio.to_thread(self._apply_records, items)
-                finally:
-                    self._group_done.set()
+                work = self._group_work = asyncio.ensure_future(
+                    asyncio.to_thread(self._apply_records, items)
+                )
+                work.add_done_callback(lambda _: self._group_done.set())  # the thread is done
+                batches = await asyncio.shield(work)
                 for batch in batches:
                     self.applied_bytes += batch.header.raw_bytes
                     self.newest_applied_write_ns = max(

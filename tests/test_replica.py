@@ -172,3 +172,47 @@ async def test_batches_from_memory_and_from_the_cache_apply_alike(
     replica = (tmp_path / "ps" / "m1" / "replica.img").read_bytes()
     disk.close()
     assert replica == bytes(expected)
+
+
+async def test_a_cancelled_applier_returns_only_after_its_group_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping the server cancels the applier while a worker thread writes a group: the
+    replica (and the O_DIRECT buffer) is closed right after, so the cancelled applier must
+    wait for that thread rather than leave it writing into a closed descriptor."""
+    disk = ReplicaDisk.open(
+        tmp_path,
+        "c1",
+        limits=Limits(),
+        apply_sync_interval=0.0,
+        cache_quota=1 << 30,
+        cache_segment=64 << 10,
+        create=("agent", 1 << 20),
+    )
+    data = encode_batch("c1", 1, 1, [Extent(0, 4096, b"c" * 4096)], newest_write_ns=1)
+    disk.append_batch(data, peek_batch_header(data))
+    await disk.sync_cache()
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real = disk._apply_records
+
+    def slow_apply(items):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(10)
+        try:
+            return real(items)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(disk, "_apply_records", slow_apply)
+    applier = asyncio.ensure_future(disk.run_applier())
+    assert await asyncio.to_thread(entered.wait, 10)
+    applier.cancel()
+    await asyncio.sleep(0.1)
+    assert not applier.done(), "the applier returned while its thread was still writing"
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(applier, 10)
+    assert finished.is_set()
+    disk.close()
+    with open(tmp_path / "c1" / "replica.img", "rb") as replica:
+        assert replica.read(4096) == b"c" * 4096
