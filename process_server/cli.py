@@ -98,6 +98,11 @@ async def _status(config: Path, as_json: bool) -> int:
     if status is None:
         status = await asyncio.to_thread(offline_status, cfg)
     status.pop("ok", None)
+    if status.get("answering") is False:  # a server holds the state but does not answer
+        if as_json:
+            print_json(status)
+        print(f"error: {status['error']}", file=sys.stderr)
+        return 1
     if as_json:
         print_json(status)
     else:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
 from common.framed import FramedStream
 from common.rate_limit import cache_pressure_delay
+from common.state_lock import StateDirBusy, hold_state_dir
 from common.tls import peer_identity, server_context
 from process_server.catalog import Catalog
 from process_server.failback import FailbackError, FailbackManager
@@ -127,11 +129,13 @@ class ProcessServer:
         self._stop = asyncio.Event()
         self.port = 0
         self.rejected_connections = 0
+        self._lock_fd: int | None = None  # the state directory's lock (common/state_lock.py)
 
     # ----------------------------------------------------------------- lifecycle
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until :meth:`stop` is called. Raises OSError when it cannot listen."""
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = hold_state_dir(self.cfg.state_dir, "tidemark-ps serve")
         self.disks_dir.mkdir(exist_ok=True, mode=0o700)
         ssl_ctx = server_context(self.cfg.pki_dir)
         self.catalog = await asyncio.to_thread(Catalog, self.cfg.state_dir / "catalog.sqlite")
@@ -724,11 +728,48 @@ async def serve(
             disk.close()
         if ps.catalog is not None:
             ps.catalog.close()
+        if ps._lock_fd is not None:
+            os.close(ps._lock_fd)  # last: nothing of the state directory is open any more
+            ps._lock_fd = None
 
 
 def offline_status(cfg: ServerConfig) -> dict[str, Any]:
-    """Status from the state directory when the server is not running."""
+    """Status from the state directory when the server does not answer. If a server still
+    holds the directory (busy, or hung) nothing is opened: opening its logs would cut their
+    tails under it."""
     disks_dir = cfg.state_dir / "disks"
+    out: list[dict[str, Any]] = []
+    if not cfg.state_dir.is_dir():
+        return {
+            "role": "process-server",
+            "running": False,
+            "state_dir": str(cfg.state_dir),
+            "disks": out,
+        }
+    try:
+        lock = hold_state_dir(cfg.state_dir, "tidemark-ps status")
+    except StateDirBusy as exc:
+        return {
+            "role": "process-server",
+            "running": True,
+            "answering": False,
+            "error": f"{exc}, which does not answer on {cfg.admin_socket}",
+            "state_dir": str(cfg.state_dir),
+            "disks": out,
+        }
+    try:
+        out = _offline_disks(cfg, disks_dir)
+    finally:
+        os.close(lock)
+    return {
+        "role": "process-server",
+        "running": False,
+        "state_dir": str(cfg.state_dir),
+        "disks": out,
+    }
+
+
+def _offline_disks(cfg: ServerConfig, disks_dir: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if disks_dir.is_dir():
         for path in sorted(disks_dir.iterdir()):
@@ -747,12 +788,7 @@ def offline_status(cfg: ServerConfig) -> dict[str, Any]:
                 out.append(disk.offline_status())
             finally:
                 disk.close()
-    return {
-        "role": "process-server",
-        "running": False,
-        "state_dir": str(cfg.state_dir),
-        "disks": out,
-    }
+    return out
 
 
 __all__ = ["ProcessServer", "offline_status", "serve"]
