@@ -208,7 +208,7 @@ class FailoverManager:
         try:
             point = await self.resolve(disk, spec, fence=not test)
             timer.step("resolve_point")
-            view = await asyncio.to_thread(disk.open_view, point.seq)  # not on the event loop
+            view = await disk.open_view_async(point.seq)  # not on the event loop
             timer.step("open_view")
             record = {
                 "id": new_point_id("failover"),
@@ -402,7 +402,7 @@ class FailoverManager:
             if not record["test"]:
                 disk.fence(f"failover {record['id']}", disk.applying_seq)
             seq = record["point"]["seq"] if record["state"] != "committed" else disk.applying_seq
-            view = await asyncio.to_thread(disk.open_view, seq)
+            view = await disk.open_view_async(seq)
             failover = await self._bring_up(disk, record, view)
             if record["state"] == "committing":
                 await self._finish_commit(failover)
@@ -426,7 +426,7 @@ class FailoverManager:
             raise FailoverError(f"{path} exists: --to writes a new image, it never overwrites")
         timer = _Timer()
         point = await self.resolve(disk, spec, fence=False)
-        view = await asyncio.to_thread(disk.open_view, point.seq)
+        view = await disk.open_view_async(point.seq)
         timer.step("open_view")
         try:
             written = await asyncio.to_thread(materialise, view, path)

@@ -267,12 +267,9 @@ class PointsService:
             if self.window_note.get(disk.disk_id) != note:
                 log.warning("disk=%s event=retention_shortened %s", disk.disk_id, note)
             self.window_note[disk.disk_id] = note
-        pinned = disk.pinned_seq()
-        if pinned is not None:
-            release = min(release, pinned)
-        release = min(release, disk.applied_seq)
-        if release >= undo.first_seq:
-            await undo.release_through(release)
+        # Never past an open view nor applied_seq, and never while the applier's thread
+        # appends to the undo log (both checked in the undo log's turn).
+        await disk.release_undo(release)
         self.catalog.delete_before(disk.disk_id, undo.oldest_restorable())
 
     def status(self, disk: ReplicaDisk) -> dict[str, Any]:

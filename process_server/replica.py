@@ -11,6 +11,9 @@ Rules it keeps:
   themselves, so one fdatasync of the undo log covers a group.
 - Open point-in-time views (failovers) learn of every new undo piece before the replica bytes
   under it change (``view_lock``).
+- The undo log (a ``SegmentLog``, not thread-safe) is used by one side at a time
+  (``undo_turn``): the applier holds the turn for each group its worker thread writes;
+  releasing history (pruning, a commit) and opening a view take it too.
 - Nothing from the wire becomes a path: the directory is named by a validated disk id.
 """
 
@@ -109,6 +112,9 @@ class ReplicaDisk:
         self.undo = undo
         self.views: list[PointView] = []
         self.view_lock = threading.Lock()
+        # Whose turn it is with the undo log: the applier's group (its worker thread appends
+        # records) or a release / a view being opened (module comment).
+        self.undo_turn = asyncio.Lock()
         self.fenced: str | None = None  # why nothing more is applied (a failover owns the disk)
         self.apply_limit: int | None = None  # the applier stops at this seq while fenced
         self.on_written: Callable[[int, int], None] | None = None  # after each replica write
@@ -290,12 +296,18 @@ class ReplicaDisk:
             if not items:
                 items = self._read_cached(cursor)
             if items:
-                self._group_done.clear()
-                work = self._group_work = asyncio.ensure_future(
-                    asyncio.to_thread(self._apply_records, items)
-                )
-                work.add_done_callback(lambda _: self._group_done.set())  # the thread is done
-                batches = await asyncio.shield(work)
+                async with self.undo_turn:  # no release rolls the undo log under the thread
+                    self._group_done.clear()
+                    work = self._group_work = asyncio.ensure_future(
+                        asyncio.to_thread(self._apply_records, items)
+                    )
+                    work.add_done_callback(lambda _: self._group_done.set())  # thread done
+                    try:
+                        batches = await asyncio.shield(work)
+                    finally:
+                        if not work.done():  # cancelled: the turn ends with the thread
+                            with contextlib.suppress(BaseException):
+                                await asyncio.wait({work})
                 for batch in batches:
                     self.applied_bytes += batch.header.raw_bytes
                     self.newest_applied_write_ns = max(
@@ -358,12 +370,18 @@ class ReplicaDisk:
         self._decoded.clear()
         self._decoded_bytes = 0
         await self.cache.release_through(seq)
-        if self.undo is not None:
-            segment, undo_sealer = self.undo.log.segment_bytes, self.undo.log.sealer
-            self.undo.close()
-            self.undo = await asyncio.to_thread(
-                _restart_undo, self.directory / UNDO_DIR, self.disk_id, state, segment, undo_sealer
-            )
+        async with self.undo_turn:
+            if self.undo is not None:
+                segment, undo_sealer = self.undo.log.segment_bytes, self.undo.log.sealer
+                self.undo.close()
+                self.undo = await asyncio.to_thread(
+                    _restart_undo,
+                    self.directory / UNDO_DIR,
+                    self.disk_id,
+                    state,
+                    segment,
+                    undo_sealer,
+                )
         self.note_boundary(seq)
         self._space_freed.set()
         return seq
@@ -374,9 +392,39 @@ class ReplicaDisk:
         if undo is None:
             return
         await self.make_applied_durable()
-        await undo.release_through(undo.last_seq)
-        undo.valid_from = undo.last_seq
-        await asyncio.to_thread(undo.save_history)
+        async with self.undo_turn:
+            await undo.release_through(undo.last_seq)
+            undo.valid_from = undo.last_seq
+            await asyncio.to_thread(undo.save_history)
+
+    async def release_undo(self, seq: int) -> int:
+        """Release undo history through ``seq``, never past an open view's point nor past
+        ``applied_seq`` (both read in the turn: a view opened while this waited counts).
+        Returns bytes freed. Raises OSError."""
+        async with self.undo_turn:
+            undo = self.undo
+            if undo is None:
+                return 0
+            pinned = self.pinned_seq()
+            seq = min(seq, self.applied_seq, seq if pinned is None else pinned)
+            if seq < undo.first_seq:
+                return 0
+            return await undo.release_through(seq)
+
+    async def open_view_async(self, seq: int) -> PointView:
+        """:meth:`open_view` in a worker thread, in the undo log's turn (no release deletes
+        a segment it is reading). Raises ReplicaError, LookupError."""
+        async with self.undo_turn:
+            work = asyncio.ensure_future(asyncio.to_thread(self.open_view, seq))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The thread reads on: the turn ends with it, and its view is not kept.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({work})
+                if work.done() and not work.cancelled() and work.exception() is None:
+                    self.close_view(work.result())
+                raise
 
     def _take_decoded(self, cursor: Cursor) -> list[tuple[bytes | memoryview, Batch | None]]:
         """The next durable batches, as far as they are held decoded in memory (up to
