@@ -34,11 +34,13 @@ from agent.failback_state import merge_ranges
 from agent.nbd_server import NbdExport
 from common.digests import data_ranges
 from common.durable import atomic_write_json, fsync_dir, pwrite_all, read_json, start_writeback
+from common.errors import IntegrityError
 from common.failpoints import failpoint
 from process_server.catalog import Point
 from process_server.failback import save_rolled_back
 from process_server.pit import OverlayDisk, PointView
 from process_server.points import PointError, new_point_id
+from process_server.replica import ReplicaError
 from protocol.control import Freeze, Frozen, Unfreeze
 
 if TYPE_CHECKING:
@@ -106,6 +108,9 @@ class FailoverManager:
         self.directory = server.cfg.state_dir / "failovers"
         self.socket_dir = server.cfg.failover_dir or (server.cfg.state_dir / "failover")
         self.active: dict[str, Failover] = {}
+        # Records a restart could not bring back, with why: kept (and the disk kept fenced)
+        # until the operator cleans them up; the other failovers and the server go on.
+        self.broken: dict[str, tuple[dict[str, Any], str]] = {}
         self._lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- choosing the point
@@ -159,6 +164,11 @@ class FailoverManager:
                     raise FailoverError(
                         f"disk {disk_id} already has a failover ({self.active[disk_id].record['id']}); "
                         "clean it up or commit it first"
+                    )
+                if disk_id in self.broken:
+                    raise FailoverError(
+                        f"disk {disk_id} has a failover that could not be restored "
+                        f"({self.broken[disk_id][1]}); clean it up first"
                     )
             if nbd and len(disk_ids) > 1:
                 raise FailoverError("--nbd names one endpoint: it fits a single disk only")
@@ -224,6 +234,8 @@ class FailoverManager:
             timer.step("start_export")
             failpoint("failover.after_overlay")
             record["timings_ms"] = timer.total()
+            # The record names a seq a restart must be able to open: applied, durably.
+            await disk.make_applied_durable()
             await asyncio.to_thread(self._save, record)
         except BaseException:
             # Nothing half-done stays behind: the disk applies again, the agent takes writes.
@@ -305,6 +317,8 @@ class FailoverManager:
     async def cleanup(self, disk_id: str) -> dict[str, Any]:
         """Remove a failover that was not committed; replication goes on from where it was."""
         async with self._lock:
+            if disk_id in self.broken:
+                return await self._clean_broken(disk_id)
             failover = self._get(disk_id)
             if failover.record["state"] != "active":
                 raise FailoverError(f"disk {disk_id}: a committed failover cannot be cleaned up")
@@ -317,6 +331,20 @@ class FailoverManager:
                 await self._unfreeze(disk)
             log.info("disk=%s event=failover_cleaned id=%s", disk_id, failover.record["id"])
             return {"ok": True, "disk": disk_id, "removed": failover.record["id"]}
+
+    async def _clean_broken(self, disk_id: str) -> dict[str, Any]:
+        """Remove a failover record a restart could not bring back. A committed one is
+        refused: the replica holds the DR writes, and only failback may take it over."""
+        record, error = self.broken[disk_id]
+        if record.get("state") == "committed":
+            raise FailoverError(f"disk {disk_id}: a committed failover cannot be cleaned up")
+        await asyncio.to_thread(self._forget, disk_id)
+        del self.broken[disk_id]
+        disk = self.server.disks[disk_id]
+        if not record.get("test"):
+            disk.unfence()
+        log.info("disk=%s event=failover_cleaned id=%s broken=%r", disk_id, record["id"], error)
+        return {"ok": True, "disk": disk_id, "removed": record["id"]}
 
     async def commit(self, disk_id: str) -> dict[str, Any]:
         """Make a failover final: the replica becomes the point plus the DR writes."""
@@ -401,20 +429,56 @@ class FailoverManager:
                 continue
             if not record["test"]:
                 disk.fence(f"failover {record['id']}", disk.applying_seq)
-            seq = record["point"]["seq"] if record["state"] != "committed" else disk.applying_seq
-            view = await disk.open_view_async(seq)
+            try:
+                await self._restore_one(disk, record)
+            except (ReplicaError, LookupError, OSError, IntegrityError, ValueError) as exc:
+                # One failover that cannot come back must not keep the server (and every
+                # other disk) down: it is kept, its disk stays fenced, status says why.
+                if disk.disk_id in self.active:
+                    with contextlib.suppress(OSError):
+                        await self._tear_down(self.active[disk.disk_id])
+                self.broken[disk.disk_id] = (record, str(exc))
+                log.error(
+                    "disk=%s event=failover_not_restored id=%s error=%r",
+                    disk.disk_id,
+                    record["id"],
+                    str(exc),
+                )
+
+    async def _restore_one(self, disk: ReplicaDisk, record: dict[str, Any]) -> None:
+        seq = record["point"]["seq"] if record["state"] != "committed" else disk.applying_seq
+        view = await disk.open_view_async(seq)
+        try:
             failover = await self._bring_up(disk, record, view)
-            if record["state"] == "committing":
-                await self._finish_commit(failover)
-            self.server.failbacks.watch(failover)
-            log.info("disk=%s event=failover_restored id=%s", disk.disk_id, record["id"])
+        except BaseException:
+            disk.close_view(view)
+            raise
+        if record["state"] == "committing":
+            await self._finish_commit(failover)
+        self.server.failbacks.watch(failover)
+        log.info("disk=%s event=failover_restored id=%s", disk.disk_id, record["id"])
 
     async def close(self) -> None:
         for failover in list(self.active.values()):
             await self._tear_down(failover)
 
     def status(self) -> list[dict[str, Any]]:
-        return [f.status() for f in self.active.values()]
+        out = [f.status() for f in self.active.values()]
+        for disk_id, (record, error) in self.broken.items():
+            out.append(
+                {
+                    "id": record.get("id"),
+                    "disk": disk_id,
+                    "state": "broken",
+                    "test": record.get("test"),
+                    "planned": record.get("planned"),
+                    "point": record.get("point"),
+                    "nbd": None,
+                    "error": f"not restored at start: {error} (failover cleanup removes it)",
+                    "created_ns": record.get("created_ns"),
+                }
+            )
+        return out
 
     # ----------------------------------------------------------------- to a file
     async def to_file(self, disk_id: str, spec: str, path: Path) -> dict[str, Any]:

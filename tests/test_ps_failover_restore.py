@@ -1,0 +1,140 @@
+"""Failovers across a process-server restart: the saved record always names a seq the restart
+can open, and a record that cannot be brought back does not keep the server down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import HostPort, ServerConfig
+from process_server.catalog import Catalog
+from process_server.points import PointsService
+from process_server.replica import ReplicaDisk
+from process_server.server import ProcessServer
+from protocol.batch import Extent, encode_batch, peek_batch_header
+from protocol.control import PointMark
+
+SIZE = 1 << 20
+
+
+def make_ps(root: Path) -> ProcessServer:
+    """A process server with its catalog and disks, not listening (what run() sets up)."""
+    cfg = ServerConfig(
+        path=root / "ps.toml",
+        listen=HostPort("127.0.0.1", 0),
+        state_dir=root,
+        pki_dir=root,
+        failover_dir=root / "fo",
+    )
+    ps = ProcessServer(cfg)
+    ps.disks_dir.mkdir(parents=True, exist_ok=True)
+    ps.catalog = Catalog(root / "catalog.sqlite")
+    ps.points = PointsService(cfg, ps.catalog, ps.disks)
+    for path in sorted(ps.disks_dir.iterdir()):
+        if (path / "state.json").exists():
+            ps._open_disk(path.name, None)
+    return ps
+
+
+async def put(disk: ReplicaDisk, seq: int, offset: int = 0, byte: int | None = None) -> None:
+    fill = bytes([seq if byte is None else byte]) * 4096
+    data = encode_batch(disk.disk_id, seq, seq, [Extent(offset, 4096, fill)], newest_write_ns=1)
+    disk.append_batch(data, peek_batch_header(data))
+    await disk.sync_cache()
+
+
+async def close_ps(ps: ProcessServer) -> None:
+    """Like a kill -9 as far as the replicas go: nothing more is recorded as applied."""
+    await ps.failbacks.close()
+    await ps.failovers.close()
+    for disk in ps.disks.values():
+        disk.close()
+    assert ps.catalog is not None
+    ps.catalog.close()
+
+
+async def test_a_failover_record_names_a_durably_applied_seq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the failover record was saved once the point was applied to the
+    replica's page cache but before applied_seq was durable; a kill -9 then made every start
+    fail with "seq N is not applied yet". The record is saved only after applied_seq is."""
+    ps = make_ps(tmp_path)
+    disk = ps._open_disk("r1", ("agent", SIZE))
+    real = disk.make_applied_durable
+    recording = asyncio.Event()  # held back until the failover runs (the window of the bug)
+
+    async def held_back() -> None:
+        if recording.is_set():
+            await real()
+
+    monkeypatch.setattr(disk, "make_applied_durable", held_back)
+    applier = asyncio.ensure_future(disk.run_applier())
+    for seq in (1, 2):
+        await put(disk, seq)
+        await disk.wait_applied(seq)
+        ps.points.record_mark(
+            disk, PointMark(f"p{seq}", "r1", seq, 1, "crash-consistent", "", "", 0)
+        )
+    applier.cancel()
+    await asyncio.gather(applier, return_exceptions=True)
+    assert disk.applying_seq == 2 and disk.applied_seq == 0
+    recording.set()
+    await ps.failovers.failover(["r1"], "p2", test=False, planned=False, nbd=None)
+    record = json.loads((tmp_path / "failovers" / "r1.json").read_text())
+    state = json.loads((tmp_path / "disks" / "r1" / "state.json").read_text())
+    assert state["applied_seq"] >= record["point"]["seq"] == 2
+    await close_ps(ps)
+
+    again = make_ps(tmp_path)
+    await again.failovers.restore()
+    try:
+        assert "r1" in again.failovers.active, again.failovers.broken
+        view = again.failovers.active["r1"].view
+        assert view.read(0, 1) == b"\x02"
+    finally:
+        await close_ps(again)
+
+
+async def test_a_failover_that_cannot_be_restored_leaves_the_others_and_the_server_up(
+    tmp_path: Path,
+) -> None:
+    """Found in review: restore() let one unopenable failover record (a seq not applied, a
+    history cut) fail every start. It is now kept, its disk stays fenced, status says why,
+    the other failovers come back, and ``failover cleanup`` removes it."""
+    ps = make_ps(tmp_path)
+    disks = {name: ps._open_disk(name, ("agent", SIZE)) for name in ("a1", "b1")}
+    appliers = [asyncio.ensure_future(d.run_applier()) for d in disks.values()]
+    for disk in disks.values():
+        for seq in (1, 2):
+            await put(disk, seq)
+        await disk.wait_applied(2)
+        await disk.make_applied_durable()
+    for name in disks:
+        await ps.failovers.failover([name], "latest", test=False, planned=False, nbd=None)
+    for applier in appliers:
+        applier.cancel()
+    await asyncio.gather(*appliers, return_exceptions=True)
+    await close_ps(ps)
+    path = tmp_path / "failovers" / "a1.json"
+    record: dict[str, Any] = json.loads(path.read_text())
+    record["point"]["seq"] = 7  # a seq the replica never reached
+    path.write_text(json.dumps(record))
+
+    again = make_ps(tmp_path)
+    try:
+        await again.failovers.restore()  # does not raise
+        assert "b1" in again.failovers.active
+        assert "a1" not in again.failovers.active and "a1" in again.failovers.broken
+        assert again.disks["a1"].fenced  # nothing applied past the failover meanwhile
+        listed = {f["disk"]: f for f in again.failovers.status()}
+        assert listed["a1"]["state"] == "broken" and "not applied" in listed["a1"]["error"]
+        reply = await again.failovers.cleanup("a1")
+        assert reply["ok"] and not path.exists()
+        assert not again.disks["a1"].fenced and "a1" not in again.failovers.broken
+    finally:
+        await close_ps(again)
