@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -488,18 +488,43 @@ class FailoverManager:
             raise FailoverError(f"no disk {disk_id!r} on this process server")
         if path.exists() or path.is_symlink():
             raise FailoverError(f"{path} exists: --to writes a new image, it never overwrites")
+        if disk.undo is not None:
+            return await self._to_file(disk, spec, path, hold=False)
+        # Without the undo log the view is the replica itself: it must stand still for the
+        # copy. The applier is fenced for its length (under the failover lock, so no failover
+        # fences or unfences meanwhile); batches still arrive into the cache.
+        async with self._lock:
+            if disk.fenced or disk.disk_id in self.active or disk.disk_id in self.broken:
+                raise FailoverError(
+                    f"disk {disk.disk_id}: the undo log is off and a failover owns the disk: "
+                    "--to cannot copy a replica that is not its own (use the failover's export)"
+                )
+            return await self._to_file(disk, spec, path, hold=True)
+
+    async def _to_file(
+        self, disk: ReplicaDisk, spec: str, path: Path, hold: bool
+    ) -> dict[str, Any]:
         timer = _Timer()
-        point = await self.resolve(disk, spec, fence=False)
-        view = await disk.open_view_async(point.seq)
-        timer.step("open_view")
         try:
-            written = await asyncio.to_thread(materialise, view, path)
+            point = await self.resolve(disk, spec, fence=hold)
+            if hold:
+                disk.fenced = f"writing out {spec} with --to (undo log off)"
+                await disk.wait_still()  # the replica no longer changes
+                if point.seq != disk.applying_seq:  # latest-processed: a group was in flight
+                    point = replace(point, seq=disk.applying_seq)
+            view = await disk.open_view_async(point.seq)
+            timer.step("open_view")
+            try:
+                written = await asyncio.to_thread(materialise, view, path)
+            finally:
+                disk.close_view(view)
         finally:
-            disk.close_view(view)
+            if hold:
+                disk.unfence()
         timer.step("write_image")
         return {
             "ok": True,
-            "disk": disk_id,
+            "disk": disk.disk_id,
             "point": point.as_dict(),
             "path": str(path),
             "data_bytes": written,

@@ -308,14 +308,16 @@ class ReplicaDisk:
                         if not work.done():  # cancelled: the turn ends with the thread
                             with contextlib.suppress(BaseException):
                                 await asyncio.wait({work})
-                for batch in batches:
-                    self.applied_bytes += batch.header.raw_bytes
-                    self.newest_applied_write_ns = max(
-                        self.newest_applied_write_ns, batch.header.newest_write_ns
-                    )
-                self.applying_seq = batches[-1].header.last_seq
-                self.applier_error = None  # applying again (after a full disk, say)
-                self._applied_event.set()
+                    for batch in batches:
+                        self.applied_bytes += batch.header.raw_bytes
+                        self.newest_applied_write_ns = max(
+                            self.newest_applied_write_ns, batch.header.newest_write_ns
+                        )
+                    # Still in the turn: whoever takes it next sees applying_seq match the
+                    # replica.
+                    self.applying_seq = batches[-1].header.last_seq
+                    self.applier_error = None  # applying again (after a full disk, say)
+                    self._applied_event.set()
             background = self._durable_task
             if background is not None and background.done():
                 self._durable_task = None
@@ -345,6 +347,12 @@ class ReplicaDisk:
         """Wait until no group of batches is being written (after :meth:`fence`, the replica
         then stays still)."""
         await self._group_done.wait()
+
+    async def wait_still(self) -> None:
+        """After :meth:`fence`: wait until the group in flight (if any) is written and
+        counted in ``applying_seq``; the replica then stays still until unfenced."""
+        async with self.undo_turn:
+            pass
 
     def unfence(self) -> None:
         self.fenced = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +140,46 @@ async def test_a_failover_that_cannot_be_restored_leaves_the_others_and_the_serv
         assert not again.disks["a1"].fenced and "a1" not in again.failovers.broken
     finally:
         await close_ps(again)
+
+
+async def test_to_file_with_the_undo_log_off_copies_a_still_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: with the undo log off, ``--to FILE`` copied the replica while the
+    applier went on writing it: a torn image, labelled with a seq it never was at. The
+    applier is now held for the copy and resumes after it."""
+    import process_server.failover as failover_mod
+
+    ps = make_ps(tmp_path)
+    ps.cfg = replace(ps.cfg, undo=False)
+    disk = ps._open_disk("u1", ("agent", SIZE))
+    assert disk.undo is None
+    applier = asyncio.ensure_future(disk.run_applier())
+    copying, go_on = threading.Event(), threading.Event()
+    real = failover_mod.materialise
+
+    def held_copy(view: Any, path: Path) -> int:
+        copying.set()
+        go_on.wait(10)  # batch 2 arrives while the copy is under way
+        return real(view, path)
+
+    monkeypatch.setattr(failover_mod, "materialise", held_copy)
+    try:
+        await put(disk, 1, 0)
+        await disk.wait_applied(1)
+        out = tmp_path / "u1.img"
+        writing = asyncio.ensure_future(ps.failovers.to_file("u1", "latest", out))
+        assert await asyncio.to_thread(copying.wait, 10)
+        await put(disk, 2, 0)
+        await asyncio.sleep(0.3)  # an applier still running applies batch 2 meanwhile
+        go_on.set()
+        reply = await asyncio.wait_for(writing, 10)
+        assert reply["point"]["seq"] == 1
+        assert out.read_bytes()[:4096] == b"\x01" * 4096, "the image holds a later batch"
+        await asyncio.wait_for(disk.wait_applied(2), 10)  # and applying resumed after
+        assert not disk.fenced
+    finally:
+        go_on.set()
+        applier.cancel()
+        await asyncio.gather(applier, return_exceptions=True)
+        await close_ps(ps)
