@@ -246,21 +246,31 @@ class ProtectedDisk:
                 disk.bitmap.mark(offset, length)
             disk.unclean_regions = disk.activity_log.regions(hot)
             log.warning("disk=%s event=unclean_stop reverify_extents=%d", disk_id, len(hot))
-        disk._scan_journal(redo=not clean and not disk.overflowed)
+        redo_from = int(state.get("redo_from") or 0)
+        if redo_from and journal.first_seq >= redo_from:
+            state["redo_from"] = None  # every record of before the last overflow is released
+        disk._scan_journal(redo=not clean and not disk.overflowed, redo_from=redo_from)
         state["clean"] = False
         disk._save_state()
         if disk.bitmap is not None:
             disk.bitmap.save(bitmap_path)
         return disk
 
-    def _scan_journal(self, *, redo: bool) -> None:
+    def _scan_journal(self, *, redo: bool, redo_from: int = 0) -> None:
         """One pass over the journal: rebuild the list of writes awaiting acknowledgement and,
-        after an unclean stop (``redo``), replay every record onto the image."""
+        after an unclean stop (``redo``), replay its records onto the image.
+
+        Records older than ``redo_from`` (the journal's next seq when the last overflow
+        ended) are not replayed: writes made during that overflow went to the image and the
+        bitmap only, so an older record replayed over them would undo a newer, possibly
+        acknowledged write. Their ranges are marked for the resync instead."""
         seq = self.journal.first_seq
         while seq <= self.journal.last_seq:
             for entry in self.journal.read(seq, 8 << 20):
                 if entry.ref:
                     self.last_ref_seq = entry.seq  # the image holds it: nothing to redo
+                elif redo and entry.seq < redo_from:
+                    self._mark_for_resync(entry.offset, entry.length, "unclean-stop")
                 elif redo:
                     self._apply_to_image(entry.offset, entry.length, entry.data, entry.may_trim)
                     self.redo_records += 1
@@ -272,6 +282,15 @@ class ProtectedDisk:
             os.fdatasync(self._fd)
             if self.redo_records:
                 log.info("disk=%s event=journal_redo records=%d", self.disk_id, self.redo_records)
+
+    def _mark_for_resync(self, offset: int, length: int, reason: str) -> None:
+        """Mark a range dirty (in memory; the caller saves bitmap and state)."""
+        if self.bitmap is None:
+            self.bitmap = DirtyBitmap(self.size)
+        if not self._state.get("resync_required"):
+            self._state["resync_required"] = True
+            self._state["resync_reason"] = reason
+        self.bitmap.mark(offset, length)
 
     def _save_state(self) -> None:
         atomic_write_json(self.state_dir / STATE_FILE, self._state)
@@ -589,6 +608,9 @@ class ProtectedDisk:
         if self.overflowed:
             self.overflowed = False
             self._state["overflowed"] = False
+            # Records before this point are older than the overflow's unjournaled writes: a
+            # redo after an unclean stop must not replay them over those (_scan_journal).
+            self._state["redo_from"] = self.journal.next_seq
             self._save_state()
             log.info("disk=%s event=journal_resumed after overflow", self.disk_id)
 
@@ -717,6 +739,7 @@ class ProtectedDisk:
         self.last_ref_seq = 0  # its references went with the journal (all is marked)
         self.overflowed = False
         self._state["overflowed"] = False
+        self._state["redo_from"] = None  # only now: the old journal's records are gone
         await asyncio.to_thread(self._save_state)
 
     async def close(self) -> None:
