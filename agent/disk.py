@@ -152,9 +152,12 @@ class ProtectedDisk:
         journal_quota: int = 1 << 30,
         segment_bytes: int = 64 << 20,
         activity_extents: int = 1024,
+        scan_only: bool = False,
     ) -> ProtectedDisk:
         """Open a disk for protection. ``journal_dir`` is the disk's own state directory
-        (journal, dirty bitmap, activity log, state file). Raises DiskError, IntegrityError."""
+        (journal, dirty bitmap, activity log, state file). ``scan_only``: scan mode, another
+        program writes the image (its journal is never replayed onto it). Raises DiskError,
+        IntegrityError."""
         return await asyncio.to_thread(
             cls._open_blocking,
             disk_id,
@@ -163,6 +166,7 @@ class ProtectedDisk:
             journal_quota,
             segment_bytes,
             activity_extents,
+            scan_only,
         )
 
     @classmethod
@@ -174,6 +178,7 @@ class ProtectedDisk:
         quota: int,
         segment_bytes: int,
         activity_extents: int,
+        scan_only: bool = False,
     ) -> ProtectedDisk:
         try:
             fd = os.open(image_path, os.O_RDWR)
@@ -210,6 +215,7 @@ class ProtectedDisk:
             }
         journal = Journal(state_dir / "journal", quota=quota, segment_bytes=segment_bytes)
         disk = cls(disk_id, image_path, state_dir, fd, size, journal, state)
+        disk.scan_only = scan_only
         if journal.log.truncated_bytes:
             log.warning(
                 "disk=%s event=journal_tail_truncated bytes=%d",
@@ -249,6 +255,10 @@ class ProtectedDisk:
         redo_from = int(state.get("redo_from") or 0)
         if redo_from and journal.first_seq >= redo_from:
             state["redo_from"] = None  # every record of before the last overflow is released
+        if scan_only:
+            # Another program writes the image: every record (bytes the resync read) may be
+            # older than the image. Never replayed; its range is compared again instead.
+            redo_from = journal.next_seq
         disk._scan_journal(redo=not clean and not disk.overflowed, redo_from=redo_from)
         state["clean"] = False
         disk._save_state()

@@ -76,8 +76,8 @@ class Agent:
                     journal_quota=self.cfg.journal_quota,
                     segment_bytes=self.cfg.journal_segment,
                     activity_extents=self.cfg.activity_log_extents,
+                    scan_only=dc.mode == "scan",  # before open() decides on a journal redo
                 )
-                disk.scan_only = dc.mode == "scan"
                 self.disks[dc.id] = disk
             self.shipper = Shipper(self.cfg, creds, self.disks)
             self.shipper.on_verify_request = self.verify
