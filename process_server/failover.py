@@ -82,6 +82,7 @@ class Failover:
             "overlay_bytes": self.overlay.written_bytes,
             "timings_ms": r.get("timings_ms", {}),
             "created_ns": r["created_ns"],
+            "error": self.view.broken,  # the point's history was cut: reads fail (EIO)
         }
 
 
@@ -355,6 +356,8 @@ class FailoverManager:
                 raise FailoverError(f"disk {disk_id}: a test failover cannot be committed")
             if record["state"] == "committed":
                 return {"ok": True, "disk": disk_id, "state": "committed"}
+            if failover.view.broken:
+                raise FailoverError(f"disk {disk_id}: {failover.view.broken}")
             timer = _Timer()
             record["state"] = "committing"
             await asyncio.to_thread(self._save, record)

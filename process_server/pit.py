@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -61,6 +62,13 @@ class PointView:
         )  # recently opened sealed records, least recently used first
         self._opened_bytes = 0
         self.closed = False
+        self.broken: str | None = None  # why the point can no longer be rebuilt (reads: EIO)
+
+    def set_broken(self, reason: str) -> None:
+        """The history this view needs is gone (a cut): every read fails from now on (the
+        caller holds ``lock``)."""
+        self.broken = reason
+        self.map = ExtentMap()
 
     def add(self, pieces: list[tuple[int, int, UndoPiece]]) -> None:
         """Pieces of undo records after ``seq``, oldest first (caller holds ``lock``)."""
@@ -79,12 +87,17 @@ class PointView:
 
     def read_locked(self, offset: int, length: int) -> bytes:
         """:meth:`read` for a caller that holds ``lock``."""
+        if self.broken:
+            raise DiskError(errno.EIO, f"the recovery point is gone: {self.broken}")
         parts = [self.piece_bytes(s, e, p) for s, e, p in self.map.lookup(offset, offset + length)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def piece_bytes(self, start: int, end: int, piece: UndoPiece | None) -> bytes:
         """The point's bytes ``[start, end)`` of one piece of ``map.lookup`` (the caller holds
-        ``lock``): the replica's where no undo piece lies, else the piece's."""
+        ``lock``): the replica's where no undo piece lies, else the piece's. Raises DiskError
+        (EIO) when the view is broken."""
+        if self.broken:
+            raise DiskError(errno.EIO, f"the recovery point is gone: {self.broken}")
         if piece is None:
             data = os.pread(self.replica_fd, end - start, start)
             if len(data) < end - start:

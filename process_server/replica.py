@@ -39,7 +39,7 @@ from common.segment_log import Cursor, RecordLocation, SegmentLog
 from process_server.direct_write import DirectWriter
 from process_server.extent_map import ExtentMap
 from process_server.pit import PointView
-from process_server.undo import UndoLog
+from process_server.undo import RECORD_MAX, TAG_CUT, UndoLog
 from protocol.batch import Batch, BatchHeader, Limits, decode_batch, validate_disk_id
 from protocol.errors import ErrorCode, ProtocolError
 
@@ -531,9 +531,21 @@ class ReplicaDisk:
             if self.views:
                 first = group[0].header.first_seq
                 # Records made before a crash (None here) are already in every view's map.
-                pieces = undo.pieces_of([loc for loc in locations if loc is not None], first - 1)
+                made = [loc for loc in locations if loc is not None]
+                # A cut (old contents too large to keep) ends every view older than it: such
+                # a view is marked broken (its reads fail with EIO, status says why) rather
+                # than the applier, hence the process server, going down.
+                cuts = [loc.last_seq for loc in made if loc.tag == TAG_CUT]
+                pieces = undo.pieces_of([loc for loc in made if loc.tag != TAG_CUT], first - 1)
                 for view in self.views:
-                    view.add([p for p in pieces if p[2].seq > view.seq])
+                    cut = next((seq for seq in cuts if seq > view.seq), None)
+                    if cut is not None:
+                        view.set_broken(
+                            f"the undo history after seq {view.seq} was cut at seq {cut} "
+                            f"(a batch overwrote more than {RECORD_MAX} bytes of data)"
+                        )
+                    elif not view.broken:
+                        view.add([p for p in pieces if p[2].seq > view.seq])
         self._write_group(group)
 
     def _write_group(self, group: list[Batch]) -> None:

@@ -4,6 +4,7 @@ can open, and a record that cannot be brought back does not keep the server down
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import threading
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from common.config import HostPort, ServerConfig
+from common.errors import DiskError
 from process_server.catalog import Catalog
 from process_server.points import PointsService
 from process_server.replica import ReplicaDisk
@@ -183,3 +185,57 @@ async def test_to_file_with_the_undo_log_off_copies_a_still_replica(
         applier.cancel()
         await asyncio.gather(applier, return_exceptions=True)
         await close_ps(ps)
+
+
+async def test_a_cut_breaks_older_views_without_stopping_the_applier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a batch whose old contents exceed the undo record limit (mkfs or
+    blkdiscard on the source) is recorded as a cut; with a test failover open, the applier
+    raised ValueError and took the whole process server down, and every later start failed
+    reopening that failover. Now the view is marked broken (reads fail with EIO, status says
+    why), the applier goes on, and a restart keeps the failover as broken."""
+    import process_server.undo as undo_mod
+
+    monkeypatch.setattr(undo_mod, "RECORD_MAX", 128 << 10)  # stands for 256 MiB
+    ps = make_ps(tmp_path)
+    disk = ps._open_disk("c1", ("agent", SIZE))
+    applier = asyncio.ensure_future(disk.run_applier())
+    try:
+        data = encode_batch(
+            "c1", 1, 1, [Extent(0, 512 << 10, b"\x07" * (512 << 10))], newest_write_ns=1
+        )
+        disk.append_batch(data, peek_batch_header(data))
+        await disk.sync_cache()
+        await disk.wait_applied(1)
+        await disk.make_applied_durable()
+        await ps.failovers.failover(["c1"], "latest", test=True, planned=False, nbd=None)
+        failover = ps.failovers.active["c1"]
+        data = encode_batch(
+            "c1", 2, 2, [Extent(0, SIZE, None)], newest_write_ns=1
+        )  # the guest discards it all
+        disk.append_batch(data, peek_batch_header(data))
+        await disk.sync_cache()
+        await asyncio.wait_for(disk.wait_applied(2), 10)
+        await put(disk, 3, 0)
+        await asyncio.wait_for(disk.wait_applied(3), 10)  # the applier is still running
+        assert not applier.done()
+        with pytest.raises(DiskError) as caught:
+            await failover.overlay.read(0, 4096)
+        assert caught.value.errno == errno.EIO
+        listed = {f["disk"]: f for f in ps.failovers.status()}
+        assert "cut" in (listed["c1"]["error"] or "")
+        await disk.make_applied_durable()
+    finally:
+        applier.cancel()
+        await asyncio.gather(applier, return_exceptions=True)
+        await close_ps(ps)
+
+    again = make_ps(tmp_path)
+    try:
+        await again.failovers.restore()  # the start goes on
+        assert "c1" in again.failovers.broken
+        assert "history" in again.failovers.broken["c1"][1]
+        assert (await again.failovers.cleanup("c1"))["ok"]
+    finally:
+        await close_ps(again)
