@@ -671,12 +671,13 @@ class ProtectedDisk:
     async def checkpoint_resync(self) -> None:
         """Make resync progress durable: the journal first, then the shrunken bitmap. Clears
         are dropped (the ranges stay dirty, to be verified again) if the journal overflowed
-        since they were recorded: a write in one of them may be in the bitmap only."""
+        since they were recorded: a write in one of them may be in the bitmap only. Dropped
+        too if the journal was rebased meanwhile: the records they stand for went with it."""
         clears, self._pending_clears = self._pending_clears, []
-        overflows = self._overflows
+        overflows, epoch = self._overflows, self.epoch
         await self.journal.sync()
         if self.bitmap is not None:
-            if self.overflowed or self._overflows != overflows:
+            if self.overflowed or self._overflows != overflows or self.epoch != epoch:
                 clears = []
             for offset, length in clears:
                 self.bitmap.clear(offset, length)
