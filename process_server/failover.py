@@ -381,8 +381,9 @@ class FailoverManager:
         failpoint("failover.commit.after_merge")
         failover.record["state"] = "committed"
         await asyncio.to_thread(self._save, failover.record)
-        keep = failover.record["point"]["id"]
-        self.server.points.catalog.delete_disk(disk.disk_id, keep=keep)
+        # Every point goes, the failed-over one too (the record keeps it): the replica is now
+        # the live DR disk, and a listed point would read (or be written out as) its writes.
+        self.server.points.catalog.delete_disk(disk.disk_id)
         await disk.drop_history()
         self.server.failbacks.watch(failover)
 
@@ -491,6 +492,13 @@ class FailoverManager:
             raise FailoverError(f"no disk {disk_id!r} on this process server")
         if path.exists() or path.is_symlink():
             raise FailoverError(f"{path} exists: --to writes a new image, it never overwrites")
+        active = self.active.get(disk_id)
+        record = active.record if active is not None else self.broken.get(disk_id, ({}, ""))[0]
+        if record.get("state") in ("committing", "committed"):
+            raise FailoverError(
+                f"disk {disk_id}: its failover is committed: the replica is the live DR disk "
+                "(read it through the failover's export), no recovery point is left"
+            )
         if disk.undo is not None:
             return await self._to_file(disk, spec, path, hold=False)
         # Without the undo log the view is the replica itself: it must stand still for the

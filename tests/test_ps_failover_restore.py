@@ -16,6 +16,7 @@ import pytest
 from common.config import HostPort, ServerConfig
 from common.errors import DiskError
 from process_server.catalog import Catalog
+from process_server.failover import FailoverError
 from process_server.points import PointsService
 from process_server.replica import ReplicaDisk
 from process_server.server import ProcessServer
@@ -239,3 +240,31 @@ async def test_a_cut_breaks_older_views_without_stopping_the_applier(
         assert (await again.failovers.cleanup("c1"))["ok"]
     finally:
         await close_ps(again)
+
+
+async def test_a_committed_failover_leaves_no_point_to_write_out(tmp_path: Path) -> None:
+    """Found in review: after ``failover commit`` the failed-over point's catalog row was
+    kept; with its seq equal to applying_seq it was still listed, and ``--to FILE`` of it
+    wrote out the DR disk's contents (the DR VM's writes) as if they were the point."""
+    ps = make_ps(tmp_path)
+    disk = ps._open_disk("k1", ("agent", SIZE))
+    applier = asyncio.ensure_future(disk.run_applier())
+    try:
+        for seq in (1, 2):
+            await put(disk, seq)
+            await disk.wait_applied(seq)
+            ps.points.record_mark(
+                disk, PointMark(f"p{seq}", "k1", seq, 1, "crash-consistent", "", "", 0)
+            )
+        await ps.failovers.failover(["k1"], "p2", test=False, planned=False, nbd=None)
+        await ps.failovers.active["k1"].overlay.write(0, b"\xdd" * 4096, fua=True)  # DR VM
+        await ps.failovers.commit("k1")
+        assert ps.points.list_points("k1") == []
+        for spec in ("p2", "latest"):
+            with pytest.raises(FailoverError, match="committed"):
+                await ps.failovers.to_file("k1", spec, tmp_path / f"{spec}.img")
+            assert not (tmp_path / f"{spec}.img").exists()
+    finally:
+        applier.cancel()
+        await asyncio.gather(applier, return_exceptions=True)
+        await close_ps(ps)
