@@ -302,8 +302,8 @@ class ProtectedDisk:
             self._state["resync_reason"] = reason
         self.bitmap.mark(offset, length)
 
-    def _save_state(self) -> None:
-        atomic_write_json(self.state_dir / STATE_FILE, self._state)
+    def _save_state(self, state: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self.state_dir / STATE_FILE, self._state if state is None else state)
 
     # ----------------------------------------------------------------- status
     @property
@@ -555,26 +555,30 @@ class ProtectedDisk:
         )
         if self.bitmap is None:
             self.bitmap = DirtyBitmap(self.size)
-        self.overflowed = True
         self._overflows += 1
         self._pending_clears = []  # checkpoint_resync: a clear must not wipe an overflow write
-        self._state["overflowed"] = True
-        self._state["resync_required"] = True
-        self._state["resync_reason"] = "journal-overflow"
-        self._state["overflow_at_seq"] = self.journal.last_seq
-        self._notify_state()
+        changes = {
+            "overflowed": True,
+            "resync_required": True,
+            "resync_reason": "journal-overflow",
+            "overflow_at_seq": self.journal.last_seq,
+        }
         try:
-            self._save_state()
             self.bitmap.save(self.state_dir / BITMAP_FILE)
+            self._save_state({**self._state, **changes})
         except OSError as exc:
             # The state directory is full too: the switch to the bitmap is not durable, so this
             # write is refused (the caller marks its range dirty in memory; a crash before the
-            # state is saved is healed by the activity log's re-verification).
+            # state is saved is healed by the activity log's re-verification), and so is every
+            # later one until a save succeeds: ``overflowed`` is set only once it is durable.
             log.error("disk=%s event=state_save_failed error=%r", self.disk_id, str(exc))
             raise DiskError(
                 exc.errno or errno.EIO,
                 f"{self.disk_id}: journal full and its state cannot be saved: {exc.strerror}",
             ) from exc
+        self._state.update(changes)
+        self.overflowed = True
+        self._notify_state()
 
     def _notify_state(self) -> None:
         if self.state_listener is not None:
@@ -613,16 +617,33 @@ class ProtectedDisk:
             and self._pending.bytes < limit
         )
 
-    def begin_resync(self) -> None:
-        """Writes go back to the journal; the bitmap is now the set of regions to verify."""
-        if self.overflowed:
-            self.overflowed = False
-            self._state["overflowed"] = False
-            # Records before this point are older than the overflow's unjournaled writes: a
-            # redo after an unclean stop must not replay them over those (_scan_journal).
-            self._state["redo_from"] = self.journal.next_seq
-            self._save_state()
-            log.info("disk=%s event=journal_resumed after overflow", self.disk_id)
+    async def begin_resync(self) -> None:
+        """Writes go back to the journal; the bitmap is now the set of regions to verify.
+
+        The bitmap, holding the marks of every write made during the overflow, is saved
+        before the state says the overflow is over: until then a restart after an unclean
+        stop marks the whole disk, from then on it trusts the saved bitmap. Raises OSError
+        (the disk stays overflowed)."""
+        if not self.overflowed:
+            return
+        overflows = self._overflows
+        self.overflowed = False  # from this loop step on, writes are journaled again
+        # Records before this point are older than the overflow's unjournaled writes: a redo
+        # after an unclean stop must not replay them over those (_scan_journal).
+        redo_from = self.journal.next_seq
+        try:
+            if self.bitmap is not None:
+                async with self._bitmap_lock:
+                    await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
+            if self._overflows != overflows:
+                return  # it overflowed again meanwhile: that overflow's state stands
+            self._save_state({**self._state, "overflowed": False, "redo_from": redo_from})
+        except BaseException:
+            if self._overflows == overflows:
+                self.overflowed = True  # not resumed: the saved state still says overflowed
+            raise
+        self._state.update(overflowed=False, redo_from=redo_from)
+        log.info("disk=%s event=journal_resumed after overflow", self.disk_id)
 
     def read_image(self, offset: int, length: int) -> bytes:
         """Read the image directly (synchronous: callers rely on it happening in one loop step)."""

@@ -136,7 +136,7 @@ class Resyncer:
         """One pass over the dirty bitmap. Raises ConnectionError if the link drops."""
         disk = self.disk
         assert disk.bitmap is not None
-        disk.begin_resync()
+        await disk.begin_resync()
         stats = SyncStats(started=time.monotonic())
         regions = disk.bitmap.regions()
         stats.total_bytes = sum(length for _, length in regions)

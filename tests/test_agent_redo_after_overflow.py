@@ -41,7 +41,7 @@ async def test_redo_does_not_replay_a_record_older_than_an_overflow_write(
     assert image.read_bytes()[:4096] == b"O" * 4096
     await disk.acknowledge(filler_last)  # the journal drains below half its quota
     assert disk.resync_ready() and disk.journal.first_seq <= filler_last + 1
-    disk.begin_resync()  # overflow over: writes are journaled again
+    await disk.begin_resync()  # overflow over: writes are journaled again
     after = await disk.write(8192, b"N" * 4096)  # a journaled write after the overflow
     await disk.journal.sync()
     _kill(disk)
@@ -69,7 +69,7 @@ async def test_a_rebase_forgets_the_redo_floor(tmp_path: Path) -> None:
     while not disk.overflowed:
         await disk.write(5 << 20, os.urandom(64 << 10))
     await disk.acknowledge(disk.journaled_seq)
-    disk.begin_resync()
+    await disk.begin_resync()
     await disk.rebase_journal(1, "test")  # numbering restarts below the floor
     await disk.write(0, b"R" * 4096)
     await disk.journal.sync()

@@ -161,7 +161,7 @@ async def test_a_resync_clear_never_wipes_a_write_made_during_an_overflow(tmp_pa
         await disk.write((32 << 20) + i * (512 << 10), os.urandom(512 << 10))
     assert disk.overflowed and disk.bitmap is not None
     await disk.rebase_journal(disk.journaled_seq + 1, "test")  # empty journal, all marked
-    disk.begin_resync()
+    await disk.begin_resync()
     assert not disk.overflowed
     disk.bitmap.clear(0, 64 << 20)
     disk.bitmap.mark(0, 16 << 20)
