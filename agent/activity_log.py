@@ -115,30 +115,43 @@ class ActivityLog:
     ) -> None:
         """Make the extents of a write durable in the log before the write proceeds. An extent
         counts as active only once the log on disk holds it; an extent leaves the log only if
-        it was not used since every write so far was made durable."""
+        it was not used since every write so far was made durable, and never while the write
+        being activated uses it (the log saved for it must cover all of it)."""
         extents = list(self.extents_of(offset, length))
         if len(extents) > self.max_extents_per_write:
             raise ValueError(f"a write spanning {len(extents)} extents must be split")
+        own = set(extents)
         async with self._lock:
-            new = [e for e in extents if e not in self._active]
-            if not new:
-                self.covers(offset, length)
-                return
-            while len(self._active) + len(new) > self.capacity:
+            active = self._active
+            while True:
+                new = [e for e in extents if e not in active]
+                if not new:
+                    self.covers(offset, length)
+                    return
+                if len(active) + len(new) <= self.capacity:
+                    break
+                # The write's own active extents become the most recently used: the eviction
+                # below, oldest first, stops before it reaches them.
+                self._clock += 1
+                for extent in extents:
+                    if extent in active:
+                        active[extent] = self._clock
+                        active.move_to_end(extent)
                 mark = self._clock
                 await sync_data()  # every write so far is durable
                 target = max(0, self.capacity // 2 - len(new))
-                while len(self._active) > target:
-                    extent, used = next(iter(self._active.items()))
-                    if used > mark:
-                        break  # used during the sync: its newest write may not be durable
-                    self._active.popitem(last=False)
+                while len(active) > target:
+                    extent, used = next(iter(active.items()))
+                    if used > mark or extent in own:
+                        break  # used during the sync (its newest write may not be durable)
+                    active.popitem(last=False)  # or by this write
                     self.evictions += 1
             self._clock += 1
-            snapshot = [*self._active, *new]
+            snapshot = [*active, *new]
             await asyncio.to_thread(self._persist, snapshot)
-            for extent in new:
-                self._active[extent] = self._clock
+            for extent in extents:
+                active[extent] = self._clock
+                active.move_to_end(extent)
 
     def regions(self, extents: list[int] | None = None) -> list[tuple[int, int]]:
         """``(offset, length)`` of the given (default: active) extents, clipped to the disk."""

@@ -1,0 +1,50 @@
+"""The activity log's eviction never drops an extent that the write being activated uses:
+the log saved before that write reaches the image must cover every extent of it, or an
+unclean stop would leave part of the write unverified."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.activity_log import EXTENT_BYTES, ActivityLog
+from agent.disk import ProtectedDisk
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def test_activate_keeps_the_writes_own_extents_when_it_evicts(tmp_path: Path) -> None:
+    al = ActivityLog(tmp_path / "al", 200 * EXTENT_BYTES, capacity=128)
+    try:
+        for extent in range(1, 129):  # full; extent 1 is the least recently used
+            await al.activate(extent * EXTENT_BYTES + 8192, 4096, _nothing)
+        # One write straddling extent 0 (new) and extent 1 (active, about to be evicted).
+        await al.activate(EXTENT_BYTES - 4096, 8192, _nothing)
+        assert al.evictions > 0
+        assert {0, 1} <= set(al.load()), "the saved log does not cover the whole write"
+        assert al.covers(EXTENT_BYTES - 4096, 8192)
+        assert len(al.load()) <= al.capacity
+    finally:
+        al.close()
+
+
+async def test_an_unclean_stop_reverifies_every_extent_of_the_last_write(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(200 * EXTENT_BYTES)
+    disk = await ProtectedDisk.open("d0", image, tmp_path / "state", activity_extents=128)
+    for extent in range(1, 129):
+        await disk.write(extent * EXTENT_BYTES + 8192, b"x" * 4096)
+    await disk.write(EXTENT_BYTES - 4096, b"W" * 8192)  # extents 0 (new) and 1 (LRU)
+    disk.journal.close()  # SIGKILL
+    assert disk.activity_log is not None
+    disk.activity_log.close()
+    os.close(disk.image_fd)
+    again = await ProtectedDisk.open("d0", image, tmp_path / "state", activity_extents=128)
+    try:
+        starts = {offset for offset, _ in again.unclean_regions}
+        assert {0, EXTENT_BYTES} <= starts
+    finally:
+        await again.close()
