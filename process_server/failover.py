@@ -101,6 +101,19 @@ class _Timer:
         return {**self.steps, "total": round((time.monotonic() - self.start) * 1000, 3)}
 
 
+@dataclass
+class _Prepared:
+    """A failover with its point resolved and its view open, not yet exported."""
+
+    disk: ReplicaDisk
+    point: Point
+    view: PointView
+    test: bool
+    planned: bool
+    endpoint: str
+    timer: _Timer
+
+
 class FailoverManager:
     """Every failover of one process server."""
 
@@ -129,7 +142,8 @@ class FailoverManager:
             seq = disk.applying_seq
             if fence:
                 disk.fence(f"failover to {spec}", seq)
-                seq = disk.applying_seq  # the applier may have finished one more group
+                await disk.wait_still()  # the applier may finish one more group
+                seq = disk.applying_seq
             return Point("latest-processed", disk.disk_id, seq, now, "latest-processed")
         if spec == "latest-app-consistent":
             point = catalog.newest(disk.disk_id, kind="app-consistent")
@@ -142,8 +156,9 @@ class FailoverManager:
                 point = catalog.newest(disk.disk_id, at_or_before_ns=when)
         if point is None:
             raise FailoverError(f"disk {disk.disk_id}: no point matches {spec!r}")
-        if fence:
-            disk.fence(f"failover to point {point.id}", disk.applying_seq)
+        if fence:  # at the point, or where the applier is if it is already past it
+            disk.fence(f"failover to point {point.id}", max(point.seq, disk.applying_seq))
+        await disk.wait_applied(point.seq)  # a point the applier has not reached yet
         return point
 
     # ----------------------------------------------------------------- failing over
@@ -157,6 +172,9 @@ class FailoverManager:
         nbd: str | None,
         group: str = "",
     ) -> dict[str, Any]:
+        """Fail ``disk_ids`` over to ``spec`` (one point of ``group`` for them all). Every
+        disk's view is opened before any export comes up, and a failure on any disk undoes
+        every disk's failover. Raises FailoverError, ReplicaError."""
         async with self._lock:
             for disk_id in disk_ids:
                 if disk_id not in self.server.disks:
@@ -173,15 +191,31 @@ class FailoverManager:
                     )
             if nbd and len(disk_ids) > 1:
                 raise FailoverError("--nbd names one endpoint: it fits a single disk only")
-            points = await self._group_points(disk_ids, spec, group) if group else None
-            results = []
-            for disk_id in disk_ids:
-                point_spec = points[disk_id].id if points else spec
-                results.append(
-                    await self._failover_one(
-                        self.server.disks[disk_id], point_spec, test, planned, nbd
+            if planned and test:
+                raise FailoverError("--planned and --test do not go together")
+            disks = [self.server.disks[d] for d in disk_ids]
+            timers = {d: _Timer() for d in disk_ids}
+            frozen: list[ReplicaDisk] = []
+            prepared: list[_Prepared] = []
+            try:
+                points = await self._group_points(disk_ids, spec, group) if group else None
+                for disk in disks:  # every view is opened before any export comes up
+                    if planned:
+                        frozen.append(disk)
+                        await self._freeze(disk)
+                        timers[disk.disk_id].step("freeze_and_drain")
+                    point_spec = points[disk.disk_id].id if points else spec
+                    prepared.append(
+                        await self._prepare(disk, point_spec, test, planned, nbd, timers)
                     )
-                )
+                results = [await self._activate(item) for item in prepared]
+            except BaseException:
+                # Nothing half-done stays behind: every disk applies again, agents take writes.
+                for item in reversed(prepared):
+                    await self._abandon(item)
+                for disk in frozen:
+                    await self._unfreeze(disk)
+                raise
             return {"ok": True, "failovers": results}
 
     async def _group_points(self, disk_ids: list[str], spec: str, group: str) -> dict[str, Point]:
@@ -200,68 +234,79 @@ class FailoverManager:
             raise FailoverError(f"group {group}: no group point matches {spec!r}")
         return {p.disk: p for p in chosen}
 
-    async def _failover_one(
-        self, disk: ReplicaDisk, spec: str, test: bool, planned: bool, nbd: str | None
-    ) -> dict[str, Any]:
-        timer = _Timer()
-        if planned and test:
-            raise FailoverError("--planned and --test do not go together")
+    async def _prepare(
+        self,
+        disk: ReplicaDisk,
+        spec: str,
+        test: bool,
+        planned: bool,
+        nbd: str | None,
+        timers: dict[str, _Timer],
+    ) -> _Prepared:
+        """Fence (unless ``test``) at the point and open its view; nothing is exported yet.
+        On failure the disk is left as it was (but still frozen: the caller unfreezes)."""
+        timer = timers[disk.disk_id]
         if test and disk.undo is None:
             raise FailoverError(
                 f"disk {disk.disk_id}: a test failover needs the undo log (server.undo = true): "
                 "without it the replica moves under the export"
             )
         endpoint = nbd or self._default_endpoint(disk.disk_id)
-        if planned:
-            await self._freeze(disk)
-            timer.step("freeze_and_drain")
-        view: PointView | None = None
         try:
             point = await self.resolve(disk, spec, fence=not test)
             timer.step("resolve_point")
             view = await disk.open_view_async(point.seq)  # not on the event loop
             timer.step("open_view")
-            record = {
-                "id": new_point_id("failover"),
-                "disk": disk.disk_id,
-                "state": "active",
-                "test": test,
-                "planned": planned,
-                "point": point.as_dict(),
-                "created_ns": time.time_ns(),
-                "nbd": endpoint,
-            }
-            failover = await self._bring_up(disk, record, view)
-            timer.step("start_export")
-            failpoint("failover.after_overlay")
-            record["timings_ms"] = timer.total()
-            # The record names a seq a restart must be able to open: applied, durably.
-            await disk.make_applied_durable()
-            await asyncio.to_thread(self._save, record)
         except BaseException:
-            # Nothing half-done stays behind: the disk applies again, the agent takes writes.
-            if disk.disk_id in self.active:
-                await self._tear_down(self.active[disk.disk_id])
-            elif view is not None:
-                disk.close_view(view)
-            await asyncio.to_thread(self._forget, disk.disk_id)  # no stale overlay journal
             if not test:
                 disk.unfence()
-            if planned:
-                await self._unfreeze(disk)
             raise
+        return _Prepared(disk, point, view, test, planned, endpoint, timer)
+
+    async def _activate(self, item: _Prepared) -> dict[str, Any]:
+        """Bring up the export of a prepared failover and save its record."""
+        disk, point = item.disk, item.point
+        record = {
+            "id": new_point_id("failover"),
+            "disk": disk.disk_id,
+            "state": "active",
+            "test": item.test,
+            "planned": item.planned,
+            "point": point.as_dict(),
+            "created_ns": time.time_ns(),
+            "nbd": item.endpoint,
+        }
+        failover = await self._bring_up(disk, record, item.view)
+        item.timer.step("start_export")
+        failpoint("failover.after_overlay")
+        record["timings_ms"] = item.timer.total()
+        # The record names a seq a restart must be able to open: applied, durably.
+        await disk.make_applied_durable()
+        await asyncio.to_thread(self._save, record)
         log.info(
             "disk=%s event=failover id=%s point=%s seq=%d test=%s planned=%s nbd=%s rto_ms=%.1f",
             disk.disk_id,
             record["id"],
             point.id,
             point.seq,
-            test,
-            planned,
+            item.test,
+            item.planned,
             failover.export.address if failover.export else None,
             record["timings_ms"]["total"],
         )
         return failover.status()
+
+    async def _abandon(self, item: _Prepared) -> None:
+        """Undo a prepared (maybe activated) failover: export down, view closed, record and
+        overlay gone, the applier free again."""
+        disk = item.disk
+        if disk.disk_id in self.active:
+            await self._tear_down(self.active[disk.disk_id])
+        else:
+            disk.close_view(item.view)
+        await asyncio.to_thread(self._forget, disk.disk_id)  # no stale overlay journal
+        if not item.test:
+            disk.unfence()
 
     async def _bring_up(
         self, disk: ReplicaDisk, record: dict[str, Any], view: PointView
@@ -419,7 +464,8 @@ class FailoverManager:
         with contextlib.suppress(FileNotFoundError):
             (self.directory / f"{disk_id}.json").unlink()
         shutil.rmtree(self.directory / disk_id, ignore_errors=True)
-        fsync_dir(self.directory)
+        if self.directory.is_dir():  # (no failover was ever saved: nothing to make durable)
+            fsync_dir(self.directory)
 
     async def restore(self) -> None:
         """Bring back the failovers of a previous run (finishing an interrupted commit)."""
