@@ -372,6 +372,10 @@ class ProtectedDisk:
             raise DiskError(errno.ESHUTDOWN, f"{self.disk_id}: disk is closed")
         if writing and (self.read_only or self.scan_only or self.frozen):
             raise DiskError(errno.EROFS, f"{self.disk_id}: disk is read-only")
+        if writing and self._image_commit.failed is not None:
+            # Written pages of the image may be lost: nothing more is accepted until a restart
+            # (its journal redo rewrites them).
+            raise DiskError(errno.EIO, f"{self.disk_id}: an earlier image fdatasync failed")
         if offset < 0 or length <= 0 or length > limit or offset + length > self.size:
             code = errno.ENOSPC if writing and offset + length > self.size else errno.EINVAL
             raise DiskError(code, f"{self.disk_id}: bad range offset={offset} length={length}")

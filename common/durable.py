@@ -130,6 +130,11 @@ class GroupCommit:
 
     ``mark()`` after each write; ``await commit()`` returns once a sync that
     started after the caller's last ``mark()`` has completed.
+
+    A failed sync is permanent: the kernel reports a writeback error once, and the
+    pages it stood for may be lost, so a later sync that succeeds proves nothing.
+    Every later ``commit()`` raises (``failed`` tells the owner to refuse writes
+    too) until the file is opened again.
     """
 
     def __init__(self, sync: Callable[[], None]) -> None:
@@ -137,6 +142,7 @@ class GroupCommit:
         self._written = 0
         self._synced = 0
         self._lock = asyncio.Lock()
+        self._failed: OSError | None = None
 
     def mark(self) -> None:
         self._written += 1
@@ -145,13 +151,33 @@ class GroupCommit:
     def dirty(self) -> bool:
         return self._synced < self._written
 
+    @property
+    def failed(self) -> OSError | None:
+        """The error of the sync that failed, if one did."""
+        return self._failed
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise OSError(errno.EIO, f"an earlier fdatasync failed: {self._failed}")
+
+    def _sync_recording(self) -> None:
+        # Recorded in the thread itself: a caller cancelled meanwhile must not lose it.
+        try:
+            self._sync()
+        except OSError as exc:
+            self._failed = exc
+            raise
+
     async def commit(self) -> None:
+        """Raises OSError (this sync's error, or EIO after an earlier failure)."""
+        self._check()
         target = self._written
         if self._synced >= target:
             return
         async with self._lock:
+            self._check()
             if self._synced >= target:
                 return
             generation = self._written
-            await asyncio.to_thread(self._sync)
+            await asyncio.to_thread(self._sync_recording)
             self._synced = max(self._synced, generation)
