@@ -576,6 +576,8 @@ class ProtectedDisk:
             # state is saved is healed by the activity log's re-verification), and so is every
             # later one until a save succeeds: ``overflowed`` is set only once it is durable.
             log.error("disk=%s event=state_save_failed error=%r", self.disk_id, str(exc))
+            self._state.update(resync_required=True, resync_reason="journal-overflow")
+            self._notify_state()  # reported as needing a resync (the refused range is marked)
             raise DiskError(
                 exc.errno or errno.EIO,
                 f"{self.disk_id}: journal full and its state cannot be saved: {exc.strerror}",
