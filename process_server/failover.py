@@ -174,7 +174,8 @@ class FailoverManager:
     ) -> dict[str, Any]:
         """Fail ``disk_ids`` over to ``spec`` (one point of ``group`` for them all). Every
         disk's view is opened before any export comes up, and a failure on any disk undoes
-        every disk's failover. Raises FailoverError, ReplicaError."""
+        every disk's failover. With ``planned`` every disk is frozen and drained first, so
+        ``latest`` holds every acknowledged write of each. Raises FailoverError, ReplicaError."""
         async with self._lock:
             for disk_id in disk_ids:
                 if disk_id not in self.server.disks:
@@ -198,12 +199,16 @@ class FailoverManager:
             frozen: list[ReplicaDisk] = []
             prepared: list[_Prepared] = []
             try:
-                points = await self._group_points(disk_ids, spec, group) if group else None
-                for disk in disks:  # every view is opened before any export comes up
-                    if planned:
+                if planned:  # every member stops and drains before any point is chosen
+                    for disk in disks:
                         frozen.append(disk)
                         await self._freeze(disk)
-                        timers[disk.disk_id].step("freeze_and_drain")
+                    for timer in timers.values():
+                        timer.step("freeze_and_drain")
+                points: dict[str, Point] | None = None
+                if group and not (planned and spec == "latest"):
+                    points = await self._group_points(disk_ids, spec, group)
+                for disk in disks:  # every view is opened before any export comes up
                     point_spec = points[disk.disk_id].id if points else spec
                     prepared.append(
                         await self._prepare(disk, point_spec, test, planned, nbd, timers)

@@ -1,5 +1,5 @@
 """Group failover: every member at the group point (waiting for a member's applier to reach
-it), all or nothing."""
+it), all or nothing, and ``--planned`` loses no acknowledged write of any member."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from process_server.points import PointsService
 from process_server.replica import ReplicaDisk, ReplicaError
 from process_server.server import ProcessServer
 from protocol.batch import Extent, encode_batch, peek_batch_header
-from protocol.control import PointMark
+from protocol.control import Freeze, Frozen, PointMark, Unfreeze
 
 SIZE = 1 << 20
 
@@ -113,5 +113,45 @@ async def test_group_failover_is_undone_when_a_later_member_fails(
         assert not ps.failovers.active
         assert not a.fenced and not b.fenced and not a.views
         assert not list((tmp_path / "failovers").glob("*.json"))
+    finally:
+        await stop(ps, appliers)
+
+
+async def test_planned_group_failover_freezes_every_member_before_choosing(
+    tmp_path: Path,
+) -> None:
+    """Found by reading: a planned group failover picked the newest group point before
+    freezing the members, so writes acknowledged after that point were rolled back, breaking
+    "--planned loses nothing". Every member is now frozen and drained first, then failed over
+    at its newest durable seq."""
+    ps = make_ps(tmp_path)
+    a, b = ps._open_disk("a", ("agent", SIZE)), ps._open_disk("b", ("agent", SIZE))
+    appliers = [asyncio.ensure_future(d.run_applier()) for d in (a, b)]
+    told: list[Any] = []
+
+    async def ask(disk_id: str, body: Any, timeout: float) -> Any:
+        assert isinstance(body, Freeze)
+        told.append(body)
+        return Frozen(disk_id, True, ps.disks[disk_id].durable_seq)
+
+    async def tell(disk_id: str, body: Any) -> None:
+        told.append(body)
+
+    ps.ask = ask  # type: ignore[method-assign]
+    ps.tell = tell  # type: ignore[method-assign]
+    try:
+        for disk in (a, b):
+            disk.session = object()  # the agents are connected
+            await put(disk, 1)
+            await disk.wait_applied(1)
+            group_point(ps, disk, 1)
+        await put(b, 2)  # acknowledged after the newest group point
+        reply = await ps.failovers.failover(
+            ["a", "b"], "latest", test=False, planned=True, nbd=None, group="g"
+        )
+        assert {f["disk"]: f["point"]["seq"] for f in reply["failovers"]} == {"a": 1, "b": 2}
+        assert await ps.failovers.active["b"].overlay.read(0, 1) == b"\x02"
+        assert [type(m) for m in told] == [Freeze, Freeze]  # both frozen, none released
+        assert not any(isinstance(m, Unfreeze) for m in told)
     finally:
         await stop(ps, appliers)
