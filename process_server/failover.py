@@ -427,7 +427,7 @@ class FailoverManager:
                 save_rolled_back, self.directory / failover.disk_id, rolled_back
             )
         failpoint("failover.commit.before_merge")
-        await asyncio.to_thread(failover.overlay.merge_into, disk.replica_fd)
+        await failover.overlay.merge(disk.replica_fd)  # the export's I/O waits meanwhile
         failpoint("failover.commit.after_merge")
         failover.record["state"] = "committed"
         await asyncio.to_thread(self._save, failover.record)

@@ -21,7 +21,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import xxhash
@@ -191,6 +191,13 @@ class OverlayDisk:
         self.written: ExtentMap[bool] = ExtentMap()
         self.writes = 0
         self.written_bytes = 0
+        # While a commit merges (``merge``), reads and writes of the export wait: a write
+        # landing in the overlay after its range was merged would be lost with the overlay.
+        self._open_gate = asyncio.Event()
+        self._open_gate.set()
+        self._busy = 0  # export reads and writes under way
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self._replay()
 
     def _replay(self) -> None:
@@ -211,10 +218,25 @@ class OverlayDisk:
                 seq = record.last_seq + 1
 
     # ----------------------------------------------------------------- the disk interface
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """One export request: waits while a merge runs, and is waited for by the merge."""
+        while not self._open_gate.is_set():
+            await self._open_gate.wait()
+        self._busy += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._quiet.set()
+
     async def read(self, offset: int, length: int) -> bytes:
-        if length > 1 << 20:
-            return await asyncio.to_thread(self.read_sync, offset, length)
-        return self.read_sync(offset, length)
+        async with self._turn():
+            if length > 1 << 20:
+                return await asyncio.to_thread(self.read_sync, offset, length)
+            return self.read_sync(offset, length)
 
     def read_sync(self, offset: int, length: int) -> bytes:
         parts: list[bytes] = []
@@ -233,9 +255,11 @@ class OverlayDisk:
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         self._check(offset, len(data))
-        self.journal.append_write(offset, data, time.time_ns())
-        pwrite_all(self._fd, data, offset)
-        self._mark(offset, len(data))
+        async with self._turn():
+            self._check(offset, len(data))  # (read-only may have been set meanwhile)
+            self.journal.append_write(offset, data, time.time_ns())
+            pwrite_all(self._fd, data, offset)
+            self._mark(offset, len(data))
         if fua:
             await self.flush()
 
@@ -243,9 +267,11 @@ class OverlayDisk:
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
     ) -> None:
         self._check(offset, length)
-        self.journal.append_zero(offset, length, time.time_ns(), may_trim=may_trim)
-        zero_range(self._fd, offset, length, punch=True)
-        self._mark(offset, length)
+        async with self._turn():
+            self._check(offset, length)
+            self.journal.append_zero(offset, length, time.time_ns(), may_trim=may_trim)
+            zero_range(self._fd, offset, length, punch=True)
+            self._mark(offset, length)
         if fua:
             await self.flush()
 
@@ -261,6 +287,22 @@ class OverlayDisk:
         self.written.fill(offset, offset + length, True)
         self.writes += 1
         self.written_bytes += length
+
+    async def merge(self, replica_fd: int) -> None:
+        """:meth:`merge_into` in a worker thread, with the export's reads and writes held
+        for its length (those under way finish first)."""
+        self._open_gate.clear()
+        work: asyncio.Future[None] | None = None
+        try:
+            while self._busy:
+                await self._quiet.wait()
+            work = asyncio.ensure_future(asyncio.to_thread(self.merge_into, replica_fd))
+            await asyncio.shield(work)
+        finally:
+            if work is not None and not work.done():  # cancelled: the thread merges on
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({work})
+            self._open_gate.set()
 
     def merge_into(self, replica_fd: int) -> None:
         """Commit: write the point (the view's undo pieces) and then the overlay into the

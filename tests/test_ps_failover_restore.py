@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -265,6 +266,51 @@ async def test_a_committed_failover_leaves_no_point_to_write_out(tmp_path: Path)
                 await ps.failovers.to_file("k1", spec, tmp_path / f"{spec}.img")
             assert not (tmp_path / f"{spec}.img").exists()
     finally:
+        applier.cancel()
+        await asyncio.gather(applier, return_exceptions=True)
+        await close_ps(ps)
+
+
+async def test_a_dr_write_during_the_commit_merge_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: ``failover commit`` merged the overlay into the replica in a worker
+    thread while the export kept taking writes; a write landing after its range was merged
+    went to the old overlay, which was then emptied and deleted: an acknowledged (FUA) DR
+    write vanished. The export's reads and writes now wait for the merge."""
+    ps = make_ps(tmp_path)
+    disk = ps._open_disk("m1", ("agent", SIZE))
+    applier = asyncio.ensure_future(disk.run_applier())
+    real_fdatasync = os.fdatasync
+    in_sync, go_on = threading.Event(), threading.Event()
+
+    def held_fdatasync(fd: int) -> None:
+        if fd == disk.replica_fd and threading.current_thread() is not threading.main_thread():
+            in_sync.set()
+            go_on.wait(10)  # merge_into is at its fdatasync, the overlay still in use
+        real_fdatasync(fd)
+
+    try:
+        for seq in (1, 2):
+            await put(disk, seq)
+            await disk.wait_applied(seq)
+            ps.points.record_mark(
+                disk, PointMark(f"p{seq}", "m1", seq, 1, "crash-consistent", "", "", 0)
+            )
+        await ps.failovers.failover(["m1"], "p1", test=False, planned=False, nbd=None)
+        overlay = ps.failovers.active["m1"].overlay
+        await overlay.write(8192, b"\xaa" * 4096, fua=True)
+        monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+        commit = asyncio.ensure_future(ps.failovers.commit("m1"))
+        assert await asyncio.to_thread(in_sync.wait, 10)
+        writing = asyncio.ensure_future(overlay.write(8192, b"\xbb" * 4096, fua=True))
+        await asyncio.sleep(0.2)
+        go_on.set()
+        await asyncio.wait_for(asyncio.gather(commit, writing), 10)
+        assert await overlay.read(8192, 4096) == b"\xbb" * 4096, "the DR write was lost"
+        assert os.pread(disk.replica_fd, 4096, 8192) == b"\xbb" * 4096
+    finally:
+        go_on.set()
         applier.cancel()
         await asyncio.gather(applier, return_exceptions=True)
         await close_ps(ps)
