@@ -729,7 +729,13 @@ class ProtectedDisk:
         self._state["resync_required"] = False
         self._state["resync_reason"] = None
         self._state["overflowed"] = False
-        await asyncio.to_thread(self._save_state)
+        await asyncio.to_thread(self._save_state, dict(self._state))
+        if self.bitmap is not None:
+            # Marked again while that snapshot was saved (an overflow, an operator request),
+            # whose own state and bitmap were saved in the loop, perhaps before the snapshot
+            # replaced the file: the newer state must be the one on disk, with its bitmap.
+            self._save_state()
+            return
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / BITMAP_FILE).unlink()
         log.info("disk=%s event=resync_complete", self.disk_id)
