@@ -120,6 +120,7 @@ class ProtectedDisk:
         )
         self.bitmap: DirtyBitmap | None = None
         self._closed = False
+        self._closing = False  # close() began: new writes are refused, those in flight finish
         self._bitmap_lock = asyncio.Lock()
         self._pending_clears: list[tuple[int, int]] = []
         self._overflows = 0  # journal overflows since open (checkpoint_resync)
@@ -370,6 +371,8 @@ class ProtectedDisk:
     def _check(self, offset: int, length: int, *, writing: bool, limit: int = MAX_IO) -> None:
         if self._closed:
             raise DiskError(errno.ESHUTDOWN, f"{self.disk_id}: disk is closed")
+        if writing and self._closing:
+            raise DiskError(errno.ESHUTDOWN, f"{self.disk_id}: disk is closing")
         if writing and (self.read_only or self.scan_only or self.frozen):
             raise DiskError(errno.EROFS, f"{self.disk_id}: disk is read-only")
         if writing and self._image_commit.failed is not None:
@@ -787,9 +790,12 @@ class ProtectedDisk:
         await asyncio.to_thread(self._save_state)
 
     async def close(self) -> None:
-        """Flush everything and record a clean stop."""
+        """Refuse new writes, let those in flight finish, flush everything and record a
+        clean stop (the journal and the image are closed only once no writer uses them)."""
         if self._closed:
             return
+        self._closing = True
+        await self._writers_idle.wait()
         await self.flush()
         self._closed = True
         if self.bitmap is not None:
