@@ -16,9 +16,9 @@ from process_server.server import offline_status
 
 
 def test_the_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
-    with state_dir_held(tmp_path, "first"):
-        with pytest.raises(StateDirBusy, match=f"in use by first pid {os.getpid()}"):
-            hold_state_dir(tmp_path, "second")
+    busy = pytest.raises(StateDirBusy, match=f"in use by first pid {os.getpid()}")
+    with state_dir_held(tmp_path, "first"), busy:
+        hold_state_dir(tmp_path, "second")
     os.close(hold_state_dir(tmp_path, "second"))  # released with its descriptor
 
 
