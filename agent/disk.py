@@ -714,18 +714,25 @@ class ProtectedDisk:
             async with self._bitmap_lock:
                 await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
 
+    def _resync_level(self) -> bool:
+        """No overflow meanwhile, nothing pending, nothing more marked (finish_resync)."""
+        return (
+            not self.overflowed
+            and not self._pending_clears
+            and self.bitmap is not None
+            and self.bitmap.empty
+        )
+
     async def finish_resync(self) -> None:
         """Every region was verified or resent: the replica is level with the journal."""
         await self.checkpoint_resync()
-        if self.overflowed or self._pending_clears or self.bitmap is None or not self.bitmap.empty:
-            return  # a write overflowed the journal meanwhile, or more is marked: not level
+        if not self._resync_level():
+            return
         # A reference not yet held by the process server may still be read from the image
         # (again, after a reconnection) with bytes newer than a point taken from now on.
         while self.acked_seq < self.last_ref_seq:
             await asyncio.sleep(0.02)
-            if self.overflowed or self._pending_clears or self.bitmap is None:
-                return
-            if not self.bitmap.empty:
+            if not self._resync_level():
                 return
         self.bitmap = None
         self.unclean_regions = []

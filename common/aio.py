@@ -9,6 +9,11 @@ works the same with and without task groups; a cancellation is never lost
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def first_leaf(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
@@ -45,3 +50,21 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def to_thread_outliving_cancel(
+    func: Callable[..., T], *args: Any, on_abandoned: Callable[[T], None] | None = None
+) -> T:
+    """``asyncio.to_thread(func, *args)``, except that a cancelled caller returns (re-raising
+    the cancellation) only once the thread is done: a thread cannot be stopped, so what it
+    works on must not be closed or handed on under it. ``on_abandoned`` gets a result the
+    cancelled caller no longer takes (to close it, say)."""
+    work = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait({work})
+        if on_abandoned is not None and not work.cancelled() and work.exception() is None:
+            on_abandoned(work.result())
+        raise

@@ -420,7 +420,7 @@ class FailoverManager:
 
     async def _finish_commit(self, failover: Failover) -> None:
         disk = self.server.disks[failover.disk_id]
-        await disk.wait_group_written()  # fenced: once the group in flight is written, no more
+        await disk.wait_still()  # fenced: once the group in flight is written, no more
         if not failover.overlay.direct:  # what the rollback changes must travel back at failback
             rolled_back = [(s, e - s) for s, e, _ in failover.view.map.items()]
             await asyncio.to_thread(

@@ -27,6 +27,7 @@ from pathlib import Path
 import xxhash
 
 from agent.journal import Journal, decode_entry
+from common.aio import to_thread_outliving_cancel
 from common.durable import pwrite_all, zero_range
 from common.errors import DiskError, IntegrityError
 from common.segment_log import Cursor, RecordLocation
@@ -292,17 +293,12 @@ class OverlayDisk:
         """:meth:`merge_into` in a worker thread, with the export's reads and writes held
         for its length (those under way finish first)."""
         self._open_gate.clear()
-        work: asyncio.Future[None] | None = None
         try:
             while self._busy:
                 await self._quiet.wait()
-            work = asyncio.ensure_future(asyncio.to_thread(self.merge_into, replica_fd))
-            await asyncio.shield(work)
+            await to_thread_outliving_cancel(self.merge_into, replica_fd)
         finally:
-            if work is not None and not work.done():  # cancelled: the thread merges on
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({work})
-            self._open_gate.set()
+            self._open_gate.set()  # (cancelled: only once the thread is done merging)
 
     def merge_into(self, replica_fd: int) -> None:
         """Commit: write the point (the view's undo pieces) and then the overlay into the

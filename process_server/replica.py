@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.aio import to_thread_outliving_cancel
 from common.at_rest import Sealer
 from common.digests import chunk_digests
 from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
@@ -118,9 +119,6 @@ class ReplicaDisk:
         self.fenced: str | None = None  # why nothing more is applied (a failover owns the disk)
         self.apply_limit: int | None = None  # the applier stops at this seq while fenced
         self.on_written: Callable[[int, int], None] | None = None  # after each replica write
-        self._group_done = asyncio.Event()  # clear while a group is being written
-        self._group_done.set()
-        self._group_work: asyncio.Future[list[Batch]] | None = None  # its worker thread
         # Aligned extents into holes bypass the page cache (process_server/direct_write.py).
         self.direct = DirectWriter(self.replica_path, self.disk_id)
         self._boundaries: collections.deque[int] = collections.deque(maxlen=BOUNDARIES_KEPT)
@@ -271,12 +269,6 @@ class ReplicaDisk:
         try:
             await self._apply_forever()
         finally:
-            work = self._group_work
-            if work is not None and not work.done():
-                # A cancelled await leaves the worker thread writing: the replica (and the
-                # O_DIRECT buffer) must not be closed under it.
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({work})
             if self._durable_task is not None:
                 with contextlib.suppress(OSError, asyncio.CancelledError):
                     await asyncio.shield(self._durable_task)
@@ -297,17 +289,9 @@ class ReplicaDisk:
                 items = self._read_cached(cursor)
             if items:
                 async with self.undo_turn:  # no release rolls the undo log under the thread
-                    self._group_done.clear()
-                    work = self._group_work = asyncio.ensure_future(
-                        asyncio.to_thread(self._apply_records, items)
-                    )
-                    work.add_done_callback(lambda _: self._group_done.set())  # thread done
-                    try:
-                        batches = await asyncio.shield(work)
-                    finally:
-                        if not work.done():  # cancelled: the turn ends with the thread
-                            with contextlib.suppress(BaseException):
-                                await asyncio.wait({work})
+                    # Cancelled (a stop), the turn ends only with the thread: the replica and
+                    # the O_DIRECT buffer are not closed under it.
+                    batches = await to_thread_outliving_cancel(self._apply_records, items)
                     for batch in batches:
                         self.applied_bytes += batch.header.raw_bytes
                         self.newest_applied_write_ns = max(
@@ -342,11 +326,6 @@ class ReplicaDisk:
         self.fenced = reason
         self.apply_limit = limit
         self._cache_durable.set()
-
-    async def wait_group_written(self) -> None:
-        """Wait until no group of batches is being written (after :meth:`fence`, the replica
-        then stays still)."""
-        await self._group_done.wait()
 
     async def wait_still(self) -> None:
         """After :meth:`fence`: wait until the group in flight (if any) is written and
@@ -422,17 +401,10 @@ class ReplicaDisk:
     async def open_view_async(self, seq: int) -> PointView:
         """:meth:`open_view` in a worker thread, in the undo log's turn (no release deletes
         a segment it is reading). Raises ReplicaError, LookupError."""
-        async with self.undo_turn:
-            work = asyncio.ensure_future(asyncio.to_thread(self.open_view, seq))
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # The thread reads on: the turn ends with it, and its view is not kept.
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({work})
-                if work.done() and not work.cancelled() and work.exception() is None:
-                    self.close_view(work.result())
-                raise
+        async with self.undo_turn:  # cancelled: the turn ends with the thread, its view closed
+            return await to_thread_outliving_cancel(
+                self.open_view, seq, on_abandoned=self.close_view
+            )
 
     def _take_decoded(self, cursor: Cursor) -> list[tuple[bytes | memoryview, Batch | None]]:
         """The next durable batches, as far as they are held decoded in memory (up to
