@@ -29,7 +29,7 @@ from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
 from common.framed import FramedStream
 from common.rate_limit import cache_pressure_delay
-from common.state_lock import StateDirBusy, hold_state_dir
+from common.state_lock import StateDirBusy, hold_state_dir, state_dir_held
 from common.tls import peer_identity, server_context
 from process_server.catalog import Catalog
 from process_server.failback import FailbackError, FailbackManager
@@ -737,36 +737,24 @@ def offline_status(cfg: ServerConfig) -> dict[str, Any]:
     """Status from the state directory when the server does not answer. If a server still
     holds the directory (busy, or hung) nothing is opened: opening its logs would cut their
     tails under it."""
-    disks_dir = cfg.state_dir / "disks"
-    out: list[dict[str, Any]] = []
-    if not cfg.state_dir.is_dir():
-        return {
-            "role": "process-server",
-            "running": False,
-            "state_dir": str(cfg.state_dir),
-            "disks": out,
-        }
-    try:
-        lock = hold_state_dir(cfg.state_dir, "tidemark-ps status")
-    except StateDirBusy as exc:
-        return {
-            "role": "process-server",
-            "running": True,
-            "answering": False,
-            "error": f"{exc}, which does not answer on {cfg.admin_socket}",
-            "state_dir": str(cfg.state_dir),
-            "disks": out,
-        }
-    try:
-        out = _offline_disks(cfg, disks_dir)
-    finally:
-        os.close(lock)
-    return {
+    status: dict[str, Any] = {
         "role": "process-server",
         "running": False,
         "state_dir": str(cfg.state_dir),
-        "disks": out,
+        "disks": [],
     }
+    if not cfg.state_dir.is_dir():
+        return status
+    try:
+        with state_dir_held(cfg.state_dir, "tidemark-ps status"):
+            status["disks"] = _offline_disks(cfg, cfg.state_dir / "disks")
+    except StateDirBusy as exc:
+        status.update(
+            running=True,
+            answering=False,
+            error=f"{exc}, which does not answer on {cfg.admin_socket}",
+        )
+    return status
 
 
 def _offline_disks(cfg: ServerConfig, disks_dir: Path) -> list[dict[str, Any]]:
