@@ -33,6 +33,7 @@ CLOSE_TIMEOUT = 10.0  # seconds close() waits for in-flight disk calls before ca
 _STREAM_LIMIT = 1 << 20  # StreamReader buffer (reading pauses past twice this)
 _DISCARD_CHUNK = 1 << 16
 _SMALL_REPLY = 1 << 16  # reads up to this size are sent as one joined buffer
+_PAYLOAD_PIECE = 1 << 20  # larger write payloads are read in pieces of this size
 _UNIX_PATH_MAX = 107
 
 
@@ -49,6 +50,20 @@ class Endpoint:
         if self.kind == "unix":
             return f"unix:{self.path}"
         return f"tcp:{_bracket(self.host)}:{self.port}"
+
+
+async def _read_payload(reader: asyncio.StreamReader, length: int) -> bytes:
+    """A write's payload. A large one is read in pieces and joined: ``readexactly`` of the
+    whole would first grow the stream's buffer to ``length`` and then copy it out, holding
+    twice the payload for a moment (QD128 of 32 MiB writes measured that in peak RSS)."""
+    if length <= _PAYLOAD_PIECE:
+        return await reader.readexactly(length)
+    pieces = []
+    while length > 0:
+        piece = await reader.readexactly(min(length, _PAYLOAD_PIECE))
+        pieces.append(piece)
+        length -= len(piece)
+    return b"".join(pieces)
 
 
 def _bracket(host: str) -> str:
@@ -335,7 +350,7 @@ class _Connection:
             payload = b""
             if command == nbd.CMD_WRITE:
                 try:
-                    payload = await reader.readexactly(req.length)
+                    payload = await _read_payload(reader, req.length)
                 except BaseException:
                     budget.release(cost)
                     raise

@@ -343,9 +343,15 @@ class PySpy:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for label, pid in pids.items():
             out = Path(out_dir) / f"{name}-{label}.txt"
-            # TIDEMARK_BENCH_PYSPY_IDLE=1: every thread, waiting included (where time goes),
-            # instead of the threads holding the GIL (where CPU goes).
-            mode = ["--idle"] if os.environ.get(PYSPY_ENV + "_IDLE") else ["--gil"]
+            # TIDEMARK_BENCH_PYSPY_IDLE=1: every thread, waiting included (where time goes);
+            # TIDEMARK_BENCH_PYSPY_NATIVE=1: every running thread with its C frames (where
+            # CPU goes, zstd and hashing included); default: the thread holding the GIL.
+            if os.environ.get(PYSPY_ENV + "_IDLE"):
+                mode = ["--idle"]
+            elif os.environ.get(PYSPY_ENV + "_NATIVE"):
+                mode = ["--native"]
+            else:
+                mode = ["--gil"]
             cmd = [exe, "record", *mode, "-f", "raw", "-r", "100", "-o", str(out)]
             self.procs.append(
                 subprocess.Popen(
