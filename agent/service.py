@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from types import TracebackType
 from typing import Any
@@ -28,6 +29,7 @@ from agent.shipper import Shipper, drained
 from common.admin import AdminServer
 from common.config import AgentConfig
 from common.errors import TidemarkError
+from common.state_lock import hold_state_dir
 from process_server.pki import load_bundle
 
 log = logging.getLogger("tidemark.agent")
@@ -58,6 +60,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._want_nbd = nbd
         self.started_ns = 0
+        self._lock_fd: int | None = None  # the state directory's lock (common/state_lock.py)
 
     async def start(self) -> None:
         """Open disks, start replication and exports. Raises TidemarkError, OSError."""
@@ -67,6 +70,8 @@ class Agent:
                 f"{self.cfg.path}: agent.name is {self.cfg.name!r} but {self.cfg.credentials} was issued to {creds.name!r}"
             )
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # One agent per state directory: a second one would append to the same journals.
+        self._lock_fd = hold_state_dir(self.cfg.state_dir, "tidemark-agent run")
         try:
             for dc in self.cfg.disks:
                 disk = await ProtectedDisk.open(
@@ -146,6 +151,9 @@ class Agent:
                 await disk.close()
             except TidemarkError as exc:
                 log.error("disk=%s event=close_failed error=%r", disk.disk_id, str(exc))
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # last: nothing of the state directory is open any more
+            self._lock_fd = None
         log.info("event=agent_stopped name=%s", self.cfg.name)
 
     async def __aenter__(self) -> Agent:

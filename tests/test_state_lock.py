@@ -61,3 +61,31 @@ def test_a_second_server_is_refused_and_offline_status_leaves_a_live_server_alon
         stopped = offline_status(cfg)
         assert stopped["running"] is False
         assert [row["disk"] for row in stopped["disks"]] == ["lk0"]
+
+
+def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path / "d")
+    dep.init_pki()
+    spec = dep.add_agent("lk02", {"lk2": 8 << 20})
+    with dep:
+        dep.start_ps()
+        dep.start_agent("lk02")
+        dep.wait_applied("lk2", 0)
+        journal = spec.state_dir / "disks" / "lk2"
+        before = _files(journal)
+        second = subprocess.run(
+            [PYTHON, "-m", "agent.cli", "run", "--config", str(spec.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=service_env(),
+        )
+        assert second.returncode != 0
+        assert f"{spec.state_dir} is in use by tidemark-agent run pid" in second.stderr, (
+            second.stderr
+        )
+        assert _files(journal) == before, "the second agent touched the first one's files"
+        assert dep.agent_status("lk02")["disks"], "the first agent must still answer"
+        dep.stop_agent("lk02")
+        restarted = dep.start_agent("lk02")  # the lock went with the first agent
+        assert restarted.poll() is None
