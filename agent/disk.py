@@ -401,7 +401,7 @@ class ProtectedDisk:
                     errno.EDQUOT,
                 )  # a writer must tell full from broken
                 raise DiskError(
-                    exc.errno if full else errno.EIO,
+                    exc.errno if full and exc.errno else errno.EIO,
                     f"{self.disk_id}: activity log write failed: {exc}",
                 ) from exc
 

@@ -22,8 +22,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import zstandard
 
@@ -111,7 +112,7 @@ class Shipper:
             disk.state_listener = self._state_changed
         self.linked: set[str] = set()  # disks replicating on the current connection
         self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
-        self.on_control: Callable[[int, ControlBody], Awaitable[None]] | None = None
+        self.on_control: Callable[[int, ControlBody], Coroutine[Any, Any, None]] | None = None
         self._failures = 0  # consecutive failed connections or sessions
         self._repeats = 0  # failures of the logged error not logged since its last line
         self._logged_error: str | None = None  # the error of the last link-down line

@@ -116,7 +116,7 @@ class Deployment:
 
     def write_ps_config(self, **options: Any) -> None:
         self.ps_options.update(options)
-        values = {
+        values: dict[str, Any] = {
             "listen": f"127.0.0.1:{self.port}",
             "state_dir": str(self.ps_state),
             "pki_dir": str(self.pki),

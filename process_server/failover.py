@@ -271,7 +271,7 @@ class FailoverManager:
     async def _activate(self, item: _Prepared) -> dict[str, Any]:
         """Bring up the export of a prepared failover and save its record."""
         disk, point = item.disk, item.point
-        record = {
+        record: dict[str, Any] = {
             "id": new_point_id("failover"),
             "disk": disk.disk_id,
             "state": "active",

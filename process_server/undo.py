@@ -14,9 +14,9 @@ is recorded as a *cut*: history before it can no longer be rebuilt and ``valid_f
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from common.at_rest import Sealer
 from common.digests import data_ranges, in_hole, is_zero
@@ -173,14 +173,10 @@ class UndoLog:
                     plain = self.log.unseal(loc, os.pread(fd, loc.size, loc.payload_offset))
                     base, size = 0, len(plain)
 
-                    def read(offset: int, length: int, plain: Any = plain) -> bytes:
-                        return bytes(plain[offset : offset + length])
+                    read = _plain_reader(plain)
                 else:
                     base, size = loc.payload_offset, loc.size
-
-                    def read(offset: int, length: int, fd: int = fd, base: int = base) -> bytes:
-                        return os.pread(fd, length, base + offset)
-
+                    read = _file_reader(fd, base)
                 _, rows, data_off = read_batch_table(read, size, UNDO_LIMITS)
                 pos = base + data_off
                 for offset, length, kind, digest in rows:
@@ -246,6 +242,16 @@ def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Exten
         if start < end:
             out.append(Extent(start, end - start, None))
     return _merge_zero(out)
+
+
+def _plain_reader(plain: bytes | bytearray | memoryview) -> Callable[[int, int], bytes]:
+    """``read(offset, length)`` of an opened (sealed) record's plaintext."""
+    return lambda offset, length: bytes(plain[offset : offset + length])
+
+
+def _file_reader(fd: int, base: int) -> Callable[[int, int], bytes]:
+    """``read(offset, length)`` of a plain record's payload, which starts at ``base``."""
+    return lambda offset, length: os.pread(fd, length, base + offset)
 
 
 def _merge_zero(extents: list[Extent]) -> list[Extent]:
