@@ -30,6 +30,19 @@ def _files(directory: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def _refused(module: str, command: str, config: Path, message: str) -> None:
+    """A second service started on a held state directory exits at once, saying why."""
+    second = subprocess.run(
+        [PYTHON, "-m", module, command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=service_env(),
+    )
+    assert second.returncode != 0
+    assert message in second.stderr, second.stderr
+
+
 def test_a_second_server_is_refused_and_offline_status_leaves_a_live_server_alone(
     tmp_path: Path,
 ) -> None:
@@ -42,15 +55,12 @@ def test_a_second_server_is_refused_and_offline_status_leaves_a_live_server_alon
         dep.start_agent("lk01")
         dep.wait_applied("lk0", 0)
         dep.stop_agent("lk01")
-        second = subprocess.run(
-            [PYTHON, "-m", "process_server.cli", "serve", "--config", str(dep.ps_config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=service_env(),
+        _refused(
+            "process_server.cli",
+            "serve",
+            dep.ps_config,
+            f"{dep.ps_state} is in use by tidemark-ps serve pid",
         )
-        assert second.returncode != 0
-        assert f"{dep.ps_state} is in use by tidemark-ps serve pid" in second.stderr, second.stderr
         assert dep.ps_status()["disks"], "the first server must still answer"
         before = _files(dep.ps_state / "disks")
         status = offline_status(cfg)  # as when the admin socket does not answer in time
@@ -73,16 +83,8 @@ def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path: Path) -
         dep.wait_applied("lk2", 0)
         journal = spec.state_dir / "disks" / "lk2"
         before = _files(journal)
-        second = subprocess.run(
-            [PYTHON, "-m", "agent.cli", "run", "--config", str(spec.config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=service_env(),
-        )
-        assert second.returncode != 0
-        assert f"{spec.state_dir} is in use by tidemark-agent run pid" in second.stderr, (
-            second.stderr
+        _refused(
+            "agent.cli", "run", spec.config, f"{spec.state_dir} is in use by tidemark-agent run pid"
         )
         assert _files(journal) == before, "the second agent touched the first one's files"
         assert dep.agent_status("lk02")["disks"], "the first agent must still answer"
