@@ -208,8 +208,11 @@ def find_bdsync() -> str | None:
     return None
 
 
+TOOLS = ("nbdkit", "nbdcopy", "rsync", "cmp", "cp")
+
+
 def missing_tools() -> list[str]:
-    return [t for t in ("nbdkit", "nbdcopy", "rsync", "cmp", "cp") if shutil.which(t) is None]
+    return [t for t in TOOLS if shutil.which(t) is None]
 
 
 def parse_rsync_stats(text: str) -> dict[str, int]:

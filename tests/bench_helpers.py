@@ -1,12 +1,27 @@
-"""Shared checks of the benchmark smoke tests: finding a figure, and nothing left behind."""
+"""Shared checks of the tests that run real tools and benchmarks: the tools are there (a
+missing one skips, but fails under CI), finding a figure, and nothing left behind."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
+
+
+def require_tools(*tools: str) -> None:
+    """Skip the test when a tool is missing; with ``CI`` set, fail it instead (CI installs
+    every tool the tests use, so a missing one is a broken set-up, not a reason to skip)."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {', '.join(missing)} is not installed")
+    pytest.skip(f"{', '.join(missing)} not installed")
 
 
 def figure_named(result: dict[str, Any], name: str) -> dict[str, Any]:

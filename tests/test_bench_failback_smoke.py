@@ -29,7 +29,7 @@ from benchmarks.failback import (
     make_plan,
 )
 from benchmarks.metrics import GIB, MIB
-from tests.bench_helpers import assert_nothing_left, figure_named, figure_prefixed
+from tests.bench_helpers import assert_nothing_left, figure_named, figure_prefixed, require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,11 +87,7 @@ def test_delta_parsed_from_the_process_server_log(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_quick_run_reports_failback_and_cleans_up(tmp_path: Path) -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {missing} are not installed")
-        pytest.skip(f"not installed: {missing}")
+    require_tools(*TOOLS)
     private_tmp = Path(tempfile.mkdtemp(prefix="tmf-smoke-", dir="/tmp"))
     try:
         _run_quick(tmp_path, private_tmp)

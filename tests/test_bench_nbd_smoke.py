@@ -17,19 +17,10 @@ import pytest
 
 from benchmarks.cli import SCENARIOS, build_parser
 from benchmarks.nbd_front import TARGETS, TOOLS, WORKLOADS, parse_fio
-from tests.bench_helpers import assert_nothing_left
+from tests.bench_helpers import assert_nothing_left, require_tools
 from tests.bench_helpers import figure_named as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def require_tools() -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if not missing:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set but {', '.join(missing)} is not installed")
-    pytest.skip(f"{', '.join(missing)} not installed")
 
 
 def test_registered_and_parses() -> None:
@@ -64,7 +55,7 @@ def test_parse_fio_skips_the_banner() -> None:
 
 @pytest.mark.timeout(320)
 def test_quick_run_reports_figures_and_cleans_up(tmp_path: Path) -> None:
-    require_tools()
+    require_tools(*TOOLS)
     private_tmp = Path(tempfile.mkdtemp(prefix="tmn-smoke-", dir="/tmp"))
     try:
         _run_quick(tmp_path, private_tmp)

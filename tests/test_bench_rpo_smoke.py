@@ -26,7 +26,7 @@ from benchmarks.rpo import (
     sentinel_block,
     throughput_from_json,
 )
-from tests.bench_helpers import assert_nothing_left
+from tests.bench_helpers import assert_nothing_left, require_tools
 from tests.bench_helpers import figure_named as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,10 +83,7 @@ def test_throughput_from_nbd_json(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_quick_run_reports_rpo_and_cleans_up(tmp_path: Path) -> None:
-    if shutil.which("fio") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but fio is not installed")
-        pytest.skip("fio not installed")
+    require_tools("fio")
     private_tmp = Path(tempfile.mkdtemp(prefix="tmr-smoke-", dir="/tmp"))
     try:
         _run_quick(tmp_path, private_tmp)

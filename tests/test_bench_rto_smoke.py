@@ -19,7 +19,7 @@ import pytest
 from benchmarks.cli import SCENARIOS, build_parser
 from benchmarks.metrics import GIB, MIB
 from benchmarks.rto import MODES, QUICK_REPL_BYTES, DiskPlan, failover_args, summarize_failovers
-from tests.bench_helpers import assert_nothing_left, figure_prefixed
+from tests.bench_helpers import assert_nothing_left, figure_prefixed, require_tools
 from tests.bench_helpers import figure_named as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +65,7 @@ def test_summary_keeps_worst_and_median() -> None:
 
 @pytest.mark.timeout(150)
 def test_quick_run_reports_rto_and_cleans_up(tmp_path: Path) -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {missing} are not installed")
-        pytest.skip(f"not installed: {missing}")
+    require_tools(*TOOLS)
     private_tmp = Path(tempfile.mkdtemp(prefix="tmo-smoke-", dir="/tmp"))
     try:
         _run_quick(tmp_path, private_tmp)

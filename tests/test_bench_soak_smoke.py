@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.cli import SCENARIOS, build_parser
-from tests.bench_helpers import assert_nothing_left, figure_named
+from tests.bench_helpers import assert_nothing_left, figure_named, require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("qemu-io", "nbdcopy")
@@ -35,11 +35,7 @@ def test_registered_and_parses_durations() -> None:
 
 @pytest.mark.timeout(150)
 def test_short_soak_finds_no_divergence(tmp_path: Path) -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {missing} are not installed")
-        pytest.skip(f"not installed: {missing}")
+    require_tools(*TOOLS)
     private_tmp = Path(tempfile.mkdtemp(prefix="tms-smoke-", dir="/tmp"))
     try:
         _run(tmp_path, private_tmp)

@@ -20,10 +20,10 @@ from benchmarks.cli import SCENARIOS, build_parser
 from benchmarks.sync import (
     NOT_AVAILABLE,
     QUICK_SIZE,
-    missing_tools,
+    TOOLS,
     parse_rsync_stats,
 )
-from tests.bench_helpers import assert_nothing_left
+from tests.bench_helpers import assert_nothing_left, require_tools
 from tests.bench_helpers import figure_prefixed as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,10 +62,7 @@ def test_parse_rsync_stats() -> None:
 
 @pytest.mark.timeout(150)
 def test_quick_run_reports_figures_and_cleans_up(tmp_path: Path) -> None:
-    if missing := missing_tools():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {', '.join(missing)} is not installed")
-        pytest.skip(f"{', '.join(missing)} not installed")
+    require_tools(*TOOLS)
     private_tmp = Path(tempfile.mkdtemp(prefix="tms-smoke-", dir="/tmp"))
     try:
         _run_quick(tmp_path, private_tmp)

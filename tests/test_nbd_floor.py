@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench_helpers import require_tools
+
 
 @pytest.mark.parametrize("mode", ["once", "twice", "twice-threads"])
 def test_floor_server_stores_what_nbdcopy_sends(tmp_path: Path, mode: str) -> None:
-    if shutil.which("nbdcopy") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but nbdcopy is not installed")
-        pytest.skip("nbdcopy not installed")
+    require_tools("nbdcopy")
     source, image, sock = tmp_path / "src", tmp_path / "img", tmp_path / "s.sock"
     source.write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(12345))
     with open(image, "wb") as f:

@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,20 +16,12 @@ import pytest
 
 from agent.disk import ProtectedDisk
 from agent.nbd_server import NbdExport
+from tests.bench_helpers import require_tools
 
 pytestmark = pytest.mark.interop
 
 SIZE = 32 << 20
 DISK_ID = "disk-1"
-
-
-def require(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if not missing:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set but {', '.join(missing)} is not installed")
-    pytest.skip(f"{', '.join(missing)} not installed")
 
 
 async def run(*cmd: str, timeout: float = 30, check: bool = True) -> str:
@@ -88,7 +79,7 @@ def source(tmp_path: Path) -> Path:
 
 
 async def test_qemu_img_convert_and_compare(export: NbdExport, image: Path, source: Path) -> None:
-    require("qemu-img")
+    require_tools("qemu-img")
     # Pre-dirty the image so the zero runs really have to be written as zeroes.
     await run("qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {SIZE}", export.address)
     await run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), export.address)
@@ -98,7 +89,7 @@ async def test_qemu_img_convert_and_compare(export: NbdExport, image: Path, sour
 
 
 async def test_qemu_io_mixed_operations(export: NbdExport, image: Path) -> None:
-    require("qemu-io")
+    require_tools("qemu-io")
     ops = [
         ("write -P 0xab 0 64k", [(0, 65536, 0xAB)]),
         ("write -P 0x11 1000 3000", [(1000, 3000, 0x11)]),  # unaligned
@@ -138,7 +129,7 @@ async def test_qemu_io_mixed_operations(export: NbdExport, image: Path) -> None:
 
 
 async def test_qemu_io_failure_leaves_the_export_serving(export: NbdExport) -> None:
-    require("qemu-io")
+    require_tools("qemu-io")
     out = await run(
         "qemu-io", "-f", "raw", "-c", f"read {SIZE - 512} 1024", export.address, check=False
     )
@@ -149,7 +140,7 @@ async def test_qemu_io_failure_leaves_the_export_serving(export: NbdExport) -> N
 async def test_nbdcopy_in_and_out(
     export: NbdExport, image: Path, source: Path, tmp_path: Path
 ) -> None:
-    require("nbdcopy")
+    require_tools("nbdcopy")
     await run("nbdcopy", "--flush", str(source), export.address)
     assert sha(image) == sha(source)
     out = tmp_path / "out.img"
@@ -159,7 +150,7 @@ async def test_nbdcopy_in_and_out(
 
 
 async def test_nbdinfo_json(export: NbdExport) -> None:
-    require("nbdinfo")
+    require_tools("nbdinfo")
     info = json.loads(await run("nbdinfo", "--json", export.address))
     (e,) = info["exports"]
     assert e["export-size"] == SIZE
@@ -177,7 +168,7 @@ async def test_nbdinfo_json(export: NbdExport) -> None:
 
 
 async def test_nbdinfo_read_only_over_tcp(disk: ProtectedDisk) -> None:
-    require("nbdinfo")
+    require_tools("nbdinfo")
     disk.read_only = True
     async with NbdExport(disk, "tcp:127.0.0.1:0") as export:
         (e,) = json.loads(await run("nbdinfo", "--json", export.address))["exports"]
@@ -188,7 +179,7 @@ async def test_nbdinfo_read_only_over_tcp(disk: ProtectedDisk) -> None:
 
 
 async def test_fio_randwrite_verify(export: NbdExport, image: Path) -> None:
-    require("fio")
+    require_tools("fio")
     job = [
         "--name=nbd",
         "--rw=randwrite",
@@ -215,7 +206,7 @@ async def test_fio_randwrite_verify(export: NbdExport, image: Path) -> None:
 
 
 async def test_qemu_img_over_tcp(disk: ProtectedDisk, image: Path, source: Path) -> None:
-    require("qemu-img")
+    require_tools("qemu-img")
     async with NbdExport(disk, "tcp:127.0.0.1:0") as export:
         await run(
             "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), export.address
