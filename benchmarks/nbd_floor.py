@@ -23,16 +23,14 @@ import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from protocol import nbd
+
 SIZE = 4 << 30
 JOURNAL_BYTES = 256 << 20
 _REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
 _OPTION_REPLY = struct.Struct(">QIII")
-_REPLY_MAGIC = 0x3E889045565A9
-_NBD_MAGIC, _IHAVEOPT = 0x4E42444D41474943, 0x49484156454F5054
-_OPT_GO, _REP_ACK, _REP_INFO, _REP_ERR_UNSUP = 7, 1, 3, (1 << 31) | 1
-_CMD_WRITE, _CMD_DISC = 1, 2
-_FLAGS = 1 | 4 | 8  # HAS_FLAGS | SEND_FLUSH | SEND_FUA (flushes are answered, not done)
+# flushes are answered, not done
+_FLAGS = nbd.FLAG_HAS_FLAGS | nbd.FLAG_SEND_FLUSH | nbd.FLAG_SEND_FUA
 
 
 class FloorServer:
@@ -43,7 +41,7 @@ class FloorServer:
         self.image = os.open(image, os.O_RDWR)
         self.journal = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
         self.journal_pos = 0
-        self.pool = ThreadPoolExecutor(2)
+        self.pool = ThreadPoolExecutor(2) if mode == "twice-threads" else None
         if mode != "once":
             block = bytes(1 << 20)
             for pos in range(0, JOURNAL_BYTES, len(block)):
@@ -65,23 +63,27 @@ class FloorServer:
             os.pwrite(self.image, payload, offset)
         else:
             loop = asyncio.get_running_loop()
+            assert self.pool is not None
             await asyncio.gather(
                 loop.run_in_executor(self.pool, self.append, payload),
                 loop.run_in_executor(self.pool, os.pwrite, self.image, payload, offset),
             )
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(struct.pack(">QQH", _NBD_MAGIC, _IHAVEOPT, 3))
+        writer.write(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, 3))
         await reader.readexactly(4)  # client flags
         while True:
             _, option, length = struct.unpack(">QII", await reader.readexactly(16))
             await reader.readexactly(length)
-            if option == _OPT_GO:
+            if option == nbd.OPT_GO:
                 info = struct.pack(">HQH", 0, SIZE, _FLAGS)
-                writer.write(_OPTION_REPLY.pack(_REPLY_MAGIC, option, _REP_INFO, len(info)) + info)
-                writer.write(_OPTION_REPLY.pack(_REPLY_MAGIC, option, _REP_ACK, 0))
+                writer.write(
+                    _OPTION_REPLY.pack(nbd.OPTION_REPLY_MAGIC, option, nbd.REP_INFO, len(info))
+                    + info
+                )
+                writer.write(_OPTION_REPLY.pack(nbd.OPTION_REPLY_MAGIC, option, nbd.REP_ACK, 0))
                 break
-            writer.write(_OPTION_REPLY.pack(_REPLY_MAGIC, option, _REP_ERR_UNSUP, 0))
+            writer.write(_OPTION_REPLY.pack(nbd.OPTION_REPLY_MAGIC, option, nbd.REP_ERR_UNSUP, 0))
         while True:
             try:
                 _, _, command, handle, offset, length = _REQUEST.unpack(
@@ -89,12 +91,12 @@ class FloorServer:
                 )
             except asyncio.IncompleteReadError:
                 return
-            if command == _CMD_DISC:
+            if command == nbd.CMD_DISC:
                 writer.close()
                 return
-            if command == _CMD_WRITE:
+            if command == nbd.CMD_WRITE:
                 await self.write(await reader.readexactly(length), offset)
-            writer.write(_SIMPLE_REPLY.pack(0x67446698, 0, handle))
+            writer.write(nbd.simple_reply(handle))
             if writer.transport.get_write_buffer_size() > 1 << 20:
                 await writer.drain()
 
