@@ -245,13 +245,9 @@ class ProtectedDisk:
         if not clean and hot:
             # Writes may have been in flight in these extents (a host crash can leave the image
             # ahead of the journal): re-verify exactly them against the replica.
-            if disk.bitmap is None:
-                disk.bitmap = DirtyBitmap(size)
-                state["resync_required"] = True
-                state["resync_reason"] = "unclean-stop"
-            for offset, length in disk.activity_log.regions(hot):
-                disk.bitmap.mark(offset, length)
             disk.unclean_regions = disk.activity_log.regions(hot)
+            for offset, length in disk.unclean_regions:
+                disk._mark_for_resync(offset, length, "unclean-stop")
             log.warning("disk=%s event=unclean_stop reverify_extents=%d", disk_id, len(hot))
         redo_from = int(state.get("redo_from") or 0)
         if redo_from and journal.first_seq >= redo_from:

@@ -350,7 +350,10 @@ class _Connection:
             payload = b""
             if command == nbd.CMD_WRITE:
                 try:
-                    payload = await _read_payload(reader, req.length)
+                    if req.length <= _PAYLOAD_PIECE:  # the common case: no extra coroutine
+                        payload = await reader.readexactly(req.length)
+                    else:
+                        payload = await _read_payload(reader, req.length)
                 except BaseException:
                     budget.release(cost)
                     raise
