@@ -42,7 +42,7 @@ from common.digests import DigestTracker, chunk_digests, data_ranges, is_zero, v
 from common.durable import atomic_write_json, read_json
 from common.failpoints import failpoint
 from common.segment_log import Cursor
-from protocol.batch import DEFAULT_LIMITS, read_batch_table, validate_disk_id
+from protocol.batch import DEFAULT_LIMITS, read_batch_table_in, validate_disk_id
 from protocol.control import (
     FailbackDigests,
     FailbackDone,
@@ -497,12 +497,7 @@ def _fenced_extents(disk: Any) -> list[tuple[int, int]]:
         if not records:
             break
         for record in records:
-            payload = record.payload
-
-            def read(offset: int, length: int, payload: Any = payload) -> bytes:
-                return bytes(payload[offset : offset + length])
-
-            _, rows, _ = read_batch_table(read, len(payload), DEFAULT_LIMITS)
+            _, rows, _ = read_batch_table_in(record.payload, DEFAULT_LIMITS)
             out.extend((offset, length) for offset, length, _, _ in rows)
             seq = record.last_seq + 1
     return out

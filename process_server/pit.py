@@ -255,9 +255,8 @@ class OverlayDisk:
             raise DiskError(28, "write beyond the end of the disk")
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        self._check(offset, len(data))
         async with self._turn():
-            self._check(offset, len(data))  # (read-only may have been set meanwhile)
+            self._check(offset, len(data))  # in the turn: read-only may be set while it waits
             self.journal.append_write(offset, data, time.time_ns())
             pwrite_all(self._fd, data, offset)
             self._mark(offset, len(data))
@@ -267,7 +266,6 @@ class OverlayDisk:
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
     ) -> None:
-        self._check(offset, length)
         async with self._turn():
             self._check(offset, length)
             self.journal.append_zero(offset, length, time.time_ns(), may_trim=may_trim)

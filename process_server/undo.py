@@ -23,7 +23,15 @@ from common.digests import data_ranges, in_hole, is_zero
 from common.durable import atomic_write_json, read_json
 from common.failpoints import failpoint
 from common.segment_log import RecordLocation, SealingMismatch, SegmentLog
-from protocol.batch import CODEC_RAW, Batch, Extent, Limits, encode_batch, read_batch_table
+from protocol.batch import (
+    CODEC_RAW,
+    Batch,
+    Extent,
+    Limits,
+    encode_batch,
+    read_batch_table,
+    read_batch_table_in,
+)
 
 TAG_UNDO = 2
 TAG_CUT = 3
@@ -171,13 +179,13 @@ class UndoLog:
                     record = loc
                     # (GCM refuses a short read too)
                     plain = self.log.unseal(loc, os.pread(fd, loc.size, loc.payload_offset))
-                    base, size = 0, len(plain)
-
-                    read = _plain_reader(plain)
+                    base = 0
+                    _, rows, data_off = read_batch_table_in(plain, UNDO_LIMITS)
                 else:
-                    base, size = loc.payload_offset, loc.size
-                    read = _file_reader(fd, base)
-                _, rows, data_off = read_batch_table(read, size, UNDO_LIMITS)
+                    base = loc.payload_offset
+                    _, rows, data_off = read_batch_table(
+                        _file_reader(fd, base), loc.size, UNDO_LIMITS
+                    )
                 pos = base + data_off
                 for offset, length, kind, digest in rows:
                     if kind == 0:
@@ -242,11 +250,6 @@ def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Exten
         if start < end:
             out.append(Extent(start, end - start, None))
     return _merge_zero(out)
-
-
-def _plain_reader(plain: bytes | bytearray | memoryview) -> Callable[[int, int], bytes]:
-    """``read(offset, length)`` of an opened (sealed) record's plaintext."""
-    return lambda offset, length: bytes(plain[offset : offset + length])
 
 
 def _file_reader(fd: int, base: int) -> Callable[[int, int], bytes]:

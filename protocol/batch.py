@@ -319,6 +319,13 @@ def read_batch_table(
     return header, rows, data_off
 
 
+def read_batch_table_in(
+    data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+) -> tuple[BatchHeader, list[tuple[int, int, int, bytes]], int]:
+    """:func:`read_batch_table` of a stored batch already in memory (``data``, whole)."""
+    return read_batch_table(lambda o, n: bytes(data[o : o + n]), len(data), limits)
+
+
 def decode_batch(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Batch:
     """Fully decode and verify a batch (bounded decompression, XXH3-128 per data extent).
 
