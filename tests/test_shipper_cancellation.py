@@ -5,7 +5,8 @@
 # change), so the batch producer went on, blocked on its full queue (the sender was gone) and the
 # session never ended: no log line, no reconnection. Each test sets the event and cancels the
 # task in that window; the task must end cancelled.
-"""A shipper task cancelled just as its wake-up event fires still ends (the session can close)."""
+"""A shipper task cancelled just as its wake-up event fires still ends (the session can close);
+the producer's batching policy."""
 
 from __future__ import annotations
 
@@ -65,21 +66,38 @@ async def _cancel_as_it_wakes(task: asyncio.Task[None], event: asyncio.Event) ->
     assert task.cancelled()
 
 
-async def test_producer_cancelled_as_an_ack_arrives_ends(
+async def test_producer_cancelled_as_an_ack_arrives_ends(shipper: Shipper) -> None:
+    # The producer waits for an ACK: its window of unacknowledged batches is full.
+    disk = shipper.disks["d"]
+    for i in range(3):
+        await disk.write(i * 4096, bytes([i + 1]) * 4096)
+    link = _DiskLink(disk, next_seq=2)
+    for _ in range(shipper.cfg.window_batches):
+        link.inflight.append((1, 4096))
+    link.inflight_bytes = 4096
+    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
+    task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
+    await _cancel_as_it_wakes(task, link.acked)
+
+
+async def test_producer_waiting_to_grow_a_batch_is_cancelled(
     shipper: Shipper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The producer waits for an ACK (a batch in flight, few records waiting); a long delay keeps
-    # it there until the test sets the event.
+    # A batch went out a moment ago and a few records wait: the producer sleeps up to
+    # NAGLE_DELAY for more (a long one here), and a cancellation ends it there.
     monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 30.0)
     disk = shipper.disks["d"]
     for i in range(3):
         await disk.write(i * 4096, bytes([i + 1]) * 4096)
     link = _DiskLink(disk, next_seq=2)
-    link.inflight.append((1, 4096))
-    link.inflight_bytes = 4096
+    link.last_batch = asyncio.get_running_loop().time()
     queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
     task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
-    await _cancel_as_it_wakes(task, link.acked)
+    await asyncio.sleep(0.05)
+    assert queue.empty(), "the producer did not wait for the batch to grow"
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.cancelled()
 
 
 async def test_heartbeats_cancelled_as_the_disk_state_changes_end(shipper: Shipper) -> None:
@@ -102,3 +120,69 @@ async def test_wait_event() -> None:
     asyncio.get_running_loop().call_later(0.01, event.set)
     assert await wait_event(event, 5) is True
     assert await wait_event(event, 0) is True  # already set
+
+
+# The batching policy (agent/shipper.py, NAGLE_DELAY): one write after a quiet spell goes at
+# once; under load, records wait to grow into one batch; a full batch never waits.
+
+
+async def _next_batch(queue: asyncio.Queue[tuple[bytes, int, int]], timeout: float) -> int:
+    _, last, _ = await asyncio.wait_for(queue.get(), timeout)
+    return last
+
+
+async def test_a_write_after_a_quiet_spell_is_sent_at_once(
+    shipper: Shipper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 30.0)
+    disk = shipper.disks["d"]
+    await disk.write(0, b"\1" * 4096)
+    link = _DiskLink(disk, next_seq=1)  # no batch for a long time (last_batch: never)
+    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
+    task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
+    try:
+        assert await _next_batch(queue, 5) == 1
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_records_under_load_grow_into_one_batch(
+    shipper: Shipper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 0.3)
+    disk = shipper.disks["d"]
+    link = _DiskLink(disk, next_seq=1)
+    link.last_batch = asyncio.get_running_loop().time()  # a batch just went
+    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
+    task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
+    try:
+        for i in range(3):
+            await disk.write(i * 4096, bytes([i + 1]) * 4096)
+            await asyncio.sleep(0.02)
+        assert queue.empty(), "a batch left before the interval ended"
+        for i in range(3, 6):
+            await disk.write(i * 4096, bytes([i + 1]) * 4096)
+        assert await _next_batch(queue, 5) == 6  # all six writes in one batch
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_a_full_batch_does_not_wait(
+    shipper: Shipper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 30.0)
+    monkeypatch.setattr(shipper_module, "NAGLE_RECORDS", 4)
+    disk = shipper.disks["d"]
+    for i in range(5):
+        await disk.write(i * 4096, bytes([i + 1]) * 4096)
+    link = _DiskLink(disk, next_seq=1)
+    link.last_batch = asyncio.get_running_loop().time()
+    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
+    task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
+    try:
+        assert await _next_batch(queue, 5) == 5
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
