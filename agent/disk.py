@@ -419,6 +419,21 @@ class ProtectedDisk:
             await self.flush()
         return seq
 
+    def write_nowait(self, offset: int, data: bytes | memoryview) -> int | None:
+        """:meth:`write` (without FUA) when it needs no wait: journaled and written in this loop
+        step, returning the seq; or None when it would have to wait (a recovery point holds
+        the gate, or the activity log must persist an extent first), and the caller awaits
+        :meth:`write` instead. Raises DiskError as :meth:`write` does. The NBD front's path
+        for most writes: no coroutine, no writer count (nothing can happen between the gate
+        and the journal)."""
+        if not self._gate.is_set():
+            return None
+        self._check(offset, len(data), writing=True)
+        al = self.activity_log
+        if al is not None and not al.covers(offset, len(data)):
+            return None
+        return self._record(offset, len(data), data, may_trim=False)
+
     def _writer_enters(self) -> None:
         self._writers += 1
         self._writers_idle.clear()

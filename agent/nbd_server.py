@@ -119,6 +119,14 @@ class _Budget:
         self._bytes = 0
         self._room = asyncio.Event()
 
+    def try_acquire(self, cost: int) -> bool:
+        """``acquire`` when there is room now (no coroutine); False: await ``acquire``."""
+        if self._count >= self._max_count or (self._bytes and self._bytes + cost > self._max_bytes):
+            return False
+        self._count += 1
+        self._bytes += cost
+        return True
+
     async def acquire(self, cost: int) -> None:
         # One request alone always fits, so a max-size request cannot stall the connection.
         while self._count >= self._max_count or (
@@ -262,6 +270,7 @@ class _Connection:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_scheduled = False
+        self._high_water = self.transport.get_write_buffer_limits()[1]
 
     async def run(self) -> None:
         try:
@@ -346,7 +355,8 @@ class _Connection:
             if command == nbd.CMD_DISC:
                 return  # the TaskGroup finishes the outstanding requests, then we close
             cost = req.length if command <= nbd.CMD_WRITE else 0  # READ and WRITE carry data
-            await budget.acquire(cost)
+            if not budget.try_acquire(cost):
+                await budget.acquire(cost)
             payload = b""
             if command == nbd.CMD_WRITE:
                 try:
@@ -359,6 +369,10 @@ class _Connection:
                     raise
             if command == nbd.CMD_FLUSH or req.fua:
                 tasks.create_task(self._execute(req, payload, cost))  # waits for fdatasync
+            elif command == nbd.CMD_WRITE and self._write_now(req, payload):
+                budget.release(cost)  # done in this loop step: most writes
+                if self._replies_backlogged():
+                    await self._drain()
             else:
                 # Reads, writes, trims and zeroes complete without waiting for the disk (page
                 # cache), so they run inline: no task per request, and request order is kept.
@@ -407,13 +421,40 @@ class _Connection:
             self.budget.release(cost)
 
     async def _drain_if_full(self) -> None:
-        transport = self.transport
-        high = transport.get_write_buffer_limits()[1]
-        if self._out_bytes + transport.get_write_buffer_size() > high:
-            self._flush_out()  # queued replies count against the bound too
-            if transport.get_write_buffer_size() > high:
-                with contextlib.suppress(ConnectionError):
-                    await self.writer.drain()
+        if self._replies_backlogged():
+            await self._drain()
+
+    def _replies_backlogged(self) -> bool:
+        """Replies queued and unsent past the transport's high-water mark (a client that does
+        not read them): the request loop waits for them to drain before reading more."""
+        return self._out_bytes + self.transport.get_write_buffer_size() > self._high_water
+
+    async def _drain(self) -> None:
+        self._flush_out()  # queued replies count against the bound too
+        if self.transport.get_write_buffer_size() > self._high_water:
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+
+    def _write_now(self, req: nbd.Request, payload: bytes) -> bool:
+        """A plain WRITE done in this loop step, its reply (or errno) queued; False when the
+        disk must wait first (``disk.write_nowait``), and the caller awaits ``_execute``."""
+        try:
+            seq = self.disk.write_nowait(req.offset, payload)
+        except DiskError as exc:
+            self._write(
+                nbd.error_reply(
+                    req.command,
+                    req.handle,
+                    nbd.nbd_errno(exc.errno),
+                    structured=self.structured,
+                    message=str(exc),
+                )
+            )
+            return True
+        if seq is None:
+            return False
+        self._write(nbd.simple_reply(req.handle))
+        return True
 
     async def _perform(self, req: nbd.Request, payload: bytes) -> None:
         disk, command = self.disk, req.command

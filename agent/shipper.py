@@ -479,25 +479,68 @@ async def encode_entries(
     first, last = taken[0].seq, taken[-1].seq
 
     def build() -> tuple[bytes, int]:
-        coalescer = Coalescer()
-        for entry in taken:
-            if entry.ref:
-                if read_image is None:
-                    raise ValueError(f"journal record {entry.seq}: a reference with no image")
-                _add_image_bytes(coalescer, entry.offset, read_image(entry.offset, entry.length))
-            elif entry.data is not None:
-                coalescer.add_data(entry.offset, entry.data)  # type: ignore[arg-type]  # copies a memoryview
-            else:
-                coalescer.add_zero(entry.offset, entry.length)
-        extents = _split_long_zeroes(coalescer.extents())
+        disjoint = disjoint_extents(taken)
+        if disjoint is not None:
+            extents, raw = disjoint
+        else:
+            coalescer = Coalescer()
+            for entry in taken:
+                if entry.ref:
+                    if read_image is None:
+                        raise ValueError(f"journal record {entry.seq}: a reference with no image")
+                    data = read_image(entry.offset, entry.length)
+                    _add_image_bytes(coalescer, entry.offset, data)
+                elif entry.data is not None:
+                    coalescer.add_data(entry.offset, entry.data)  # type: ignore[arg-type]  # copies a memoryview
+                else:
+                    coalescer.add_zero(entry.offset, entry.length)
+            extents, raw = coalescer.extents(), coalescer.raw_bytes
+        extents = _split_long_zeroes(extents)
         codec = CODEC_ZSTD if level != 0 and _compressible(extents) else CODEC_RAW
         data = encode_batch(
             disk_id, first, last, extents, newest_write_ns=newest, codec=codec, level=level
         )
-        return data, coalescer.raw_bytes
+        return data, raw
 
     data, raw = await asyncio.to_thread(build) if size > INLINE_ENCODE_BYTES else build()
     return data, last, raw
+
+
+def _offset_of(entry: JournalEntry) -> int:
+    return entry.offset
+
+
+def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | None:
+    """The batch's extents and data bytes when no two entries overlap and none is a reference
+    (random writes: the common case), else None (the Coalescer decides which write wins).
+    Sorted by offset, adjacent data (or zero) entries merged: what ``Coalescer.extents()``
+    gives for the same entries, at a fraction of its cost per record."""
+    runs: list[tuple[int, int, list[bytes | memoryview] | None]] = []
+    end = -1
+    raw = 0
+    for entry in sorted(entries, key=_offset_of):
+        offset, length, data = entry.offset, entry.length, entry.data
+        if entry.ref or offset < end or length <= 0:
+            return None
+        if runs and offset == end and (data is None) == (runs[-1][2] is None):
+            start, _, pieces = runs[-1]
+            if pieces is not None and data is not None:
+                pieces.append(data)
+            runs[-1] = (start, offset + length, pieces)
+        else:
+            runs.append((offset, offset + length, None if data is None else [data]))
+        end = offset + length
+        if data is not None:
+            raw += length
+    extents = []
+    for start, stop, pieces in runs:
+        if pieces is None:
+            extents.append(Extent(start, stop - start, None))
+        elif len(pieces) == 1 and isinstance(pieces[0], bytes):
+            extents.append(Extent(start, stop - start, pieces[0]))
+        else:
+            extents.append(Extent(start, stop - start, b"".join(pieces)))
+    return extents, raw
 
 
 _ZERO_BLOCK = bytes(4 << 10)
@@ -573,4 +616,4 @@ async def drained(disks: dict[str, ProtectedDisk], timeout: float) -> bool:
     return False
 
 
-__all__ = ["Shipper", "drained", "encode_entries"]
+__all__ = ["Shipper", "disjoint_extents", "drained", "encode_entries"]

@@ -147,6 +147,8 @@ class SegmentLog:
         self._sync_task: asyncio.Future[None] | None = None
         self._failed: OSError | None = None
         self.truncated_bytes = 0
+        self._sealed_key: tuple[int, int, int] | None = None
+        self._sealed_bytes = 0
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -255,7 +257,16 @@ class SegmentLog:
 
     @property
     def bytes_used(self) -> int:
-        return sum(s.size for s in self._segments)
+        """Bytes of every segment file (asked for on every write: only the last segment
+        grows, so the sum of the others is kept until the list of segments changes)."""
+        segments = self._segments
+        if not segments:
+            return 0
+        key = (len(segments), id(segments[0]), id(segments[-1]))  # both alive: ids are unique
+        if self._sealed_key != key:
+            self._sealed_key = key
+            self._sealed_bytes = sum(s.size for s in segments[:-1])
+        return self._sealed_bytes + segments[-1].size
 
     @property
     def dirty(self) -> bool:

@@ -91,6 +91,36 @@ async def test_range_and_mode_errors_carry_nbd_errnos(tmp_path: Path) -> None:
     await disk.close()
 
 
+async def test_write_nowait_writes_now_or_declines_when_it_would_wait(tmp_path: Path) -> None:
+    """The NBD front's path: journaled and written in the same loop step when nothing has to
+    be waited for; None (nothing journaled, nothing written) while a point holds the gate
+    or before the activity log has persisted the extent; the errors of ``write``."""
+    image = _image(tmp_path)
+    disk = await _open(tmp_path)
+    assert disk.write_nowait(0, b"\1" * 4096) is None  # extent 0 not yet in the activity log
+    assert disk.journaled_seq == 0
+    await disk.write(0, b"\2" * 4096)  # activates extent 0 (persisted first)
+    assert disk.write_nowait(8192, b"\3" * 4096) == 2
+    with open(image, "rb") as f:
+        assert f.read(12288) == b"\2" * 4096 + bytes(4096) + b"\3" * 4096
+    held = await disk.hold()
+    assert held == 2
+    assert disk.write_nowait(4096, b"\4" * 4096) is None, "a point holds the gate"
+    disk.release()
+    assert disk.write_nowait(4096, b"\4" * 4096) == 3
+    with pytest.raises(DiskError) as e:
+        disk.write_nowait(SIZE - 1, b"ab")
+    assert e.value.errno == errno.ENOSPC
+    disk.read_only = True
+    with pytest.raises(DiskError) as e:
+        disk.write_nowait(0, b"x")
+    assert e.value.errno == errno.EROFS
+    assert disk.journaled_seq == 3
+    entries = disk.journal.read(1, 1 << 20)
+    assert [(e.seq, e.offset) for e in entries] == [(1, 0), (2, 8192), (3, 4096)]
+    await disk.close()
+
+
 async def test_trim_punches_holes(tmp_path: Path) -> None:
     image = _image(tmp_path, 8 << 20)
     disk = await ProtectedDisk.open("d0", image, tmp_path / "state")

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.journal import JournalEntry
-from agent.shipper import encode_entries
-from protocol.batch import decode_batch
+from agent.shipper import disjoint_extents, encode_entries
+from protocol.batch import Coalescer, decode_batch
 
 SIZE = 256 << 10
 BLOCK = 4 << 10
@@ -105,3 +105,57 @@ def test_references_count_toward_the_batch_size() -> None:
     )
     assert last == 3 and raw == 3 << 20
     assert sum(e.length for e in decode_batch(data).extents) == 3 << 20
+
+
+writes_and_zeroes = st.lists(
+    st.tuples(
+        st.booleans(),  # a write (else a zero extent)
+        st.integers(0, 63),  # block
+        st.integers(1, 3),  # blocks
+        st.booleans(),  # the write's data as a memoryview (a record read back from the file)
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+@given(ops=writes_and_zeroes)
+@settings(max_examples=300, deadline=None)
+def test_disjoint_records_skip_the_coalescer_with_the_same_extents(ops: list) -> None:
+    """The shipper's fast path for records that do not overlap gives exactly the Coalescer's
+    extents and data bytes; for records that overlap it declines (the Coalescer decides)."""
+    journal: list[JournalEntry] = []
+    coalescer = Coalescer()
+    covered: set[int] = set()
+    overlap = False
+    for seq, (write, block, count, as_view) in enumerate(ops, start=1):
+        offset, length = block * BLOCK, count * BLOCK
+        blocks = set(range(block, block + count))
+        overlap |= bool(covered & blocks)
+        covered |= blocks
+        if write:
+            data = bytes([seq]) * length
+            journal.append(
+                JournalEntry(seq, offset, length, seq, memoryview(data) if as_view else data)
+            )
+            coalescer.add_data(offset, data)
+        else:
+            journal.append(JournalEntry(seq, offset, length, seq, None))
+            coalescer.add_zero(offset, length)
+    fast = disjoint_extents(journal)
+    if overlap:
+        assert fast is None
+        return
+    assert fast is not None
+    extents, raw = fast
+    assert extents == coalescer.extents()
+    assert raw == coalescer.raw_bytes
+    assert all(e.data is None or type(e.data) is bytes for e in extents)
+
+
+def test_a_reference_never_takes_the_fast_path() -> None:
+    journal = [
+        JournalEntry(1, 0, BLOCK, 1, b"\1" * BLOCK),
+        JournalEntry(2, 8 * BLOCK, BLOCK, 2, None, ref=True),
+    ]
+    assert disjoint_extents(journal) is None
