@@ -18,7 +18,9 @@ Workloads (``fio --time_based --runtime=N --size=IMAGE --output-format=json``):
 - ``32m-write-qd128`` (agent only, 3 s): the agent's peak RSS must stay bounded (its NBD
   export holds at most 64 MiB of payload in flight per connection).
 
-After each agent job the harness waits until the process server applied everything the
+The jobs start once every disk finished its initial sync (a protected disk's steady state;
+a job racing the sync would measure the sync hashing what the job writes). After each agent
+job the harness waits until the process server applied everything the
 agent journaled (so replication does not compete with the next target), then syncs;
 after all jobs every replica is compared with its source (a difference makes the run
 FAILED, as does a fio error against the agent or a journal overflow).
@@ -268,6 +270,23 @@ def wait_applied(dep: Deployment, disk_id: str, timeout: float) -> dict[str, Any
         time.sleep(0.05)
 
 
+def wait_protected(dep: Deployment, disk_ids: list[str], timeout: float) -> float:
+    """Wait until every disk finished its initial sync and replicates (the state a protected
+    disk lives in; a job started earlier would race the sync hashing what it writes).
+    Returns the seconds waited."""
+    agent_sock = dep.agents[AGENT].state_dir / "admin.sock"
+    start = time.monotonic()
+    while True:
+        status = _admin(agent_sock)
+        rows = [_row(status, d) for d in disk_ids]
+        if all(r.get("state") == "replicating" and not r.get("resync_reason") for r in rows):
+            return round(time.monotonic() - start, 2)
+        if time.monotonic() - start > timeout:
+            states = {r.get("disk"): r.get("state") for r in rows}
+            raise TimeoutError(f"disks not replicating within {timeout:.0f}s: {states}")
+        time.sleep(0.1)
+
+
 def _reset_hwm(pid: int) -> bool:
     """Reset the kernel's peak-RSS mark (``VmHWM``) so it covers only what follows."""
     try:
@@ -387,6 +406,8 @@ def run(params: Params) -> ScenarioResult:
             pids["ps"] = dep.start_ps().pid
             agent_pid = dep.start_agent(AGENT).pid
             pids["agent"] = agent_pid
+            phase("initial sync of every disk")
+            details["initial_sync_seconds"] = wait_protected(dep, disk_ids, 300)
             details["commands"] = {
                 "ps": shlex.join(
                     [PYTHON, "-m", "process_server.cli", "serve", "--config", "ps.toml"]
