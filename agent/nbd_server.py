@@ -1,4 +1,4 @@
-"""The agent's NBD export: serves one ProtectedDisk to real NBD clients (qemu, nbdcopy, fio).
+"""The agent's NBD export: serves one disk to real NBD clients (qemu, nbdcopy, fio).
 
 A thin asyncio shell over ``protocol.nbd``: the protocol module decides everything about bytes;
 this module reads exactly what it is told to read, calls the disk and writes replies. The rule
@@ -18,13 +18,10 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from common.errors import DiskError
 from protocol import nbd
-
-if TYPE_CHECKING:
-    from agent.disk import ProtectedDisk
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +104,30 @@ def parse_endpoint(spec: str) -> Endpoint:
     return Endpoint("tcp", host=host or "127.0.0.1", port=int(port_text))
 
 
+class ExportedDisk(Protocol):
+    """What an export needs of its disk: the agent's ProtectedDisk, and the process server's
+    failover overlay (process_server/pit.py). Methods raise DiskError with an errno."""
+
+    disk_id: str
+    size: int
+    read_only: bool
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> object: ...
+
+    def write_nowait(self, offset: int, data: bytes) -> object | None:
+        """A plain write done now (not None), or None: the caller awaits ``write``."""
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
+    ) -> object: ...
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> object: ...
+
+    async def flush(self) -> None: ...
+
+
 class _Budget:
     """In-flight requests and payload bytes of one connection; only the reader waits on it."""
 
@@ -154,7 +175,7 @@ class NbdExport:
 
     def __init__(
         self,
-        disk: ProtectedDisk,
+        disk: ExportedDisk,
         endpoint: str,
         *,
         max_payload: int = nbd.MAX_PAYLOAD,

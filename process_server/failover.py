@@ -327,7 +327,7 @@ class FailoverManager:
         )
         failover = Failover(disk.disk_id, record, view, overlay)
         try:
-            export = NbdExport(overlay, record["nbd"])  # type: ignore[arg-type]
+            export = NbdExport(overlay, record["nbd"])
             await export.start()
         except BaseException:
             overlay.close()

@@ -263,6 +263,11 @@ class OverlayDisk:
         if fua:
             await self.flush()
 
+    def write_nowait(self, offset: int, data: bytes) -> None:
+        """The NBD export's synchronous write path (agent/nbd_server.py): not taken here, every
+        write goes through :meth:`write` and its turn (a merge may hold the gate)."""
+        return None
+
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
     ) -> None:
