@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import bisect
 import contextlib
 import errno
 import logging
@@ -56,14 +57,25 @@ class _PendingWrites:
         self.seqs = array.array("q")
         self.sizes = array.array("q")
         self.times = array.array("q")
+        self.totals = array.array("q")  # bytes added up to and including each write
         self.start = 0
         self.bytes = 0
+        self.total = 0
 
     def add(self, seq: int, size: int, time_ns: int) -> None:
         self.seqs.append(seq)
         self.sizes.append(size)
         self.times.append(time_ns)
         self.bytes += size
+        self.total += size
+        self.totals.append(self.total)
+
+    def bytes_from(self, seq: int) -> int:
+        """Bytes of the pending writes from ``seq`` on."""
+        i = bisect.bisect_left(self.seqs, seq, self.start)
+        if i >= len(self.seqs):
+            return 0
+        return self.total - (self.totals[i] - self.sizes[i])
 
     def ack_through(self, seq: int) -> None:
         while self.start < len(self.seqs) and self.seqs[self.start] <= seq:
@@ -73,6 +85,7 @@ class _PendingWrites:
             del self.seqs[: self.start]
             del self.sizes[: self.start]
             del self.times[: self.start]
+            del self.totals[: self.start]
             self.start = 0
 
     @property
@@ -335,6 +348,11 @@ class ProtectedDisk:
     def pending_bytes(self) -> int:
         return self._pending.bytes
 
+    def pending_bytes_from(self, seq: int) -> int:
+        """Bytes of the writes not yet acknowledged from ``seq`` on (data and references at
+        their length, zero extents nothing): what the shipper has yet to send past ``seq``."""
+        return self._pending.bytes_from(seq)
+
     @property
     def oldest_pending_ns(self) -> int:
         return self._pending.oldest_ns
@@ -406,7 +424,7 @@ class ProtectedDisk:
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> int:
         self._check(offset, len(data), writing=True)
-        if not self._gate.is_set():
+        while not self._gate.is_set():  # a new hold may close it again before we run
             await self._gate.wait()
             self._check(offset, len(data), writing=True)
         self._writer_enters()
@@ -476,7 +494,7 @@ class ProtectedDisk:
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
     ) -> int:
         self._check(offset, length, writing=True, limit=MAX_ZERO)
-        if not self._gate.is_set():
+        while not self._gate.is_set():  # a new hold may close it again before we run
             await self._gate.wait()
             self._check(offset, length, writing=True, limit=MAX_ZERO)
         al = self.activity_log

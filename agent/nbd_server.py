@@ -392,7 +392,7 @@ class _Connection:
                 tasks.create_task(self._execute(req, payload, cost))  # waits for fdatasync
             elif command == nbd.CMD_WRITE and self._write_now(req, payload):
                 budget.release(cost)  # done in this loop step: most writes
-                if self._replies_backlogged():
+                if self._replies_backlogged():  # _drain_if_full, without its coroutine
                     await self._drain()
             else:
                 # Reads, writes, trims and zeroes complete without waiting for the disk (page
@@ -426,16 +426,7 @@ class _Connection:
             try:
                 await self._perform(req, payload)
             except DiskError as exc:
-                error = nbd.nbd_errno(exc.errno)
-                self._write(
-                    nbd.error_reply(
-                        req.command,
-                        req.handle,
-                        error,
-                        structured=self.structured,
-                        message=str(exc),
-                    )
-                )
+                self._write_disk_error(req, exc)
             del payload
             await self._drain_if_full()  # holds the budget until the client reads
         finally:
@@ -456,21 +447,24 @@ class _Connection:
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()
 
+    def _write_disk_error(self, req: nbd.Request, exc: DiskError) -> None:
+        self._write(
+            nbd.error_reply(
+                req.command,
+                req.handle,
+                nbd.nbd_errno(exc.errno),
+                structured=self.structured,
+                message=str(exc),
+            )
+        )
+
     def _write_now(self, req: nbd.Request, payload: bytes) -> bool:
         """A plain WRITE done in this loop step, its reply (or errno) queued; False when the
         disk must wait first (``disk.write_nowait``), and the caller awaits ``_execute``."""
         try:
             seq = self.disk.write_nowait(req.offset, payload)
         except DiskError as exc:
-            self._write(
-                nbd.error_reply(
-                    req.command,
-                    req.handle,
-                    nbd.nbd_errno(exc.errno),
-                    structured=self.structured,
-                    message=str(exc),
-                )
-            )
+            self._write_disk_error(req, exc)
             return True
         if seq is None:
             return False

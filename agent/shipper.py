@@ -65,6 +65,7 @@ MAX_EXTENT = (1 << 32) - 1
 INLINE_ENCODE_BYTES = 1 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
 NAGLE_RECORDS = 1024  # fewer waiting records than this (and under a batch of bytes)...
 NAGLE_DELAY = 0.02  # ...go at most one batch per this interval (the RPO cost: up to 20 ms)
+NAGLE_STEP = 0.005  # how often a waiting producer looks again for a full batch
 REPEAT_LOG_INTERVAL = 10.0  # seconds between log lines of one repeating link failure
 
 
@@ -286,17 +287,14 @@ class Shipper:
                 if self.cfg.batch_delay:
                     await asyncio.sleep(self.cfg.batch_delay)
                 continue
-            wait = link.last_batch + NAGLE_DELAY - loop.time()
-            if (
-                wait > 0
-                and disk.journaled_seq - link.next_seq < NAGLE_RECORDS
-                and disk.pending_bytes - link.inflight_bytes < max_batch
-            ):
-                # Under load, at most one batch per NAGLE_DELAY unless a full one waits: each
-                # batch costs both sides far more than a record does (an fdatasync and an ACK
-                # at the process server, ~2 ms of its CPU), and one write alone after a quiet
-                # spell still goes at once.
-                await asyncio.sleep(wait)
+            # Under load, at most one batch per NAGLE_DELAY unless a full one waits: each batch
+            # costs both sides far more than a record does (an fdatasync and an ACK at the
+            # process server, ~2 ms of its CPU), and one write alone after a quiet spell
+            # still goes at once. Checked every NAGLE_STEP, not at every write.
+            while (
+                wait := link.last_batch + NAGLE_DELAY - loop.time()
+            ) > 0 and not self._batch_full(link, max_batch):
+                await asyncio.sleep(min(wait, NAGLE_STEP))
             entries = disk.journal.read(link.next_seq, max_batch, cursor)
             cut = next((c for c in disk.point_cuts if c >= link.next_seq), None)
             link.last_batch = loop.time()
@@ -306,6 +304,15 @@ class Shipper:
             link.next_seq = last + 1
             link.inflight_bytes += raw
             await queue.put((data, last, raw))
+
+    @staticmethod
+    def _batch_full(link: _DiskLink, max_batch: int) -> bool:
+        """Enough waits for a whole batch (NAGLE_RECORDS records or ``max_batch`` bytes)."""
+        disk = link.disk
+        return (
+            disk.journaled_seq - link.next_seq + 1 >= NAGLE_RECORDS
+            or disk.pending_bytes_from(link.next_seq) >= max_batch
+        )
 
     async def _send(
         self, stream: FramedStream, link: _DiskLink, queue: asyncio.Queue[tuple[bytes, int, int]]
@@ -515,12 +522,14 @@ def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | 
     (random writes: the common case), else None (the Coalescer decides which write wins).
     Sorted by offset, adjacent data (or zero) entries merged: what ``Coalescer.extents()``
     gives for the same entries, at a fraction of its cost per record."""
+    if any(entry.ref for entry in entries):
+        return None
     runs: list[tuple[int, int, list[bytes | memoryview] | None]] = []
-    end = -1
+    end = 0
     raw = 0
     for entry in sorted(entries, key=_offset_of):
         offset, length, data = entry.offset, entry.length, entry.data
-        if entry.ref or offset < end or length <= 0:
+        if offset < end or length <= 0:
             return None
         if runs and offset == end and (data is None) == (runs[-1][2] is None):
             start, _, pieces = runs[-1]

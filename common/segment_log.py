@@ -147,8 +147,7 @@ class SegmentLog:
         self._sync_task: asyncio.Future[None] | None = None
         self._failed: OSError | None = None
         self.truncated_bytes = 0
-        self._sealed_key: tuple[int, int, int] | None = None
-        self._sealed_bytes = 0
+        self._sealed_bytes = sum(s.size for s in segments[:-1])  # all but the last segment
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -258,15 +257,9 @@ class SegmentLog:
     @property
     def bytes_used(self) -> int:
         """Bytes of every segment file (asked for on every write: only the last segment
-        grows, so the sum of the others is kept until the list of segments changes)."""
+        grows, so the sum of the others is kept as segments are added and released)."""
         segments = self._segments
-        if not segments:
-            return 0
-        key = (len(segments), id(segments[0]), id(segments[-1]))  # both alive: ids are unique
-        if self._sealed_key != key:
-            self._sealed_key = key
-            self._sealed_bytes = sum(s.size for s in segments[:-1])
-        return self._sealed_bytes + segments[-1].size
+        return self._sealed_bytes + segments[-1].size if segments else 0
 
     @property
     def dirty(self) -> bool:
@@ -319,6 +312,8 @@ class SegmentLog:
             seg = self._reuse(*self._pool.pop(0))
         else:
             seg = _create_segment(self.directory, self.next_seq, self._flags)
+        if self._segments:
+            self._sealed_bytes += self._segments[-1].size  # no longer the one that grows
         self._segments.append(seg)
         self._firsts.append(seg.first_seq)
         self._dir_dirty = True
@@ -404,8 +399,9 @@ class SegmentLog:
             removed = False
             kept: list[tuple[Path, int]] = []
             while len(self._segments) > 1 and self._segments[0].last_seq <= seq:
-                seg = self._segments.pop(0)
+                seg = self._segments.pop(0)  # never the last one
                 self._firsts.pop(0)
+                self._sealed_bytes -= seg.size
                 keeping = self._keep(seg, len(kept))
                 if keeping is None:
                     os.close(seg.fd)
@@ -446,6 +442,7 @@ class SegmentLog:
                     os.ftruncate(seg.fd, seg.size)
             os.close(seg.fd)
         self._segments = []
+        self._sealed_bytes = 0
         for path, fd in self._pool:
             os.close(fd)
             with contextlib.suppress(OSError):

@@ -99,6 +99,8 @@ async def test_write_nowait_writes_now_or_declines_when_it_would_wait(tmp_path: 
     disk = await _open(tmp_path)
     assert disk.write_nowait(0, b"\1" * 4096) is None  # extent 0 not yet in the activity log
     assert disk.journaled_seq == 0
+    with open(image, "rb") as f:
+        assert f.read(4096) == bytes(4096), "a declined write reached the image"
     await disk.write(0, b"\2" * 4096)  # activates extent 0 (persisted first)
     assert disk.write_nowait(8192, b"\3" * 4096) == 2
     with open(image, "rb") as f:

@@ -443,6 +443,28 @@ async def test_pipelined_requests(export: NbdExport, image: Path) -> None:
     await c.close()
 
 
+async def test_a_write_waits_while_a_point_holds_the_disk(
+    export: NbdExport, disk: ProtectedDisk, image: Path
+) -> None:
+    """A plain WRITE arriving while a recovery point holds the gate is neither journaled nor
+    answered until the hold ends; then it lands after the point's seq, and in the image."""
+    c = await Client.connect(export)
+    cut = await disk.hold()
+    data = os.urandom(4096)
+    c.send(nbd.CMD_WRITE, 8192, 4096, handle=7, payload=data)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(c.reply(), 0.2)
+    assert disk.journaled_seq == cut, "a held write was journaled"
+    disk.release()
+    handle, error, _ = await asyncio.wait_for(c.reply(), 5)
+    assert (handle, error) == (7, 0)
+    assert disk.journaled_seq == cut + 1
+    with open(image, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == data
+    await c.close()
+
+
 async def test_multi_conn_flush(export: NbdExport, tmp_path: Path) -> None:
     a = await Client.connect(export)
     b = await Client.connect(export)

@@ -325,3 +325,30 @@ def test_recycling_logs_read_back_what_was_appended(
         got = log.read_records(log.first_seq, 1 << 30) if live else []
         assert {r.first_seq: bytes(r.payload) for r in got} == live
     log.close()
+
+
+@pytest.mark.parametrize("recycle", [0, 2])
+async def test_bytes_used_is_the_size_of_the_segments(tmp_path: Path, recycle: int) -> None:
+    """``bytes_used`` (kept as segments are added and released) is the sum of the segments'
+    sizes through rolls, releases, reuse of released files and a reopen; without reuse, the
+    files' sizes on disk (a reused file keeps its old bytes past the log's end)."""
+    log = SegmentLog.open(tmp_path, segment_bytes=16 << 10, recycle=recycle)
+
+    def check(log: SegmentLog) -> None:
+        assert log.bytes_used == sum(s.size for s in log._segments)
+        if not recycle:
+            assert log.bytes_used == sum(p.stat().st_size for p in tmp_path.glob("*.seg"))
+
+    seq = 1
+    for round_ in range(6):
+        for _ in range(40):
+            log.append(1, seq, seq, (bytes([round_]) * 1000,))
+            seq += 1
+            check(log)
+        await log.sync()
+        await log.release_through(seq - 1 - 25 * (round_ % 2))
+        check(log)
+    log.close()
+    reopened = SegmentLog.open(tmp_path, segment_bytes=16 << 10, recycle=recycle)
+    check(reopened)
+    reopened.close()

@@ -11,6 +11,7 @@ the producer's batching policy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,28 @@ async def test_wait_event() -> None:
 # once; under load, records wait to grow into one batch; a full batch never waits.
 
 
+@contextlib.asynccontextmanager
+async def _producing(
+    shipper: Shipper, link: _DiskLink, max_batch: int = 1 << 20
+) -> AsyncIterator[asyncio.Queue[tuple[bytes, int, int]]]:
+    """The producer of ``link`` running; yields the queue its batches go to."""
+    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
+    task = asyncio.create_task(shipper._produce(link, queue, max_batch))
+    try:
+        yield queue
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
 async def _next_batch(queue: asyncio.Queue[tuple[bytes, int, int]], timeout: float) -> int:
     _, last, _ = await asyncio.wait_for(queue.get(), timeout)
     return last
+
+
+async def _writes(disk: ProtectedDisk, first: int, count: int, size: int = 4096) -> None:
+    for i in range(first, first + count):
+        await disk.write(i * size, bytes([i % 255 + 1]) * size)
 
 
 async def test_a_write_after_a_quiet_spell_is_sent_at_once(
@@ -136,15 +156,10 @@ async def test_a_write_after_a_quiet_spell_is_sent_at_once(
 ) -> None:
     monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 30.0)
     disk = shipper.disks["d"]
-    await disk.write(0, b"\1" * 4096)
+    await _writes(disk, 0, 1)
     link = _DiskLink(disk, next_seq=1)  # no batch for a long time (last_batch: never)
-    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
-    task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
-    try:
+    async with _producing(shipper, link) as queue:
         assert await _next_batch(queue, 5) == 1
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
 
 
 async def test_records_under_load_grow_into_one_batch(
@@ -152,37 +167,52 @@ async def test_records_under_load_grow_into_one_batch(
 ) -> None:
     monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 0.3)
     disk = shipper.disks["d"]
-    link = _DiskLink(disk, next_seq=1)
+    await _writes(disk, 0, 1)  # the activity log's extent is persisted before the clock starts
+    link = _DiskLink(disk, next_seq=2)
     link.last_batch = asyncio.get_running_loop().time()  # a batch just went
-    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
-    task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
-    try:
-        for i in range(3):
-            await disk.write(i * 4096, bytes([i + 1]) * 4096)
+    async with _producing(shipper, link) as queue:
+        for i in range(1, 4):
+            await _writes(disk, i, 1)
             await asyncio.sleep(0.02)
         assert queue.empty(), "a batch left before the interval ended"
-        for i in range(3, 6):
-            await disk.write(i * 4096, bytes([i + 1]) * 4096)
-        assert await _next_batch(queue, 5) == 6  # all six writes in one batch
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
+        await _writes(disk, 4, 3)
+        assert await _next_batch(queue, 5) == 7  # the six writes in one batch
 
 
-async def test_a_full_batch_does_not_wait(
-    shipper: Shipper, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("waiting", [3, 4])
+async def test_a_batch_of_nagle_records_does_not_wait(
+    shipper: Shipper, monkeypatch: pytest.MonkeyPatch, waiting: int
 ) -> None:
     monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 30.0)
     monkeypatch.setattr(shipper_module, "NAGLE_RECORDS", 4)
     disk = shipper.disks["d"]
-    for i in range(5):
-        await disk.write(i * 4096, bytes([i + 1]) * 4096)
+    await _writes(disk, 0, waiting)
     link = _DiskLink(disk, next_seq=1)
     link.last_batch = asyncio.get_running_loop().time()
-    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
-    task = asyncio.create_task(shipper._produce(link, queue, 1 << 20))
-    try:
-        assert await _next_batch(queue, 5) == 5
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
+    async with _producing(shipper, link) as queue:
+        if waiting < 4:
+            await asyncio.sleep(0.05)
+            assert queue.empty(), "3 records of 4 left at once"
+        else:
+            assert await _next_batch(queue, 5) == 4
+
+
+async def test_a_batch_of_bytes_does_not_wait_even_after_overwrites(
+    shipper: Shipper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_batch`` bytes waiting (counted before coalescing, as the batch counts them) go at
+    once, whatever the batches in flight held; and so do bytes that pile up while waiting."""
+    monkeypatch.setattr(shipper_module, "NAGLE_DELAY", 30.0)
+    disk = shipper.disks["d"]
+    for _ in range(32):  # 32 overwrites of one block, in flight: 8 KiB after coalescing
+        await disk.write(0, b"\7" * 4096)
+    link = _DiskLink(disk, next_seq=33)
+    link.inflight.append((32, 4096))
+    link.inflight_bytes = 4096
+    link.last_batch = asyncio.get_running_loop().time()
+    async with _producing(shipper, link, max_batch=64 << 10) as queue:
+        await _writes(disk, 1, 1)
+        await asyncio.sleep(0.05)
+        assert queue.empty(), "one 4 KiB write of a 64 KiB batch left at once"
+        await _writes(disk, 2, 15)  # 64 KiB now wait: within a NAGLE_STEP or so
+        assert await _next_batch(queue, 1) == 48
