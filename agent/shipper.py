@@ -62,7 +62,11 @@ from protocol.frames import (
 
 log = logging.getLogger("tidemark.agent.shipper")
 MAX_EXTENT = (1 << 32) - 1
-INLINE_ENCODE_BYTES = 1 << 20  # larger batches are encoded in a thread (GIL hops cost latency)
+# Larger batches are encoded in a worker thread (zstd lets the NBD front run meanwhile), smaller
+# ones inline (a thread hop costs more than they do). 256 KiB, not 1 MiB, since batches grow
+# to 20 ms of writes: 4 KiB QD1 then made 12-26% more IOPS and an 11-22% lower p99 in three
+# paired runs, QD16 the same (2026-12-05).
+INLINE_ENCODE_BYTES = 256 << 10
 NAGLE_RECORDS = 1024  # fewer waiting records than this (and under a batch of bytes)...
 NAGLE_DELAY = 0.02  # ...go at most one batch per this interval (the RPO cost: up to 20 ms)
 NAGLE_STEP = 0.005  # how often a waiting producer looks again for a full batch
