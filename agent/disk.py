@@ -49,41 +49,45 @@ RECORD_MAX = 4 << 20  # largest data record in the journal (larger writes are sp
 
 
 class _PendingWrites:
-    """Seq, size and time of every journaled write not yet acknowledged by the process server.
+    """Seq, time and running byte total of every journaled write not yet acknowledged by the
+    process server.
 
-    Three flat arrays (24 bytes a write), so memory is bounded by the journal quota."""
+    Three flat arrays (24 bytes a write), so memory is bounded by the journal quota. The
+    running total gives the bytes pending from any seq on (the shipper's "is a whole batch
+    waiting?") as one subtraction."""
 
     def __init__(self) -> None:
         self.seqs = array.array("q")
-        self.sizes = array.array("q")
         self.times = array.array("q")
-        self.totals = array.array("q")  # bytes added up to and including each write
+        self.totals = array.array("q")  # bytes of every write added, up to and including this
         self.start = 0
-        self.bytes = 0
         self.total = 0
+        self._dropped = 0  # the running total before the first entry still in the arrays
 
     def add(self, seq: int, size: int, time_ns: int) -> None:
         self.seqs.append(seq)
-        self.sizes.append(size)
         self.times.append(time_ns)
-        self.bytes += size
         self.total += size
         self.totals.append(self.total)
 
+    def _total_before(self, i: int) -> int:
+        return self.totals[i - 1] if i else self._dropped
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of every pending write."""
+        return self.total - self._total_before(self.start)
+
     def bytes_from(self, seq: int) -> int:
         """Bytes of the pending writes from ``seq`` on."""
-        i = bisect.bisect_left(self.seqs, seq, self.start)
-        if i >= len(self.seqs):
-            return 0
-        return self.total - (self.totals[i] - self.sizes[i])
+        return self.total - self._total_before(bisect.bisect_left(self.seqs, seq, self.start))
 
     def ack_through(self, seq: int) -> None:
         while self.start < len(self.seqs) and self.seqs[self.start] <= seq:
-            self.bytes -= self.sizes[self.start]
             self.start += 1
         if self.start > 4096 and self.start * 2 > len(self.seqs):
+            self._dropped = self._total_before(self.start)
             del self.seqs[: self.start]
-            del self.sizes[: self.start]
             del self.times[: self.start]
             del self.totals[: self.start]
             self.start = 0

@@ -141,7 +141,8 @@ class _Budget:
         self._room = asyncio.Event()
 
     def try_acquire(self, cost: int) -> bool:
-        """``acquire`` when there is room now (no coroutine); False: await ``acquire``."""
+        """``acquire`` when there is room now (no coroutine); False: await ``acquire``. One
+        request alone always fits, so a max-size request cannot stall the connection."""
         if self._count >= self._max_count or (self._bytes and self._bytes + cost > self._max_bytes):
             return False
         self._count += 1
@@ -149,14 +150,9 @@ class _Budget:
         return True
 
     async def acquire(self, cost: int) -> None:
-        # One request alone always fits, so a max-size request cannot stall the connection.
-        while self._count >= self._max_count or (
-            self._bytes and self._bytes + cost > self._max_bytes
-        ):
+        while not self.try_acquire(cost):
             self._room.clear()
             await self._room.wait()
-        self._count += 1
-        self._bytes += cost
 
     def release(self, cost: int) -> None:
         self._count -= 1

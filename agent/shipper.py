@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import zstandard
@@ -517,10 +518,6 @@ async def encode_entries(
     return data, last, raw
 
 
-def _offset_of(entry: JournalEntry) -> int:
-    return entry.offset
-
-
 def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | None:
     """The batch's extents and data bytes when no two entries overlap and none is a reference
     (random writes: the common case), else None (the Coalescer decides which write wins).
@@ -531,7 +528,7 @@ def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | 
     runs: list[tuple[int, int, list[bytes | memoryview] | None]] = []
     end = 0
     raw = 0
-    for entry in sorted(entries, key=_offset_of):
+    for entry in sorted(entries, key=attrgetter("offset")):
         offset, length, data = entry.offset, entry.length, entry.data
         if offset < end or length <= 0:
             return None
