@@ -2,16 +2,56 @@
 
 Wire-byte figures (resync cost, initial-sync cost) are measured here, outside the code
 under test: TLS records pass through untouched (the agent authenticates the server by its
-certificate name, not its address). Runs its own event loop in a background thread.
-Rule: it only ever listens on and connects to loopback addresses.
+certificate name, not its address). The bytes move by ``splice(2)`` through a pipe, in the
+kernel, one thread per direction: the proxy costs the measured run almost no CPU (a Python
+copy loop here used about 0.7x the agent's CPU during an initial sync, on the same two
+cores). Rule: it only ever listens on and connects to loopback addresses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
+import socket
+import struct
 import threading
 from collections.abc import Awaitable, Callable
+
+SPLICE_BYTES = 1 << 20  # per splice call (the pipe is grown to this size)
+_F_SETPIPE_SZ = 1031
+
+
+class _Link:
+    """One proxied connection: the agent's socket and the one to the server."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.lock = threading.Lock()
+        self.finished = 0
+        self.reset = False  # cut: closed with RST
+
+    def shutdown(self) -> None:
+        for sock in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def pump_done(self) -> bool:
+        """Called by each pump as it ends; the second one closes both sockets."""
+        with self.lock:
+            self.finished += 1
+            last = self.finished == 2
+        if last:
+            for sock in (self.client, self.upstream):
+                if self.reset:  # close with RST, as a link that breaks
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                sock.close()
+        return last
 
 
 class CountingProxy:
@@ -19,88 +59,104 @@ class CountingProxy:
 
     def __init__(self, target_port: int, *, listen_port: int = 0) -> None:
         self.target_port = target_port
-        self.listen_port = listen_port
-        self.port = 0
         self.bytes_up = 0
         self.bytes_down = 0
         self.connections = 0
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="counting-proxy", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
+        self._lock = threading.Lock()
+        self._links: set[_Link] = set()
+        self._closed = False
+        self._listener = socket.create_server(("127.0.0.1", listen_port))
+        self.listen_port = listen_port
+        self.port = self._listener.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, name="counting-proxy", daemon=True)
+        self._accepter.start()
 
     @property
     def total(self) -> int:
         return self.bytes_up + self.bytes_down
 
     def reset(self) -> None:
-        self.bytes_up = self.bytes_down = 0
+        with self._lock:
+            self.bytes_up = self.bytes_down = 0
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.set_exception_handler(lambda loop, context: None)  # resets are the point here
-        self._loop.run_until_complete(self._start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self.connections += 1
-        self._writers.update((writer, up_writer))
-
-        async def pump(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool
-        ) -> None:
+    def _accept(self) -> None:
+        while True:
             try:
-                while data := await src.read(1 << 16):
-                    if upstream:
-                        self.bytes_up += len(data)
-                    else:
-                        self.bytes_down += len(data)
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    dst.close()
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = _Link(client, upstream)
+            with self._lock:
+                if self._closed:
+                    link.shutdown()
+                    client.close()
+                    upstream.close()
+                    return
+                self.connections += 1
+                self._links.add(link)
+                for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+                    thread = threading.Thread(
+                        target=self._pump, args=(link, src, dst, up), daemon=True
+                    )
+                    self._threads.append(thread)
+                    thread.start()
 
+    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, SPLICE_BYTES)
         try:
-            await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+            while True:
+                n = os.splice(src.fileno(), write_end, SPLICE_BYTES)
+                if n == 0:
+                    break
+                with self._lock:
+                    if upstream:
+                        self.bytes_up += n
+                    else:
+                        self.bytes_down += n
+                while n:
+                    n -= os.splice(read_end, dst.fileno(), n)
+        except OSError:
+            pass
         finally:
-            self._writers.difference_update((writer, up_writer))
-            for w in (writer, up_writer):
-                w.transport.abort()
+            os.close(read_end)
+            os.close(write_end)
+            link.shutdown()  # one direction ended: so does the other (as the stream proxy did)
+            if link.pump_done():
+                with self._lock:
+                    self._links.discard(link)
 
     def cut(self) -> None:
         """Reset every open connection (the listener stays)."""
-
-        def _cut() -> None:
-            for w in list(self._writers):
-                w.transport.abort()
-
-        self._loop.call_soon_threadsafe(_cut)
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            link.reset = True
+            link.shutdown()
 
     def close(self) -> None:
-        async def close_sockets() -> None:
-            if self._server is not None:
-                self._server.close()
-                await self._server.wait_closed()
-            for w in list(self._writers):
-                w.transport.abort()
-
-        stop_loop_thread(self._loop, self._thread, close_sockets)
+        with self._lock:
+            self._closed = True
+            links = list(self._links)
+        for link in links:
+            link.reset = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for link in links:
+            link.shutdown()
+        self._accepter.join(10)
+        for thread in list(self._threads):
+            thread.join(10)
 
     def __enter__(self) -> CountingProxy:
         return self

@@ -64,6 +64,7 @@ from benchmarks.deploy import PYTHON, Deployment
 from benchmarks.driver import compressible
 from benchmarks.metrics import MIB, Figure, Params, ProcessSampler, ScenarioResult, ratio
 from benchmarks.proxy import CountingProxy
+from benchmarks.tls_copy import run_baseline
 from common.admin import admin_request
 
 NAME = "sync"
@@ -526,6 +527,39 @@ def phase_initial(
         proxy.close()
     out["tidemark"] = tm
     out["source_allocated_bytes"] = allocated(image)
+    for name, level in (("tls_floor", None), ("tls_zstd_floor", 1)):
+        out[name] = tls_floor(dep, root, size, data, level)
+        for side in ("client", "server"):
+            pids[f"{name}-{side}"] = out[name]["processes"][side]["pid"]
+
+
+def tls_floor(
+    dep: Deployment, root: Path, size: int, data: int, level: int | None
+) -> dict[str, Any]:
+    """What the simplest TLS copy of the image's data bytes costs on this machine, with the
+    deployment's PKI and TLS contexts: ``data`` bytes of the same 2:1 data in 1 MiB blocks,
+    from memory (the source is not even read), each block zstd-compressed at ``level`` or
+    not, written into a fresh sparse file and ``fdatasync``ed once at the end (as
+    ``nbdcopy --flush`` makes its copy durable). A lower bound for any initial sync over the
+    product's link: no digests, no journal, no cache, one process per side."""
+    settle()
+    result = run_baseline(
+        pki_dir=dep.pki,
+        bundle=dep.root / f"{AGENT}.bundle",
+        out=root / "floor.img",
+        seconds=0,
+        block=MIB,
+        size=size,
+        sync_every=1 << 62,
+        log=root / "floor.log",
+        nbytes=data,
+        zstd=level,
+    )
+    result["command"] = (
+        f"python -m benchmarks.tls_copy serve/send --bytes {data} --sync-every 2^62"
+        + (f" --zstd {level}" if level is not None else "")
+    )
+    return result
 
 
 def phase_resync(
@@ -711,6 +745,34 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
                 "s",
             )
         )
+        floors = [
+            (label, ini[key]["seconds"])
+            for key, label in (("tls_floor", "plain"), ("tls_zstd_floor", "zstd 1"))
+            if key in ini
+        ]
+        for label, seconds in floors:
+            figs.append(
+                Figure(
+                    NAME,
+                    f"initial sync floor: bare TLS copy of the data ({label}, tls_copy)",
+                    round(seconds, 3),
+                    "s",
+                    nc["seconds"],
+                    ratio(seconds, nc["seconds"]),
+                )
+            )
+        if floors:
+            best = min(seconds for _, seconds in floors)
+            figs.append(
+                Figure(
+                    NAME,
+                    "initial sync: tidemark vs the faster floor",
+                    tm["seconds"],
+                    "s",
+                    round(best, 3),
+                    ratio(tm["seconds"], best),
+                )
+            )
         figs.append(
             Figure(
                 NAME,

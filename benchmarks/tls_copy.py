@@ -51,10 +51,15 @@ def _recv_exact(sock: Any, view: memoryview) -> None:
         got += k
 
 
-def serve(pki_dir: Path, out: Path, size: int, sync_every: int, block: int) -> int:
+def serve(
+    pki_dir: Path, out: Path, size: int, sync_every: int, block: int, zstd: bool = False
+) -> int:
+    import zstandard
+
     from common.tls import server_context
 
     ctx = server_context(pki_dir)
+    decompressor = zstandard.ZstdDecompressor()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, size)  # sparse, like a fresh replica
@@ -78,6 +83,9 @@ def serve(pki_dir: Path, out: Path, size: int, sync_every: int, block: int) -> i
                     view = memoryview(buf)
                 chunk = view[:n]
                 _recv_exact(conn, chunk)
+                if zstd:  # the frame says its content size
+                    chunk = memoryview(decompressor.decompress(chunk))
+                    n = len(chunk)
                 if offset + n > size:
                     offset = 0
                 done = 0
@@ -111,14 +119,22 @@ def serve(pki_dir: Path, out: Path, size: int, sync_every: int, block: int) -> i
     return 0
 
 
-def send(bundle: Path, port: int, seconds: float, block: int) -> int:
+def send(
+    bundle: Path, port: int, seconds: float, block: int, nbytes: int = 0, zstd: int | None = None
+) -> int:
+    """Send for ``seconds``, or exactly ``nbytes`` (whole blocks) when that is given; with
+    ``zstd`` each block is compressed at that level as it is sent (the cost is the point)."""
+    import zstandard
+
     from benchmarks.driver import compressible
     from common.tls import CLIENT_SERVER_HOSTNAME, client_context
     from process_server.pki import load_bundle
 
     ctx = client_context(load_bundle(bundle))
     # Same 16 blocks as benchmarks.driver's "load" op, each with its length prefix.
-    blocks = [len(b).to_bytes(4, "big") + b for b in (compressible(i, block) for i in range(16))]
+    plain = [compressible(i, block) for i in range(16)]
+    blocks = [len(b).to_bytes(4, "big") + b for b in plain]
+    compressor = zstandard.ZstdCompressor(level=zstd) if zstd is not None else None
     with (
         socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as raw,
         ctx.wrap_socket(raw, server_hostname=CLIENT_SERVER_HOSTNAME) as conn,
@@ -126,8 +142,12 @@ def send(bundle: Path, port: int, seconds: float, block: int) -> int:
         sent = 0
         i = 0
         start = time.monotonic()
-        while time.monotonic() - start < seconds:
-            conn.sendall(blocks[i % 16])
+        while sent < nbytes if nbytes else time.monotonic() - start < seconds:
+            if compressor is not None:
+                packed = compressor.compress(plain[i % 16])
+                conn.sendall(len(packed).to_bytes(4, "big") + packed)
+            else:
+                conn.sendall(blocks[i % 16])
             sent += block
             i += 1
         conn.sendall(b"\0\0\0\0")
@@ -175,6 +195,8 @@ def run_baseline(
     size: int,
     sync_every: int = SYNC_EVERY,
     log: Path | None = None,
+    nbytes: int = 0,
+    zstd: int | None = None,
 ) -> dict[str, Any]:
     """Run the server and client processes; return throughput and per-process RSS/CPU.
 
@@ -200,6 +222,7 @@ def run_baseline(
                 str(sync_every),
                 "--block",
                 str(block),
+                *(["--zstd", str(zstd)] if zstd is not None else []),
             ],
             stdout=subprocess.PIPE,
             stderr=log_f,
@@ -221,6 +244,9 @@ def run_baseline(
                 str(seconds),
                 "--block",
                 str(block),
+                "--bytes",
+                str(nbytes),
+                *(["--zstd", str(zstd)] if zstd is not None else []),
             ],
             stdout=subprocess.PIPE,
             stderr=log_f,
@@ -281,10 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--seconds", type=float, default=30.0)
     c.add_argument("--block", type=int, default=MIB)
+    c.add_argument("--bytes", type=int, default=0, help="send this many bytes instead")
+    for p in (s, c):
+        p.add_argument("--zstd", type=int, default=None, help="compress each block (level)")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        return serve(args.pki, args.out, args.size, args.sync_every, args.block)
-    return send(args.bundle, args.port, args.seconds, args.block)
+        return serve(
+            args.pki, args.out, args.size, args.sync_every, args.block, args.zstd is not None
+        )
+    return send(args.bundle, args.port, args.seconds, args.block, args.bytes, args.zstd)
 
 
 if __name__ == "__main__":

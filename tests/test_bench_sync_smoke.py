@@ -133,9 +133,22 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     init = _figure(result, "initial sync over TLS")
     assert init["baseline"] == ini["nbdcopy"]["seconds"] > 0 and init["passed"] in (True, False)
     assert _figure(result, "initial sync: replica / nbdkit copy")["passed"] is True
+    # the floors: the same data bytes through a bare TLS copy, plain and with zstd
+    for key, label in (("tls_floor", "plain"), ("tls_zstd_floor", "zstd 1")):
+        floor = ini[key]
+        assert floor["bytes"] == ini["data_bytes"] and floor["seconds"] > 0
+        assert floor["tls_version"] == "TLSv1.3"
+        row = _figure(result, f"initial sync floor: bare TLS copy of the data ({label}")
+        assert row["value"] == round(floor["seconds"], 3)
+        assert row["baseline"] == ini["nbdcopy"]["seconds"]
+    versus = _figure(result, "initial sync: tidemark vs the faster floor")
+    assert versus["baseline"] == round(
+        min(ini["tls_floor"]["seconds"], ini["tls_zstd_floor"]["seconds"]), 3
+    )
 
     # Nothing left behind: no files in the temp dir, no process still running.
     assert list(private_tmp.iterdir()) == []
     pids = details["pids"]
     assert {"ps-init0", "agent-init0", "ps-resync0", "agent-resync0-2", "nbdkit-b"} <= set(pids)
+    assert {"tls_floor-server", "tls_zstd_floor-client"} <= set(pids)
     assert_nothing_left(private_tmp, pids)

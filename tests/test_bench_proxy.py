@@ -1,0 +1,110 @@
+"""The benchmarks' counting proxy (``benchmarks.proxy.CountingProxy``, splice-based): bytes pass
+through unchanged and are counted exactly in each direction; ``cut`` breaks the open
+connections and the listener stays; ``close`` ends every thread and the port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from benchmarks.proxy import CountingProxy
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
+        out += chunk
+    return bytes(out)
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A loopback server that sends back every byte reversed in blocks (not a mirror of the
+    proxy: the reply is computed from what arrived)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data[::-1])
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+    thread.join(5)
+
+
+def test_bytes_pass_unchanged_and_are_counted(echo_port: int) -> None:
+    payload = os.urandom(5 << 20)
+    with (
+        CountingProxy(echo_port) as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port)) as sock,
+    ):
+        received = bytearray()
+        for i in range(0, len(payload), 1 << 20):
+            block = payload[i : i + (1 << 20)]
+            sock.sendall(block)
+            reply = _recv_exact(sock, len(block))
+            received += reply
+            assert sorted(reply) == sorted(block)  # same bytes (the echo reverses its reads)
+        assert proxy.bytes_up == len(payload)
+        assert proxy.bytes_down == len(payload)
+        assert proxy.total == 2 * len(payload)
+        assert proxy.connections == 1
+        proxy.reset()
+        sock.sendall(b"abc")
+        assert _recv_exact(sock, 3) == b"cba"
+        assert (proxy.bytes_up, proxy.bytes_down) == (3, 3)
+
+
+def test_cut_breaks_connections_and_keeps_listening(echo_port: int) -> None:
+    with CountingProxy(echo_port) as proxy:
+        first = socket.create_connection(("127.0.0.1", proxy.port))
+        first.sendall(b"x")
+        assert _recv_exact(first, 1) == b"x"
+        proxy.cut()
+        first.settimeout(10)
+        with pytest.raises((ConnectionError, OSError)):
+            first.sendall(b"y")
+            _recv_exact(first, 1)
+            raise AssertionError("the cut connection still carries data")
+        first.close()
+        with socket.create_connection(("127.0.0.1", proxy.port)) as second:
+            second.sendall(b"hello")
+            assert _recv_exact(second, 5) == b"olleh"
+        assert proxy.connections == 2
+
+
+def test_close_ends_threads_and_port(echo_port: int) -> None:
+    before = threading.active_count()
+    proxy = CountingProxy(echo_port)
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"ping")
+    assert _recv_exact(sock, 4) == b"gnip"
+    proxy.close()
+    sock.settimeout(10)
+    with contextlib.suppress(ConnectionResetError):  # a reset, or...
+        assert sock.recv(1) == b""  # ...EOF; never data, never a hang
+    sock.close()
+    assert threading.active_count() <= before + 1  # the echo server's handler may linger
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
