@@ -75,6 +75,13 @@ AGENT = "sync"
 INIT_DISK = "init0"
 RESYNC_DISK = "resync0"
 QUICK_SIZE = 256 * MIB
+# The initial sync's floors (tls_floor): JSON key, label, zstd level, O_DIRECT writes.
+FLOORS = (
+    ("tls_floor", "plain", None, False),
+    ("tls_zstd_floor", "zstd 1", 1, False),
+    ("tls_direct_floor", "plain, O_DIRECT", None, True),
+    ("tls_zstd_direct_floor", "zstd 1, O_DIRECT", 1, True),
+)
 BLOCK = 4096
 CHANGE_FRACTION = 0.01
 TARGET_RESYNC = 0.33  # x the faster of rsync and bdsync
@@ -527,20 +534,21 @@ def phase_initial(
         proxy.close()
     out["tidemark"] = tm
     out["source_allocated_bytes"] = allocated(image)
-    for name, level in (("tls_floor", None), ("tls_zstd_floor", 1)):
-        out[name] = tls_floor(dep, root, size, data, level)
+    for name, _, level, direct in FLOORS:
+        out[name] = tls_floor(dep, root, size, data, level, direct)
         for side in ("client", "server"):
             pids[f"{name}-{side}"] = out[name]["processes"][side]["pid"]
 
 
 def tls_floor(
-    dep: Deployment, root: Path, size: int, data: int, level: int | None
+    dep: Deployment, root: Path, size: int, data: int, level: int | None, direct: bool
 ) -> dict[str, Any]:
     """What the simplest TLS copy of the image's data bytes costs on this machine, with the
     deployment's PKI and TLS contexts: ``data`` bytes of the same 2:1 data in 1 MiB blocks,
     from memory (the source is not even read), each block zstd-compressed at ``level`` or
-    not, written into a fresh sparse file and ``fdatasync``ed once at the end (as
-    ``nbdcopy --flush`` makes its copy durable). A lower bound for any initial sync over the
+    not, written into a fresh sparse file (through the page cache as nbdkit does, or with
+    ``O_DIRECT`` as the process server writes into holes) and ``fdatasync``ed once at the
+    end (as ``nbdcopy --flush`` makes its copy durable). A lower bound for any initial sync over the
     product's link: no digests, no journal, no cache, one process per side."""
     settle()
     result = run_baseline(
@@ -554,10 +562,12 @@ def tls_floor(
         log=root / "floor.log",
         nbytes=data,
         zstd=level,
+        direct=direct,
     )
     result["command"] = (
         f"python -m benchmarks.tls_copy serve/send --bytes {data} --sync-every 2^62"
         + (f" --zstd {level}" if level is not None else "")
+        + (" --direct" if direct else "")
     )
     return result
 
@@ -745,11 +755,7 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
                 "s",
             )
         )
-        floors = [
-            (label, ini[key]["seconds"])
-            for key, label in (("tls_floor", "plain"), ("tls_zstd_floor", "zstd 1"))
-            if key in ini
-        ]
+        floors = [(label, ini[key]["seconds"]) for key, label, _, _ in FLOORS if key in ini]
         for label, seconds in floors:
             figs.append(
                 Figure(

@@ -52,8 +52,19 @@ def _recv_exact(sock: Any, view: memoryview) -> None:
 
 
 def serve(
-    pki_dir: Path, out: Path, size: int, sync_every: int, block: int, zstd: bool = False
+    pki_dir: Path,
+    out: Path,
+    size: int,
+    sync_every: int,
+    block: int,
+    zstd: bool = False,
+    direct: bool = False,
 ) -> int:
+    """With ``direct``, blocks are written with ``O_DIRECT`` from a page-aligned buffer (as
+    the process server writes an initial sync's data into the replica's holes): no page
+    cache. Then ``block`` must be a multiple of 4 KiB and so must every block received."""
+    import mmap
+
     import zstandard
 
     from common.tls import server_context
@@ -61,15 +72,26 @@ def serve(
     ctx = server_context(pki_dir)
     decompressor = zstandard.ZstdDecompressor()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    aligned = mmap.mmap(-1, max(block, 1)) if direct else None
     try:
         os.ftruncate(fd, size)  # sparse, like a fresh replica
+        if direct:
+            try:
+                direct_fd = os.open(out, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # not here (tmpfs): buffered, and the result says so
+                aligned = None
+            else:
+                os.close(fd)
+                fd = direct_fd
         with socket.create_server(("127.0.0.1", 0)) as listener:
             listener.settimeout(IO_TIMEOUT)
             print(json.dumps({"port": listener.getsockname()[1], "pid": os.getpid()}), flush=True)
             raw, _ = listener.accept()
         raw.settimeout(IO_TIMEOUT)
         with ctx.wrap_socket(raw, server_side=True) as conn:
-            buf = bytearray(max(block, 1))
+            buf: bytearray | mmap.mmap = (
+                aligned if aligned is not None else bytearray(max(block, 1))
+            )
             view = memoryview(buf)
             hdr = memoryview(bytearray(4))
             total = offset = since_sync = syncs = 0
@@ -79,6 +101,8 @@ def serve(
                 if n == 0:
                     break
                 if n > len(buf):
+                    if aligned is not None:
+                        raise ValueError(f"a block of {n} bytes: over --block with --direct")
                     buf = bytearray(n)
                     view = memoryview(buf)
                 chunk = view[:n]
@@ -86,6 +110,9 @@ def serve(
                 if zstd:  # the frame says its content size
                     chunk = memoryview(decompressor.decompress(chunk))
                     n = len(chunk)
+                    if aligned is not None:  # into the aligned buffer: one more copy
+                        view[:n] = chunk
+                        chunk = view[:n]
                 if offset + n > size:
                     offset = 0
                 done = 0
@@ -108,6 +135,7 @@ def serve(
                 {
                     "bytes": total,
                     "syncs": syncs,
+                    "direct": aligned is not None,
                     "cipher": cipher[0] if cipher else None,
                     "tls_version": version,
                 }
@@ -115,7 +143,7 @@ def serve(
             flush=True,
         )
     finally:
-        os.close(fd)
+        os.close(fd)  # (the aligned buffer goes with the process: views of it are still up)
     return 0
 
 
@@ -197,6 +225,7 @@ def run_baseline(
     log: Path | None = None,
     nbytes: int = 0,
     zstd: int | None = None,
+    direct: bool = False,
 ) -> dict[str, Any]:
     """Run the server and client processes; return throughput and per-process RSS/CPU.
 
@@ -223,6 +252,7 @@ def run_baseline(
                 "--block",
                 str(block),
                 *(["--zstd", str(zstd)] if zstd is not None else []),
+                *(["--direct"] if direct else []),
             ],
             stdout=subprocess.PIPE,
             stderr=log_f,
@@ -274,6 +304,7 @@ def run_baseline(
             "send_seconds": sent["send_seconds"],
             "mb_per_s": mb_per_s(nbytes, sent["seconds"]),
             "syncs": received["syncs"],
+            "direct": received["direct"],
             "cipher": received["cipher"],
             "tls_version": received["tls_version"],
             "processes": {label: st.as_dict() for label, st in stats.items()},
@@ -302,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", type=int, required=True)
     s.add_argument("--sync-every", type=int, default=SYNC_EVERY)
     s.add_argument("--block", type=int, default=MIB)
+    s.add_argument("--direct", action="store_true", help="write with O_DIRECT (no page cache)")
     c = sub.add_parser("send", help="send blocks for N seconds")
     c.add_argument("--bundle", type=Path, required=True)
     c.add_argument("--port", type=int, required=True)
@@ -313,7 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return serve(
-            args.pki, args.out, args.size, args.sync_every, args.block, args.zstd is not None
+            args.pki,
+            args.out,
+            args.size,
+            args.sync_every,
+            args.block,
+            args.zstd is not None,
+            args.direct,
         )
     return send(args.bundle, args.port, args.seconds, args.block, args.bytes, args.zstd)
 

@@ -18,6 +18,7 @@ import pytest
 
 from benchmarks.cli import SCENARIOS, build_parser
 from benchmarks.sync import (
+    FLOORS,
     NOT_AVAILABLE,
     QUICK_SIZE,
     TOOLS,
@@ -68,6 +69,18 @@ def test_quick_run_reports_figures_and_cleans_up(tmp_path: Path) -> None:
         _run_quick(tmp_path, private_tmp)
     finally:
         shutil.rmtree(private_tmp, ignore_errors=True)
+
+
+def _direct_io_works(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
 
 
 def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
@@ -134,17 +147,17 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     assert init["baseline"] == ini["nbdcopy"]["seconds"] > 0 and init["passed"] in (True, False)
     assert _figure(result, "initial sync: replica / nbdkit copy")["passed"] is True
     # the floors: the same data bytes through a bare TLS copy, plain and with zstd
-    for key, label in (("tls_floor", "plain"), ("tls_zstd_floor", "zstd 1")):
+    for key, label, _, direct in FLOORS:
         floor = ini[key]
+        assert ("--direct" in floor["command"]) is direct
+        assert floor["direct"] is (direct and _direct_io_works(private_tmp))
         assert floor["bytes"] == ini["data_bytes"] and floor["seconds"] > 0
         assert floor["tls_version"] == "TLSv1.3"
         row = _figure(result, f"initial sync floor: bare TLS copy of the data ({label}")
         assert row["value"] == round(floor["seconds"], 3)
         assert row["baseline"] == ini["nbdcopy"]["seconds"]
     versus = _figure(result, "initial sync: tidemark vs the faster floor")
-    assert versus["baseline"] == round(
-        min(ini["tls_floor"]["seconds"], ini["tls_zstd_floor"]["seconds"]), 3
-    )
+    assert versus["baseline"] == round(min(ini[key]["seconds"] for key, *_ in FLOORS), 3)
 
     # Nothing left behind: no files in the temp dir, no process still running.
     assert list(private_tmp.iterdir()) == []
