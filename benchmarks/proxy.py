@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import os
 import socket
-import struct
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -24,34 +23,35 @@ _F_SETPIPE_SZ = 1031
 
 
 class _Link:
-    """One proxied connection: the agent's socket and the one to the server."""
+    """One proxied connection: the agent's socket and the one to the server. Its sockets
+    are shut down and closed under ``lock`` (no shutdown lands on a reused fd number)."""
 
     def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
         self.client = client
         self.upstream = upstream
         self.lock = threading.Lock()
         self.finished = 0
-        self.reset = False  # cut: closed with RST
+        self.closed = False
 
     def shutdown(self) -> None:
-        for sock in (self.client, self.upstream):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        """End both directions (wakes both pumps); the peers see the connection end."""
+        with self.lock:
+            if self.closed:
+                return
+            for sock in (self.client, self.upstream):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def pump_done(self) -> bool:
         """Called by each pump as it ends; the second one closes both sockets."""
         with self.lock:
             self.finished += 1
-            last = self.finished == 2
-        if last:
+            if self.finished < 2:
+                return False
+            self.closed = True
             for sock in (self.client, self.upstream):
-                if self.reset:  # close with RST, as a link that breaks
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                        )
                 sock.close()
-        return last
+            return True
 
 
 class CountingProxy:
@@ -68,7 +68,7 @@ class CountingProxy:
         self._listener = socket.create_server(("127.0.0.1", listen_port))
         self.listen_port = listen_port
         self.port = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # the pumps (dead ones pruned)
         self._accepter = threading.Thread(target=self._accept, name="counting-proxy", daemon=True)
         self._accepter.start()
 
@@ -96,15 +96,18 @@ class CountingProxy:
             link = _Link(client, upstream)
             with self._lock:
                 if self._closed:
-                    link.shutdown()
                     client.close()
                     upstream.close()
                     return
                 self.connections += 1
                 self._links.add(link)
+                self._threads = [t for t in self._threads if t.is_alive()]
                 for src, dst, up in ((client, upstream, True), (upstream, client, False)):
                     thread = threading.Thread(
-                        target=self._pump, args=(link, src, dst, up), daemon=True
+                        target=self._pump,
+                        args=(link, src, dst, up),
+                        name="counting-proxy-pump",
+                        daemon=True,
                     )
                     self._threads.append(thread)
                     thread.start()
@@ -136,19 +139,17 @@ class CountingProxy:
                     self._links.discard(link)
 
     def cut(self) -> None:
-        """Reset every open connection (the listener stays)."""
+        """Break every open connection: both peers see it end (EOF, or a reset where
+        unread data was left); the listener stays."""
         with self._lock:
             links = list(self._links)
         for link in links:
-            link.reset = True
             link.shutdown()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             links = list(self._links)
-        for link in links:
-            link.reset = True
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()

@@ -8,9 +8,14 @@ identical):
   at ``--size``, like the writer does on the disk), ``fdatasync`` every ``--sync-every``
   bytes and once at the end, then acknowledges the byte count.
 - ``send``: sends the same bytes the replication driver writes (benchmarks.driver's
-  ``compressible`` 1 MiB blocks) for ``--seconds``, then waits for that acknowledgement.
+  ``compressible`` 1 MiB blocks) for ``--seconds`` (or exactly ``--bytes``), then waits
+  for that acknowledgement.
   Its clock runs from the first byte sent to the acknowledgement: data durable on the
   receiving side, which is what the replication figure counts too.
+
+Options for the initial sync's floors (``benchmarks/sync.py``): ``--zstd LEVEL`` on both
+sides (each block compressed by the client, decompressed by the server) and ``serve
+--direct`` (``O_DIRECT`` writes from an aligned buffer, as the process server writes holes).
 
 Wire format (not tidemark's, deliberately minimal): ``u32 length | bytes`` per block,
 length 0 ends the stream; the server answers ``u64 total``.
@@ -35,9 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.metrics import MIB, ProcessSampler, mb_per_s
+from common.durable import pwrite_all
 
 PYTHON = sys.executable
 SYNC_EVERY = 64 * MIB
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses
 IO_TIMEOUT = 120.0
 
 
@@ -62,37 +69,39 @@ def serve(
 ) -> int:
     """With ``direct``, blocks are written with ``O_DIRECT`` from a page-aligned buffer (as
     the process server writes an initial sync's data into the replica's holes): no page
-    cache. Then ``block`` must be a multiple of 4 KiB and so must every block received."""
+    cache. ``block`` must then be a multiple of 4 KiB; a block's unaligned tail (the last
+    block of a ``--bytes`` run) goes through the page cache."""
     import mmap
 
     import zstandard
 
     from common.tls import server_context
 
+    if direct and block % DIRECT_ALIGN:
+        raise ValueError(f"--direct needs a --block multiple of {DIRECT_ALIGN}, got {block}")
     ctx = server_context(pki_dir)
     decompressor = zstandard.ZstdDecompressor()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    direct_fd: int | None = None
     aligned = mmap.mmap(-1, max(block, 1)) if direct else None
     try:
         os.ftruncate(fd, size)  # sparse, like a fresh replica
         if direct:
             try:
                 direct_fd = os.open(out, os.O_WRONLY | os.O_DIRECT)
-            except OSError:  # not here (tmpfs): buffered, and the result says so
+            except OSError:  # the filesystem refuses it: buffered, and the result says so
                 aligned = None
-            else:
-                os.close(fd)
-                fd = direct_fd
         with socket.create_server(("127.0.0.1", 0)) as listener:
             listener.settimeout(IO_TIMEOUT)
             print(json.dumps({"port": listener.getsockname()[1], "pid": os.getpid()}), flush=True)
             raw, _ = listener.accept()
         raw.settimeout(IO_TIMEOUT)
         with ctx.wrap_socket(raw, server_side=True) as conn:
-            buf: bytearray | mmap.mmap = (
-                aligned if aligned is not None else bytearray(max(block, 1))
-            )
+            # Received bytes land in `buf`; what is written to the file lies in `chunk` (in
+            # the aligned buffer when writing with O_DIRECT).
+            buf = bytearray(max(block, 1)) if aligned is None or zstd else aligned
             view = memoryview(buf)
+            target = memoryview(aligned) if aligned is not None else None
             hdr = memoryview(bytearray(4))
             total = offset = since_sync = syncs = 0
             while True:
@@ -101,23 +110,27 @@ def serve(
                 if n == 0:
                     break
                 if n > len(buf):
-                    if aligned is not None:
-                        raise ValueError(f"a block of {n} bytes: over --block with --direct")
-                    buf = bytearray(n)
+                    if buf is aligned:
+                        raise ValueError(f"a block of {n} bytes, over --block {block}")
+                    buf = bytearray(n)  # (compressed blocks of incompressible data grow)
                     view = memoryview(buf)
                 chunk = view[:n]
                 _recv_exact(conn, chunk)
                 if zstd:  # the frame says its content size
                     chunk = memoryview(decompressor.decompress(chunk))
                     n = len(chunk)
-                    if aligned is not None:  # into the aligned buffer: one more copy
-                        view[:n] = chunk
-                        chunk = view[:n]
+                    if target is not None:  # into the aligned buffer: one more copy
+                        if n > len(target):
+                            raise ValueError(f"a block of {n} bytes, over --block {block}")
+                        target[:n] = chunk
+                        chunk = target[:n]
                 if offset + n > size:
                     offset = 0
-                done = 0
-                while done < n:
-                    done += os.pwrite(fd, chunk[done:], offset + done)
+                whole = n - n % DIRECT_ALIGN if direct_fd is not None else 0
+                if whole and direct_fd is not None:
+                    pwrite_all(direct_fd, chunk[:whole], offset)
+                if whole < n:
+                    pwrite_all(fd, chunk[whole:], offset + whole)
                 offset += n
                 total += n
                 since_sync += n
@@ -125,7 +138,7 @@ def serve(
                     os.fdatasync(fd)
                     syncs += 1
                     since_sync = 0
-            os.fdatasync(fd)
+            os.fdatasync(fd)  # one inode: covers the O_DIRECT writes too
             syncs += 1
             conn.sendall(total.to_bytes(8, "big"))
             cipher = conn.cipher()
@@ -135,7 +148,7 @@ def serve(
                 {
                     "bytes": total,
                     "syncs": syncs,
-                    "direct": aligned is not None,
+                    "direct": direct_fd is not None,
                     "cipher": cipher[0] if cipher else None,
                     "tls_version": version,
                 }
@@ -143,15 +156,19 @@ def serve(
             flush=True,
         )
     finally:
-        os.close(fd)  # (the aligned buffer goes with the process: views of it are still up)
+        os.close(fd)
+        if direct_fd is not None:
+            os.close(direct_fd)
+        # (the aligned buffer goes with the process: views of it may still be up)
     return 0
 
 
 def send(
     bundle: Path, port: int, seconds: float, block: int, nbytes: int = 0, zstd: int | None = None
 ) -> int:
-    """Send for ``seconds``, or exactly ``nbytes`` (whole blocks) when that is given; with
-    ``zstd`` each block is compressed at that level as it is sent (the cost is the point)."""
+    """Send for ``seconds``, or exactly ``nbytes`` when that is given (the last block cut
+    short); with ``zstd`` each block is compressed at that level as it is sent (the cost is
+    the point)."""
     import zstandard
 
     from benchmarks.driver import compressible
@@ -171,12 +188,15 @@ def send(
         i = 0
         start = time.monotonic()
         while sent < nbytes if nbytes else time.monotonic() - start < seconds:
+            n = min(block, nbytes - sent) if nbytes else block
             if compressor is not None:
-                packed = compressor.compress(plain[i % 16])
+                packed = compressor.compress(plain[i % 16][:n])
                 conn.sendall(len(packed).to_bytes(4, "big") + packed)
-            else:
+            elif n == block:
                 conn.sendall(blocks[i % 16])
-            sent += block
+            else:
+                conn.sendall(n.to_bytes(4, "big") + plain[i % 16][:n])
+            sent += n
             i += 1
         conn.sendall(b"\0\0\0\0")
         send_done = time.monotonic()
