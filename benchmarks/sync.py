@@ -548,8 +548,9 @@ def tls_floor(
     from memory (the source is not even read), each block zstd-compressed at ``level`` or
     not, written into a fresh sparse file (through the page cache as nbdkit does, or with
     ``O_DIRECT`` as the process server writes into holes) and ``fdatasync``ed once at the
-    end (as ``nbdcopy --flush`` makes its copy durable). A lower bound for any initial sync over the
-    product's link: no digests, no journal, no cache, one process per side."""
+    end (as ``nbdcopy --flush`` makes its copy durable). No digests, no journal, no cache,
+    one blocking process per side: a yardstick for the initial sync over the product's
+    link, not a proof of what is impossible (a cleverer copy may beat it)."""
     settle()
     result = run_baseline(
         pki_dir=dep.pki,
@@ -772,7 +773,7 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
             figs.append(
                 Figure(
                     NAME,
-                    "initial sync: tidemark vs the faster floor",
+                    "initial sync: tidemark vs the fastest floor",
                     tm["seconds"],
                     "s",
                     round(best, 3),

@@ -156,7 +156,7 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
         row = _figure(result, f"initial sync floor: bare TLS copy of the data ({label}")
         assert row["value"] == round(floor["seconds"], 3)
         assert row["baseline"] == ini["nbdcopy"]["seconds"]
-    versus = _figure(result, "initial sync: tidemark vs the faster floor")
+    versus = _figure(result, "initial sync: tidemark vs the fastest floor")
     assert versus["baseline"] == round(min(ini[key]["seconds"] for key, *_ in FLOORS), 3)
 
     # Nothing left behind: no files in the temp dir, no process still running.
