@@ -61,14 +61,17 @@ class _PendingWrites:
         self.times = array.array("q")
         self.totals = array.array("q")  # bytes of every write added, up to and including this
         self.start = 0
-        self.total = 0
         self._dropped = 0  # the running total before the first entry still in the arrays
+
+    @property
+    def total(self) -> int:
+        """Bytes of every write ever added."""
+        return self.totals[-1] if self.totals else self._dropped
 
     def add(self, seq: int, size: int, time_ns: int) -> None:
         self.seqs.append(seq)
         self.times.append(time_ns)
-        self.total += size
-        self.totals.append(self.total)
+        self.totals.append(self.total + size)
 
     def _total_before(self, i: int) -> int:
         return self.totals[i - 1] if i else self._dropped

@@ -59,3 +59,16 @@ def assert_nothing_left(private_tmp: Path, pids: dict[str, int]) -> None:
         if str(private_tmp) in cmdline:
             leftovers.append((p.info["pid"], cmdline))
     assert leftovers == []
+
+
+def direct_io_works(directory: Path) -> bool:
+    """Can files in ``directory`` be opened with ``O_DIRECT`` (not on every filesystem)?"""
+    probe = directory / "probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()

@@ -24,7 +24,7 @@ from benchmarks.sync import (
     TOOLS,
     parse_rsync_stats,
 )
-from tests.bench_helpers import assert_nothing_left, require_tools
+from tests.bench_helpers import assert_nothing_left, direct_io_works, require_tools
 from tests.bench_helpers import figure_prefixed as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,18 +69,6 @@ def test_quick_run_reports_figures_and_cleans_up(tmp_path: Path) -> None:
         _run_quick(tmp_path, private_tmp)
     finally:
         shutil.rmtree(private_tmp, ignore_errors=True)
-
-
-def _direct_io_works(directory: Path) -> bool:
-    probe = directory / "probe"
-    probe.touch()
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
 
 
 def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
@@ -150,7 +138,7 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     for key, label, _, direct in FLOORS:
         floor = ini[key]
         assert ("--direct" in floor["command"]) is direct
-        assert floor["direct"] is (direct and _direct_io_works(private_tmp))
+        assert floor["direct"] is (direct and direct_io_works(private_tmp))
         assert floor["bytes"] == ini["data_bytes"] and floor["seconds"] > 0
         assert floor["tls_version"] == "TLSv1.3"
         row = _figure(result, f"initial sync floor: bare TLS copy of the data ({label}")

@@ -6,7 +6,6 @@ byte for byte, plain or zstd-compressed, through the page cache or with ``O_DIRE
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from benchmarks.deploy import Deployment
 from benchmarks.driver import compressible
+from tests.bench_helpers import direct_io_works
 
 MIB = 1 << 20
 NBYTES = 5 * MIB + 12345  # not a multiple of the block nor of 4 KiB
@@ -28,18 +28,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     dep.init_pki()
     dep.add_agent("sync", {"x": MIB})
     return dep.pki, root / "sync.bundle"
-
-
-def _direct_io_works(directory: Path) -> bool:
-    probe = directory / "probe"
-    probe.touch()
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
 
 
 @pytest.mark.parametrize("zstd", [False, True])
@@ -77,7 +65,7 @@ def test_exact_bytes_land_in_place(
         if server.stdout is not None:
             server.stdout.close()
     assert result["bytes"] == NBYTES and result["syncs"] >= 1
-    assert result["direct"] is (direct and _direct_io_works(tmp_path))
+    assert result["direct"] is (direct and direct_io_works(tmp_path))
     # The same blocks the sender made (benchmarks.driver.compressible), the last one cut.
     expected = b"".join(
         compressible(i, MIB)[: min(MIB, NBYTES - i * MIB)] for i in range(-(-NBYTES // MIB))
