@@ -130,7 +130,9 @@ async def alice_settled(env: Env, writes: int = 3) -> dict[str, Any]:
     drained = await asyncio.to_thread(env.driver.call, op="drain", timeout=TIMEOUT)
     assert drained["drained"], drained
     deadline = time.monotonic() + TIMEOUT
-    while (row := await alice_row(env))["applied_seq"] < last:
+    # The state comes from alice's newest heartbeat report: right after her initial sync it
+    # may still say "initial-sync" for up to one heartbeat interval.
+    while (row := await alice_row(env))["applied_seq"] < last or row["state"] != "replicating":
         assert time.monotonic() < deadline, row
         await asyncio.sleep(0.02)
     source = env.dep.agents[ALICE].disks[ALICE_DISK].read_bytes()
