@@ -2,13 +2,14 @@
 only what differs, while writes go on.
 
 How (each side hashes locally; only digests and differing data cross the wire):
-1. Level 1: XXH3-128 of every 64 KiB chunk of a range on the source (holes are not read)
-   and, from the process server, of the same chunks of the replica once it has applied
-   every write journaled before the source was hashed. Resync's own records are not
-   waited for: they lie in other ranges (ranges are disjoint), so the agent hashes and
-   journals ahead while the shipper and the process server catch up (a record of an
-   earlier, interrupted pass that is not applied yet only makes its chunk differ, and
-   be sent again).
+1. Level 1: from the process server, XXH3-128 of every 64 KiB chunk of a range of the
+   replica once it has applied every write journaled before the request; then the same
+   of the source, except holes and chunks the replica holds as zeros (all of a fresh
+   replica), which are not read: such a chunk differs wherever the source holds data.
+   The records of the ranges just before are not waited for: they lie in other ranges
+   (ranges are disjoint), so the agent hashes and journals ahead while the shipper and
+   the process server catch up (a record of an earlier, interrupted pass that is not
+   applied yet only makes its chunk differ, and be sent again); see 3 for how far.
 2. Level 2, for each differing chunk: the chunk is read again, compared by 4 KiB block
    digests against the replica's, and only the differing blocks are journaled (an all-zero
    chunk as one zero extent). A chunk the replica holds as zeros (a fresh replica: the
@@ -17,7 +18,14 @@ How (each side hashes locally; only digests and differing data cross the wire):
    exactly-once, crash safety and ordering come from the journal. The records are
    *references* (agent/journal.py): the shipper reads the bytes from the image when it
    builds the batch, so they are written once, to the replica, not also to the journal.
-3. Progress is the dirty bitmap: a range's bits are cleared once its records are in the
+3. Flow control: a range's digest request also waits until the replica applied what was
+   journaled by the time the range ``APPLY_LAG`` earlier finished, so resync runs at the
+   pace of the process server's applier, not of its cache. Otherwise refs, which cost the
+   journal nothing, are journaled and acknowledged far ahead, and the process server's
+   cache grows (measured: the whole ~1 GB of an initial sync at times) into page-cache
+   pages it never wrote before, while its applier re-reads and decodes what no longer fits
+   in memory (docs/resync.md).
+4. Progress is the dirty bitmap: a range's bits are cleared once its records are in the
    journal, and the bitmap is persisted after the journal is synced (a checkpoint), so an
    interrupted sync resumes where it stopped.
 
@@ -53,6 +61,7 @@ CHUNK = 64 << 10
 BLOCK = 4 << 10
 BLOCK_WIDTH = 8  # level-2 digests: the first 8 bytes of each block's XXH3-128
 PIPELINE = 6  # ranges in flight at once (hash the next while the previous drains)
+APPLY_LAG = 4  # ranges back whose records the replica must apply first (step 3)
 RANGE = 16 << 20  # one level-1 request: 256 chunk digests
 CHECKPOINT_BYTES = 256 << 20
 CHECKPOINT_SECONDS = 2.0
@@ -144,14 +153,18 @@ class Resyncer:
         checkpoint = {"time": time.monotonic(), "bytes": 0}
         checkpoint_lock = asyncio.Lock()
         gate = asyncio.Semaphore(PIPELINE)
+        finished: list[int] = []  # the journal's last seq as each range finished, in order
 
-        async def one(pos: int, piece: int) -> None:
+        async def one(pos: int, piece: int, index: int) -> None:
             """One range: hashed, compared and journaled while the next ones are hashed."""
             try:
                 await self._journal_room()
                 if disk.overflowed:
                     return
-                await self._sync_range(pos, piece, stats)
+                back = index - APPLY_LAG
+                applied = finished[min(back, len(finished) - 1)] if back >= 0 and finished else 0
+                await self._sync_range(pos, piece, stats, applied)
+                finished.append(disk.journaled_seq)
                 if disk.overflowed or disk.bitmap is None:
                     return  # bits set meanwhile must survive: a new pass starts later
                 disk.resynced(pos, piece)
@@ -170,6 +183,7 @@ class Resyncer:
                 gate.release()
 
         counted = False
+        index = 0
         try:
             async with asyncio.TaskGroup() as tg:
                 for offset, length in regions:
@@ -178,7 +192,8 @@ class Resyncer:
                         if disk.overflowed:
                             gate.release()
                             break
-                        tg.create_task(one(pos, min(RANGE, offset + length - pos)))
+                        tg.create_task(one(pos, min(RANGE, offset + length - pos), index))
+                        index += 1
             if disk.overflowed:
                 return stats
             await disk.checkpoint_resync()
@@ -222,10 +237,25 @@ class Resyncer:
                 return
             await asyncio.sleep(0.05)
 
-    async def _sync_range(self, offset: int, length: int, stats: SyncStats) -> None:
-        """Level 1 over a range, then level 2 over its differing chunks (one request each)."""
+    async def _sync_range(
+        self, offset: int, length: int, stats: SyncStats, applied: int = 0
+    ) -> None:
+        """Level 1 over a range, then level 2 over its differing chunks (one request each).
+        ``applied``: a seq the replica must have applied first (flow control, see above)."""
         disk = self.disk
-        seq = disk.write_seq  # not resync's own records: they are in other ranges
+        seq = max(disk.write_seq, applied)  # resync's own records are in other ranges
+        end = min(offset + length, disk.size)
+        # The replica's digests first: a chunk it holds as zeros (all of a fresh replica)
+        # differs wherever the source holds data, so the source's is not needed, and not
+        # read (the shipper finds the zero blocks in it anyway). A write made after `seq`
+        # only makes its chunk differ, and be sent again.
+        reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)
+        replica = reply.split()
+        zero_replica = {
+            i
+            for i, digest in enumerate(replica)
+            if digest == zero_digest(min(CHUNK, end - (offset + i * CHUNK)))
+        }
         source = await asyncio.to_thread(
             chunk_digests,
             disk.image_fd,
@@ -234,10 +264,9 @@ class Resyncer:
             CHUNK,
             disk.size,
             mapped=not disk.scan_only,  # another program writing it may shrink it
+            skip=zero_replica,
         )
         stats.hashed_bytes += source.bytes_read
-        reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)
-        replica = reply.split()
         differing = [
             i for i, (a, b) in enumerate(zip(source.digests, replica, strict=False)) if a != b
         ]
@@ -245,14 +274,9 @@ class Resyncer:
         stats.differing_chunks += len(differing)
         if not differing:
             return
-        end = min(offset + length, disk.size)
-        # Chunks the replica holds as zeros (a fresh replica): every non-zero source block
-        # differs, so their block digests need not be asked for.
-        zero_chunks = {
-            i
-            for i in differing
-            if replica[i] == zero_digest(min(CHUNK, end - (offset + i * CHUNK)))
-        }
+        # Differing chunks the replica holds as zeros: every non-zero source block differs,
+        # so their block digests need not be asked for.
+        zero_chunks = zero_replica.intersection(differing)
         asked = [i for i in differing if i not in zero_chunks]
         blocks = await self._block_digests(offset, length, asked) if asked else {}
         if disk.scan_only:  # another program writes the image: journal its bytes as read

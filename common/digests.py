@@ -15,11 +15,12 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import xxhash
 
+NOT_HASHED = b""  # chunk_digests' digest of a skipped chunk that holds data (see skip)
 READ_SPAN = 4 << 20  # bytes per read, into a pooled buffer (see _take_buffer)
 _POOL: list[bytearray] = []  # read buffers given back, reused: a fresh one costs page faults
 _POOL_LOCK = threading.Lock()
@@ -104,6 +105,7 @@ def chunk_digests(
     read_span: int = READ_SPAN,
     *,
     mapped: bool = False,
+    skip: Container[int] = (),
 ) -> DigestResult:
     """Digests of the chunks of [offset, offset+length) (clipped to ``size``), read
     ``read_span`` bytes at a time. Raises OSError.
@@ -113,6 +115,10 @@ def chunk_digests(
     cached image). Only for a regular file the caller owns and never shrinks (a mapped page
     past a truncated end would raise SIGBUS): the agent's image, the process server's
     replica. Spans past the file's current end, and anything not a regular file, are read.
+
+    ``skip``: indices (within the range) of chunks whose digest the caller does not need
+    because it compares them with zeros: a hole still gets the zero digest, a chunk holding
+    data gets ``NOT_HASHED`` (equal to no digest) and is not read.
     """
     end = min(offset + length, size)
     st = os.fstat(fd)
@@ -136,6 +142,8 @@ def chunk_digests(
                 r += 1
             if r >= len(ranges) or ranges[r][0] >= cend:
                 digests.append(zero_digest(cend - pos))
+            elif skip and (pos - offset) // chunk in skip:
+                digests.append(NOT_HASHED)
             else:
                 if not (buf_start <= pos and cend <= buf_start + len(buf)):
                     span = min(max(read_span, cend - pos), end - pos)  # never grows: end - pos
