@@ -7,8 +7,8 @@ and how far the journal had got. Two properties (agent/resync.py, steps 1 and 3)
 
 - the source is not read for chunks the replica holds as zeros: a fresh replica costs the
   agent no hashing pass, only the shipper's one read of each reference;
-- a range asks for digests only once the replica has applied what was journaled
-  ``APPLY_LAG`` ranges earlier, so the journal never runs more than that far ahead of the
+- a range asks for digests only once the replica has applied all but the last ``APPLY_LAG``
+  bytes (and one range) of resync data, so the journal never runs further ahead of the
   applier (without it, references, which cost the journal nothing, ran the whole disk ahead).
 """
 
@@ -80,13 +80,13 @@ async def test_fresh_replica_resync_reads_nothing_and_stays_within_the_apply_lag
         assert stats.hashed_bytes == 0, stats  # nothing read to compare with zeros
         assert stats.sent_bytes == size // 2  # every data MiB journaled as a reference
         assert len(replica.requests) == size // RANGE
-        per_range = RANGE // 2 // REF_MAX  # references journaled by one range
-        assert disk.journaled_seq - first_seq == size // RANGE * per_range
+        assert disk.journaled_seq - first_seq == size // REF_MAX // 2  # 1 MiB references
         for offset, min_seq, journaled in replica.requests:
-            index = offset // RANGE
-            # The replica must have applied all but the last APPLY_LAG ranges' records.
-            assert journaled - min_seq <= APPLY_LAG * per_range, (index, min_seq, journaled)
-            if index >= APPLY_LAG + 2:  # some range before it finished: it waits for one
-                assert min_seq > first_seq, (index, min_seq)
+            sent = (journaled - first_seq) * REF_MAX  # resync data journaled before the request
+            # The replica must have applied all but the last APPLY_LAG bytes (+ one range).
+            unapplied = (journaled - max(min_seq, first_seq)) * REF_MAX
+            assert unapplied <= APPLY_LAG + RANGE // 2, (offset, min_seq, journaled)
+            if sent >= APPLY_LAG + RANGE:  # so some range had finished that far back
+                assert min_seq > first_seq, (offset, min_seq, journaled)
     finally:
         await disk.close()
