@@ -14,7 +14,7 @@ import pytest
 
 from common.at_rest import Keyring, Sealer
 from common.durable import read_json
-from process_server.replica import TAG_BATCH, ReplicaDisk
+from process_server.replica import TAG_BATCH, ReplicaDisk, recycle_count
 from protocol.batch import Extent, Limits, decode_batch, encode_batch, peek_batch_header
 
 
@@ -216,3 +216,13 @@ async def test_a_cancelled_applier_returns_only_after_its_group_is_written(
     disk.close()
     with open(tmp_path / "c1" / "replica.img", "rb") as replica:
         assert replica.read(4096) == b"c" * 4096
+
+
+def test_the_cache_keeps_an_eighth_of_its_quota_in_segments_for_reuse() -> None:
+    """docs/operations.md, "Disk space: reused log segments"."""
+    mib = 1 << 20
+    assert recycle_count(16 << 30, 64 * mib) == 16  # the defaults: 1 GiB kept at most
+    assert recycle_count(4 << 30, 64 * mib) == 8
+    assert recycle_count(1 << 30, 64 * mib) == 2
+    assert recycle_count(16 * mib, 64 * mib) == 2  # a quota under one segment
+    assert recycle_count(1 << 40, 64 * mib) == 16
