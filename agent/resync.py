@@ -5,7 +5,11 @@ How (each side hashes locally; only digests and differing data cross the wire):
 1. Level 1: from the process server, XXH3-128 of every 64 KiB chunk of a range of the
    replica once it has applied every write journaled before the request; then the same
    of the source, except holes and chunks the replica holds as zeros (all of a fresh
-   replica), which are not read: such a chunk differs wherever the source holds data.
+   replica), which are not hashed (nor read, but where a span read for a neighbour covers
+   them): such a chunk differs wherever the source holds data, so it is journaled as a
+   reference. Where the source's holes are unknown (a block device, a fully allocated
+   file) that includes its all-zero chunks: the shipper reads them once and sends them as
+   zero extents, where the hashing pass would have read them once and sent nothing.
    The records of the ranges just before are not waited for: they lie in other ranges
    (ranges are disjoint), so the agent hashes and journals ahead while the shipper and
    the process server catch up (a record of an earlier, interrupted pass that is not
@@ -18,14 +22,15 @@ How (each side hashes locally; only digests and differing data cross the wire):
    exactly-once, crash safety and ordering come from the journal. The records are
    *references* (agent/journal.py): the shipper reads the bytes from the image when it
    builds the batch, so they are written once, to the replica, not also to the journal.
-3. Flow control: a range's digest request also waits until the replica applied all but
-   the last ``APPLY_LAG`` bytes (and at most one range more) of resync data journaled, so
-   a resync that sends much runs at the pace of the process server's applier, not of its
-   cache. Otherwise references, which cost the journal nothing, are journaled and
-   acknowledged far ahead, and the process server's cache grows (measured: the whole
-   ~1 GB of an initial sync at times) into page-cache pages it never wrote before, while
-   its applier reads back and decodes again what no longer fits in memory (32 MiB,
-   ``DECODED_LIMIT``, process_server/replica.py). A resync that sends little never waits
+3. Flow control: a range's digest request also waits until the replica applied what was
+   journaled up to the last range to finish with ``APPLY_LAG`` bytes of resync data
+   journaled after it (``_Pacer``; the ranges in flight journal more meanwhile, up to
+   ``PIPELINE`` ranges), so a resync that sends much runs at the pace of the process
+   server's applier, not of its cache. Otherwise references, which cost the journal
+   nothing, are journaled and acknowledged far ahead, and the process server's cache grows
+   (measured: the whole ~1 GB of an initial sync at times) into page-cache pages it never
+   wrote before, while its applier reads back and decodes again what no longer fits in
+   memory (32 MiB, ``DECODED_LIMIT``, process_server/replica.py). A resync that sends little never waits
    (counting ranges instead of bytes made a 1% resync ~30% slower: every range waited for
    a round trip through the shipper's batching and the cache).
 4. Progress is the dirty bitmap: a range's bits are cleared once its records are in the
@@ -157,9 +162,7 @@ class Resyncer:
         checkpoint = {"time": time.monotonic(), "bytes": 0}
         checkpoint_lock = asyncio.Lock()
         gate = asyncio.Semaphore(PIPELINE)
-        # As each range finished, in order: resync bytes journaled so far, the journal's seq.
-        finished_bytes: list[int] = []
-        finished_seqs: list[int] = []
+        pacer = _Pacer(disk)
 
         async def one(pos: int, piece: int) -> None:
             """One range: hashed, compared and journaled while the next ones are hashed."""
@@ -167,12 +170,8 @@ class Resyncer:
                 await self._journal_room()
                 if disk.overflowed:
                     return
-                # The newest seq with at least APPLY_LAG bytes of resync data journaled since.
-                k = bisect.bisect_right(finished_bytes, stats.sent_bytes - APPLY_LAG)
-                applied = finished_seqs[k - 1] if k else 0
-                await self._sync_range(pos, piece, stats, applied)
-                finished_bytes.append(stats.sent_bytes)
-                finished_seqs.append(disk.journaled_seq)
+                await self._sync_range(pos, piece, stats, pacer.applied_first(stats.sent_bytes))
+                pacer.range_done(stats.sent_bytes)
                 if disk.overflowed or disk.bitmap is None:
                     return  # bits set meanwhile must survive: a new pass starts later
                 disk.resynced(pos, piece)
@@ -441,6 +440,39 @@ class Resyncer:
             disk.mark_dirty(merged, "verify-repair")
             self.wake.set()
         return report
+
+
+class _Pacer:
+    """Resync's flow control (module comment, step 3): which seq the replica must have
+    applied before a range asks for its digests."""
+
+    def __init__(self, disk: ProtectedDisk) -> None:
+        self.disk = disk
+        self._epoch = disk.epoch
+        # As ranges finished, in order: resync bytes journaled so far, the journal's seq.
+        self._bytes: list[int] = []
+        self._seqs: list[int] = []
+
+    def applied_first(self, sent: int) -> int:
+        """The newest seq after which at least APPLY_LAG bytes of resync data were journaled
+        (0: none yet); never past the journal, whose numbering a rebase may restart."""
+        self._same_numbering()
+        k = bisect.bisect_right(self._bytes, sent - APPLY_LAG)
+        if not k:
+            return 0
+        del self._bytes[: k - 1], self._seqs[: k - 1]  # older ones are never needed again
+        return min(self._seqs[0], self.disk.journaled_seq)
+
+    def range_done(self, sent: int) -> None:
+        self._same_numbering()
+        self._bytes.append(sent)
+        self._seqs.append(self.disk.journaled_seq)
+
+    def _same_numbering(self) -> None:
+        if self.disk.epoch != self._epoch:  # a rebase restarted the seqs: forget the old ones
+            self._epoch = self.disk.epoch
+            self._bytes.clear()
+            self._seqs.clear()
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.digests import chunk_digests, data_ranges
+from common.digests import NOT_HASHED, chunk_digests, data_ranges, zero_digest
 from common.durable import zero_range
 
 CHUNK = 64 << 10
@@ -114,3 +114,33 @@ def test_a_device_is_read_not_mapped() -> None:
         os.close(fd)
     assert result.digests == [xxhash.xxh3_128_digest(bytes(CHUNK))] * 3
     assert result.bytes_read == 3 * CHUNK
+
+
+def test_skipped_chunks_are_not_hashed_holes_still_get_the_zero_digest(tmp_path: Path) -> None:
+    """``skip``: a skipped chunk holding data gets NOT_HASHED and is not read; a skipped hole
+    still gets the digest of zeros (it equals a zero replica chunk); the others as usual."""
+    path = tmp_path / "img"
+    with open(path, "wb") as f:
+        f.truncate(8 * CHUNK)
+        for i in (0, 1, 5):  # data in chunks 0, 1 and 5; holes elsewhere
+            f.seek(i * CHUNK)
+            f.write(os.urandom(CHUNK))
+    size = 8 * CHUNK
+    expected = expected_digests(path, 0, size, size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if data_ranges(fd, 0, size) == [(0, size)]:
+            return  # this filesystem keeps no holes: nothing to tell apart
+        for mapped in (False, True):
+            every = chunk_digests(fd, 0, size, CHUNK, size, mapped=mapped, skip={0, 1, 2, 5})
+            assert every.digests[0] == every.digests[1] == every.digests[5] == NOT_HASHED
+            assert every.digests[2] == zero_digest(CHUNK)  # a skipped hole
+            assert every.digests[3:5] + every.digests[6:] == expected[3:5] + expected[6:]
+            assert every.bytes_read == 0
+            some = chunk_digests(fd, 0, size, CHUNK, size, mapped=mapped, skip={1})
+            assert some.digests[1] == NOT_HASHED
+            assert [d for i, d in enumerate(some.digests) if i != 1] == [
+                d for i, d in enumerate(expected) if i != 1
+            ]
+    finally:
+        os.close(fd)

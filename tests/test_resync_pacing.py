@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from agent.disk import ProtectedDisk
-from agent.resync import APPLY_LAG, CHUNK, RANGE, REF_MAX, Resyncer
+from agent.resync import APPLY_LAG, CHUNK, RANGE, REF_MAX, Resyncer, _Pacer
 from common.digests import zero_digest
 from protocol.frames import DigestReply
 
@@ -82,6 +83,7 @@ async def test_fresh_replica_resync_reads_nothing_and_stays_within_the_apply_lag
         assert len(replica.requests) == size // RANGE
         assert disk.journaled_seq - first_seq == size // REF_MAX // 2  # 1 MiB references
         for offset, min_seq, journaled in replica.requests:
+            assert min_seq <= journaled  # never a seq the journal does not hold (a hang)
             sent = (journaled - first_seq) * REF_MAX  # resync data journaled before the request
             # The replica must have applied all but the last APPLY_LAG bytes (+ one range).
             unapplied = (journaled - max(min_seq, first_seq)) * REF_MAX
@@ -90,3 +92,19 @@ async def test_fresh_replica_resync_reads_nothing_and_stays_within_the_apply_lag
                 assert min_seq > first_seq, (offset, min_seq, journaled)
     finally:
         await disk.close()
+
+
+def test_the_pacer_forgets_seqs_a_rebase_restarted() -> None:
+    """After a rebase (seq numbering restarted, ``epoch`` bumped) no older seq is asked for:
+    the replica will never apply it, and the digest request would wait until its timeout."""
+    disk = SimpleNamespace(epoch=0, journaled_seq=0)
+    pacer = _Pacer(disk)  # type: ignore[arg-type]
+    for n in range(1, 9):  # eight ranges of 16 MiB each: seqs 100, 200, ...
+        disk.journaled_seq = 100 * n
+        pacer.range_done(n * RANGE)
+    # APPLY_LAG bytes back from 8 ranges' worth: the range that finished at 8 * RANGE - LAG.
+    assert pacer.applied_first(8 * RANGE) == 100 * ((8 * RANGE - APPLY_LAG) // RANGE)
+    disk.epoch, disk.journaled_seq = 1, 5  # rebased: the journal restarts lower
+    assert pacer.applied_first(8 * RANGE) == 0
+    pacer.range_done(9 * RANGE)
+    assert pacer.applied_first(9 * RANGE + APPLY_LAG) == 5
