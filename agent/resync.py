@@ -30,9 +30,9 @@ How (each side hashes locally; only digests and differing data cross the wire):
    nothing, are journaled and acknowledged far ahead, and the process server's cache grows
    (measured: the whole ~1 GB of an initial sync at times) into page-cache pages it never
    wrote before, while its applier reads back and decodes again what no longer fits in
-   memory (32 MiB, ``DECODED_LIMIT``, process_server/replica.py). A resync that sends little never waits
-   (counting ranges instead of bytes made a 1% resync ~30% slower: every range waited for
-   a round trip through the shipper's batching and the cache).
+   memory (32 MiB, ``DECODED_LIMIT``, process_server/replica.py). A resync that sends
+   little never waits (counting ranges instead of bytes made a 1% resync ~30% slower:
+   every range waited for a round trip through the shipper's batching and the cache).
 4. Progress is the dirty bitmap: a range's bits are cleared once its records are in the
    journal, and the bitmap is persisted after the journal is synced (a checkpoint), so an
    interrupted sync resumes where it stopped.
@@ -248,7 +248,9 @@ class Resyncer:
         """Level 1 over a range, then level 2 over its differing chunks (one request each).
         ``applied``: a seq the replica must have applied first (flow control, see above)."""
         disk = self.disk
-        seq = max(disk.write_seq, applied)  # resync's own records are in other ranges
+        # Every write journaled so far; resync's own records only as far as the pacing asks
+        # (they lie in other ranges).
+        seq = max(disk.write_seq, applied)
         end = min(offset + length, disk.size)
         # The replica's digests first: a chunk it holds as zeros (all of a fresh replica)
         # differs wherever the source holds data, so the source's is not needed, and not
