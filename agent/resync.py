@@ -49,6 +49,7 @@ import bisect
 import logging
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,11 @@ REF_MAX = 1 << 20  # longest reference record (the shipper reads it into one bat
 
 
 _ZERO_BLOCK = zero_digest(4 << 10)[:8]
+
+
+def _chunk_length(offset: int, end: int, i: int) -> int:
+    """Length of chunk ``i`` of a range starting at ``offset`` and clipped at ``end``."""
+    return min(CHUNK, end - (offset + i * CHUNK))
 
 
 def split(digests: bytes) -> list[bytes]:
@@ -261,7 +267,7 @@ class Resyncer:
         zero_replica = {
             i
             for i, digest in enumerate(replica)
-            if digest == zero_digest(min(CHUNK, end - (offset + i * CHUNK)))
+            if digest == zero_digest(_chunk_length(offset, end, i))
         }
         source = await asyncio.to_thread(
             chunk_digests,
@@ -288,14 +294,13 @@ class Resyncer:
         blocks = await self._block_digests(offset, length, asked) if asked else {}
         if disk.scan_only:  # another program writes the image: journal its bytes as read
             for i in zero_chunks:
-                blocks[i] = [_ZERO_BLOCK] * -(-min(CHUNK, end - (offset + i * CHUNK)) // BLOCK)
+                blocks[i] = [_ZERO_BLOCK] * -(-_chunk_length(offset, end, i) // BLOCK)
             asked = differing
         else:
             self._journal_zero_replica_chunks(offset, end, sorted(zero_chunks), stats)
-        stats.hashed_bytes += sum(min(CHUNK, end - (offset + i * CHUNK)) for i in asked)
+        stats.hashed_bytes += sum(_chunk_length(offset, end, i) for i in asked)
         for i in asked:
-            chunk_offset = offset + i * CHUNK
-            self._sync_chunk(chunk_offset, min(CHUNK, end - chunk_offset), blocks[i], stats)
+            self._sync_chunk(offset + i * CHUNK, _chunk_length(offset, end, i), blocks[i], stats)
             await asyncio.sleep(0)  # each chunk is one loop step; let writers in between
 
     def _journal_zero_replica_chunks(
@@ -342,7 +347,7 @@ class Resyncer:
         pos = 0
         end = min(offset + length, self.disk.size)
         for i in chunks:
-            n = -(-min(CHUNK, end - (offset + i * CHUNK)) // BLOCK)
+            n = -(-_chunk_length(offset, end, i) // BLOCK)
             out[i] = digests[pos : pos + n]
             pos += n
         return out
@@ -451,30 +456,27 @@ class _Pacer:
     def __init__(self, disk: ProtectedDisk) -> None:
         self.disk = disk
         self._epoch = disk.epoch
-        # As ranges finished, in order: resync bytes journaled so far, the journal's seq.
-        self._bytes: list[int] = []
-        self._seqs: list[int] = []
+        # As ranges finished, in order: (resync bytes journaled so far, the journal's seq).
+        self._finished: list[tuple[int, int]] = []
 
     def applied_first(self, sent: int) -> int:
         """The newest seq after which at least APPLY_LAG bytes of resync data were journaled
         (0: none yet); never past the journal, whose numbering a rebase may restart."""
         self._same_numbering()
-        k = bisect.bisect_right(self._bytes, sent - APPLY_LAG)
+        k = bisect.bisect_right(self._finished, sent - APPLY_LAG, key=itemgetter(0))
         if not k:
             return 0
-        del self._bytes[: k - 1], self._seqs[: k - 1]  # older ones are never needed again
-        return min(self._seqs[0], self.disk.journaled_seq)
+        del self._finished[: k - 1]  # older ones are never needed again
+        return min(self._finished[0][1], self.disk.journaled_seq)
 
     def range_done(self, sent: int) -> None:
         self._same_numbering()
-        self._bytes.append(sent)
-        self._seqs.append(self.disk.journaled_seq)
+        self._finished.append((sent, self.disk.journaled_seq))
 
     def _same_numbering(self) -> None:
         if self.disk.epoch != self._epoch:  # a rebase restarted the seqs: forget the old ones
             self._epoch = self.disk.epoch
-            self._bytes.clear()
-            self._seqs.clear()
+            self._finished.clear()
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
