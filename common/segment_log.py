@@ -23,6 +23,11 @@ range). Rules it keeps:
   authentication raises :class:`IntegrityError`, and segments are marked sealed in their
   header so a log is never read with the wrong setting. Without a sealer the format and the
   behaviour are exactly those of a plain log.
+- Optionally (``drop_synced``, for a log written once and rarely read: the undo log) the
+  pages of every record are dropped from the page cache once an fdatasync made them durable.
+  Such a log only grows, so without this each of its bytes takes a page the page cache never
+  held before: memory that other data (the replica's pages) could use, and on a VM whose
+  guest memory is backed on first touch, the costliest write there is (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ SEGMENT_HEADER = struct.Struct(">8sII")  # magic, version, flags (reserved befor
 SEGMENT_SEALED = 1  # flag: every payload in the segment is sealed
 RECORD_HEADER = struct.Struct(">QIBQQ")  # checksum, payload size, tag, first_seq, last_seq
 _READ_CHUNK = 1 << 20
+PAGE = os.sysconf("SC_PAGESIZE")
 _SEAL_AAD = struct.Struct(">BQQ")  # tag, first_seq, last_seq: authenticated with a sealed payload
 
 
@@ -85,6 +91,7 @@ class _Segment:
     last_seq: int  # first_seq - 1 while empty
     dirty: bool = False
     reused: bool = False  # a kept file: its old records lie past ``size``
+    dropped: int = 0  # pages before this offset were dropped from the page cache (drop_synced)
 
 
 @dataclass(slots=True)
@@ -130,9 +137,11 @@ class SegmentLog:
         segment_bytes: int,
         sealer: Sealer | None = None,
         recycle: int = 0,
+        drop_synced: bool = False,
     ) -> None:
         self.directory = directory
         self.recycle = recycle
+        self.drop_synced = drop_synced
         self._pool: list[tuple[Path, int]] = []  # released segment files kept for reuse
         self.sealer = sealer
         self._flags = SEGMENT_SEALED if sealer is not None else 0
@@ -159,10 +168,12 @@ class SegmentLog:
         segment_bytes: int = 64 << 20,
         sealer: Sealer | None = None,
         recycle: int = 0,
+        drop_synced: bool = False,
     ) -> SegmentLog:
         """Open (creating if needed) the log in ``directory``; ``base_seq`` is the first seq of an
         empty new log; ``sealer`` seals payloads (None: plain records); ``recycle``: released
-        segment files kept for reuse (0: deleted). Raises IntegrityError
+        segment files kept for reuse (0: deleted); ``drop_synced``: drop durable records from
+        the page cache (module comment). Raises IntegrityError
         when the log is corrupt outside its tail, or holds records sealed while no sealer is
         given (or plain ones while one is)."""
         flags = SEGMENT_SEALED if sealer is not None else 0
@@ -236,7 +247,15 @@ class SegmentLog:
             os.fdatasync(seg.fd)
             seg.dirty = False
         fsync_dir(directory)
-        log = cls(directory, segments, segments[-1].last_seq + 1, segment_bytes, sealer, recycle)
+        log = cls(
+            directory,
+            segments,
+            segments[-1].last_seq + 1,
+            segment_bytes,
+            sealer,
+            recycle,
+            drop_synced,
+        )
         log.truncated_bytes = truncated
         return log
 
@@ -359,8 +378,11 @@ class SegmentLog:
         for seg in segments:
             seg.dirty = False  # appends during the sync mark them again
         dir_dirty, self._dir_dirty = self._dir_dirty, False
+        drops = self._drops(segments)  # sizes taken now: later appends are not durable yet
         try:
-            await asyncio.to_thread(self._sync_fds, [s.fd for s in segments], dir_dirty)
+            await asyncio.to_thread(
+                self._sync_then_drop, [s.fd for s in segments], dir_dirty, drops
+            )
         except OSError as exc:
             self._failed = exc
             for seg in segments:
@@ -370,21 +392,43 @@ class SegmentLog:
         finally:
             self._sync_task = None
         self._synced = max(self._synced, generation)
+        self._note_dropped(drops)
 
     def sync_blocking(self) -> None:
         generation = self._written
-        fds = [s.fd for s in self._segments if s.dirty]
-        self._sync_fds(fds, self._dir_dirty)
+        segments = [s for s in self._segments if s.dirty]
+        drops = self._drops(segments)
+        self._sync_then_drop([s.fd for s in segments], self._dir_dirty, drops)
         for s in self._segments:
             s.dirty = False
         self._dir_dirty = False
         self._synced = generation
+        self._note_dropped(drops)
+
+    def _drops(self, segments: list[_Segment]) -> list[tuple[_Segment, int]]:
+        """``(segment, end)`` of the records to drop from the page cache once synced."""
+        if not self.drop_synced:
+            return []
+        return [(s, s.size) for s in segments if s.size > s.dropped]
 
     def _sync_fds(self, fds: list[int], dir_dirty: bool) -> None:
         for fd in fds:
             os.fdatasync(fd)
         if dir_dirty:
             fsync_dir(self.directory)
+
+    def _sync_then_drop(
+        self, fds: list[int], dir_dirty: bool, drops: list[tuple[_Segment, int]]
+    ) -> None:
+        self._sync_fds(fds, dir_dirty)
+        for seg, end in drops:  # clean now: dropped, not written back (a partial last page stays)
+            with contextlib.suppress(OSError):  # only a hint: the records are durable either way
+                os.posix_fadvise(seg.fd, seg.dropped, end - seg.dropped, os.POSIX_FADV_DONTNEED)
+
+    @staticmethod
+    def _note_dropped(drops: list[tuple[_Segment, int]]) -> None:
+        for seg, end in drops:
+            seg.dropped = max(seg.dropped, end & ~(PAGE - 1))  # the next drop retries the page
 
     async def release_through(self, seq: int) -> int:
         """Delete whole segments whose records are all ``<= seq``; returns bytes freed."""

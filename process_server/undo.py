@@ -81,7 +81,11 @@ class UndoLog:
         does not match ``sealer``)."""
         try:
             log = SegmentLog.open(
-                directory, base_seq=applied_seq + 1, segment_bytes=segment_bytes, sealer=sealer
+                directory,
+                base_seq=applied_seq + 1,
+                segment_bytes=segment_bytes,
+                sealer=sealer,
+                drop_synced=True,  # written once, read only to rebuild a point
             )
         except SealingMismatch as exc:
             raise SealingMismatch(

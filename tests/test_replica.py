@@ -7,6 +7,7 @@ import base64
 import contextlib
 import os
 import random
+import subprocess
 import threading
 from pathlib import Path
 
@@ -226,3 +227,56 @@ def test_the_cache_keeps_an_eighth_of_its_quota_in_segments_for_reuse() -> None:
     assert recycle_count(1 << 30, 64 * mib) == 2
     assert recycle_count(16 * mib, 64 * mib) == 2  # a quota under one segment
     assert recycle_count(1 << 40, 64 * mib) == 16
+
+
+async def test_the_undo_log_leaves_the_page_cache_and_still_rebuilds_a_point(
+    tmp_path: Path,
+) -> None:
+    """The undo log's records (old contents, written once, read only to rebuild a point) are
+    out of the page cache once durable, checked with util-linux's ``fincore``; a view at the
+    first point still reads that point's bytes, from the disk."""
+    disk = ReplicaDisk.open(
+        tmp_path,
+        "u1",
+        limits=Limits(),
+        apply_sync_interval=0.0,
+        cache_quota=1 << 30,
+        cache_segment=1 << 20,
+        create=("agent", 4 << 20),
+        undo=True,
+        undo_segment=1 << 20,
+    )
+    rng = random.Random(7)
+    first = rng.randbytes(4 << 20)
+    applier = asyncio.ensure_future(disk.run_applier())
+    try:
+        for seq in range(1, 41):
+            data = first if seq == 1 else rng.randbytes(64 << 10)
+            offset = 0 if seq == 1 else rng.randrange(64) * (64 << 10)
+            batch = encode_batch(
+                "u1", seq, seq, [Extent(offset, len(data), data)], newest_write_ns=seq
+            )
+            disk.append_batch(batch, peek_batch_header(batch))
+            await disk.sync_cache()
+        await disk.wait_applied(40)
+        await disk.make_applied_durable()
+
+        def resident(path: Path) -> int:
+            out = subprocess.run(
+                ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            return int(out.split()[0])
+
+        segments = sorted((tmp_path / "u1" / "undo").glob("*.seg"))
+        assert sum(p.stat().st_size for p in segments) > 2 << 20  # 39 records of old data
+        assert all(resident(p) <= os.sysconf("SC_PAGESIZE") for p in segments)
+        view = await disk.open_view_async(1)
+        assert view.read(0, 4 << 20) == first
+        disk.close_view(view)
+    finally:
+        applier.cancel()
+        await asyncio.gather(applier, return_exceptions=True)
+        disk.close()

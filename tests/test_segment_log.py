@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -352,3 +353,50 @@ async def test_bytes_used_is_the_size_of_the_segments(tmp_path: Path, recycle: i
     reopened = SegmentLog.open(tmp_path, segment_bytes=16 << 10, recycle=recycle)
     check(reopened)
     reopened.close()
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as util-linux's ``fincore`` reports them."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+async def test_drop_synced_leaves_durable_records_out_of_the_page_cache(
+    tmp_path: Path, blocking: bool
+) -> None:
+    """A ``drop_synced`` log (the undo log) keeps none of its durable records in the page
+    cache, beyond the partial page at each segment's end; records not yet synced stay (they
+    are dirty: dropping would only write them back early); a plain log keeps all of them;
+    everything reads back whole from the disk."""
+    page = segment_log.PAGE
+    dropping = SegmentLog.open(tmp_path / "drop", segment_bytes=1 << 20, drop_synced=True)
+    keeping = SegmentLog.open(tmp_path / "keep", segment_bytes=1 << 20)
+    written: dict[SegmentLog, list[bytes]] = {dropping: [], keeping: []}
+
+    async def sync(log: SegmentLog) -> None:
+        if blocking:
+            log.sync_blocking()
+        else:
+            await log.sync()
+
+    for log in (dropping, keeping):
+        for _ in range(2):  # the second round drops the page the first left partial
+            written[log] += _fill(log, [50_000 + i for i in range(30)])
+            await sync(log)
+    segments = _segments(tmp_path / "drop")
+    assert len(segments) >= 3
+    for path in segments:
+        assert _resident(path) <= page, path
+    kept = _segments(tmp_path / "keep")
+    assert sum(_resident(p) for p in kept) >= sum(p.stat().st_size for p in kept) - page
+    written[dropping] += _fill(dropping, [300_000])  # appended, not synced: still cached
+    assert _resident(_segments(tmp_path / "drop")[-1]) >= 300_000 - page
+    for log, payloads in written.items():
+        assert [bytes(r.payload) for r in log.read_records(1, 1 << 30)] == payloads
+        log.close()
