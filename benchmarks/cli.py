@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_rates,
         default=None,
         metavar="MB/S,...",
-        help="rpo: churn rates in MB/s (default 10,50,100,200; 10,50 with --quick)",
+        help="rpo: churn rates in MB/s (default 10,50,100,150,200; 10,50 with --quick)",
     )
     p.add_argument(
         "--plots",
