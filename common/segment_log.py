@@ -23,11 +23,13 @@ range). Rules it keeps:
   authentication raises :class:`IntegrityError`, and segments are marked sealed in their
   header so a log is never read with the wrong setting. Without a sealer the format and the
   behaviour are exactly those of a plain log.
-- Optionally (``drop_synced``, for a log written once and rarely read: the undo log) the
-  pages of every record are dropped from the page cache once an fdatasync made them durable.
-  Such a log only grows, so without this each of its bytes takes a page the page cache never
-  held before: memory that other data (the replica's pages) could use, and on a VM whose
-  guest memory is backed on first touch, the costliest write there is (docs/operations.md).
+- Optionally (``drop_synced``, for a log rarely read back: the undo log, the process
+  server's cache) the pages of every record are dropped from the page cache once an
+  fdatasync made them durable. Without this each of its bytes takes a page the page cache
+  did not hold before (the undo log only grows; the cache swings by hundreds of MiB): memory
+  that other data (the replica's pages) could use, and on a VM whose guest memory is backed
+  on first touch, the costliest write there is; pages freed a moment before cost far less
+  to fill (docs/operations.md). A recycled file then saves the block allocation only.
 """
 
 from __future__ import annotations

@@ -176,6 +176,9 @@ class ReplicaDisk:
             segment_bytes=cache_segment,
             sealer=sealer.for_context(b"cache:" + disk_id.encode()) if sealer else None,
             recycle=recycle_count(cache_quota, cache_segment),
+            # The applier takes most batches from memory (``_decoded``); the rest it reads
+            # back from the disk (docs/operations.md, "Page cache").
+            drop_synced=True,
         )
         if cache.last_seq < state["applied_seq"]:
             raise IntegrityError(

@@ -16,7 +16,14 @@ import pytest
 from common.at_rest import Keyring, Sealer
 from common.durable import read_json
 from process_server.replica import TAG_BATCH, ReplicaDisk, recycle_count
-from protocol.batch import Extent, Limits, decode_batch, encode_batch, peek_batch_header
+from protocol.batch import (
+    CODEC_RAW,
+    Extent,
+    Limits,
+    decode_batch,
+    encode_batch,
+    peek_batch_header,
+)
 
 
 async def test_applied_seq_is_monotonic_under_concurrent_recording(tmp_path: Path) -> None:
@@ -229,12 +236,13 @@ def test_the_cache_keeps_an_eighth_of_its_quota_in_segments_for_reuse() -> None:
     assert recycle_count(1 << 40, 64 * mib) == 16
 
 
-async def test_the_undo_log_leaves_the_page_cache_and_still_rebuilds_a_point(
+async def test_cache_and_undo_leave_the_page_cache_and_still_serve_their_readers(
     tmp_path: Path,
 ) -> None:
-    """The undo log's records (old contents, written once, read only to rebuild a point) are
-    out of the page cache once durable, checked with util-linux's ``fincore``; a view at the
-    first point still reads that point's bytes, from the disk."""
+    """The cache's batches and the undo log's records are out of the page cache once durable
+    (checked with util-linux's ``fincore``); the applier still reads the batches back (here
+    none is held in memory) and a view at the first point still reads that point's bytes,
+    both from the disk."""
     disk = ReplicaDisk.open(
         tmp_path,
         "u1",
@@ -246,37 +254,51 @@ async def test_the_undo_log_leaves_the_page_cache_and_still_rebuilds_a_point(
         undo=True,
         undo_segment=1 << 20,
     )
+    page = os.sysconf("SC_PAGESIZE")
+
+    def resident(path: Path) -> int:
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return int(out.split()[0])
+
     rng = random.Random(7)
     first = rng.randbytes(4 << 20)
+    for seq in range(1, 41):
+        data = first if seq == 1 else rng.randbytes(64 << 10)
+        offset = 0 if seq == 1 else rng.randrange(64) * (64 << 10)
+        batch = encode_batch(
+            "u1", seq, seq, [Extent(offset, len(data), data)], newest_write_ns=seq, codec=CODEC_RAW
+        )
+        disk.append_batch(batch, peek_batch_header(batch))  # not decoded: read back
+        await disk.sync_cache()
+    cached = sorted((tmp_path / "u1" / "cache").glob("*.seg"))
+    assert sum(p.stat().st_size for p in cached) > 6 << 20
+    assert all(resident(p) <= page for p in cached)
     applier = asyncio.ensure_future(disk.run_applier())
     try:
-        for seq in range(1, 41):
-            data = first if seq == 1 else rng.randbytes(64 << 10)
-            offset = 0 if seq == 1 else rng.randrange(64) * (64 << 10)
-            batch = encode_batch(
-                "u1", seq, seq, [Extent(offset, len(data), data)], newest_write_ns=seq
-            )
-            disk.append_batch(batch, peek_batch_header(batch))
-            await disk.sync_cache()
         await disk.wait_applied(40)
         await disk.make_applied_durable()
-
-        def resident(path: Path) -> int:
-            out = subprocess.run(
-                ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            return int(out.split()[0])
-
         segments = sorted((tmp_path / "u1" / "undo").glob("*.seg"))
         assert sum(p.stat().st_size for p in segments) > 2 << 20  # 39 records of old data
-        assert all(resident(p) <= os.sysconf("SC_PAGESIZE") for p in segments)
+        assert all(resident(p) <= page for p in segments)
         view = await disk.open_view_async(1)
         assert view.read(0, 4 << 20) == first
         disk.close_view(view)
+        with open(disk.replica_path, "rb") as f:
+            replica = f.read()
     finally:
         applier.cancel()
         await asyncio.gather(applier, return_exceptions=True)
         disk.close()
+    expected = bytearray(first)
+    rng = random.Random(7)
+    rng.randbytes(4 << 20)
+    for _ in range(2, 41):
+        data = rng.randbytes(64 << 10)
+        offset = rng.randrange(64) * (64 << 10)
+        expected[offset : offset + len(data)] = data
+    assert replica == expected
