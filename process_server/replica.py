@@ -712,10 +712,11 @@ def recycle_count(cache_quota: int, cache_segment: int) -> int:
 
     The cache is released only as far as the replica is durable, each ``fdatasync`` of the
     replica taking up to a second or two under a bulk load, so it swings by several hundred
-    MiB during an initial sync; with only two files kept, most new segments were new files,
-    whose page-cache pages cost far more to fill than reused ones (docs/operations.md).
-    Measured, 2 GiB of random data synced: 8.7-9.3 s with 12 kept against 10.6-12.0 s with
-    2, process-server CPU 7.5-8.2 s against 9.1-10.7 s."""
+    MiB during an initial sync; with only two files kept, most new segments were new files
+    (docs/operations.md). Measured before the cache dropped its pages once durable (a reused
+    file now saves the block allocation, not the pages), 2 GiB of random data synced:
+    8.7-9.3 s with 12 kept against 10.6-12.0 s with 2, process-server CPU 7.5-8.2 s against
+    9.1-10.7 s."""
     return max(RECYCLE_MIN, min(RECYCLE_MAX, cache_quota // cache_segment // 8))
 
 
