@@ -23,11 +23,10 @@ range). Rules it keeps:
   authentication raises :class:`IntegrityError`, and segments are marked sealed in their
   header so a log is never read with the wrong setting. Without a sealer the format and the
   behaviour are exactly those of a plain log.
-- Optionally (``keep_cached``, for a log rarely read back: the undo log, the process
-  server's cache) the page cache keeps only the newest ``keep_cached`` bytes of durable
-  records: older segments' pages are dropped once an fdatasync made them durable (with 0,
-  every durable record's). Without this each of its bytes takes a page the page cache did
-  not hold before (the undo log only grows; the cache swings by hundreds of MiB): memory
+- Optionally (``drop_synced``, for a log rarely read back: the undo log, the process
+  server's cache) the pages of every record are dropped from the page cache once an
+  fdatasync made them durable. Without this each of its bytes takes a page the page cache
+  did not hold before (the undo log only grows; the cache swings by hundreds of MiB): memory
   that other data (the replica's pages) could use, and on a VM whose guest memory is backed
   on first touch, the costliest write there is; pages freed a moment before cost far less
   to fill (docs/operations.md). A recycled file then saves the block allocation only.
@@ -94,7 +93,7 @@ class _Segment:
     last_seq: int  # first_seq - 1 while empty
     dirty: bool = False
     reused: bool = False  # a kept file: its old records lie past ``size``
-    dropped: int = 0  # pages before this offset were dropped from the page cache (keep_cached)
+    dropped: int = 0  # pages before this offset were dropped from the page cache (drop_synced)
 
 
 @dataclass(slots=True)
@@ -140,11 +139,11 @@ class SegmentLog:
         segment_bytes: int,
         sealer: Sealer | None = None,
         recycle: int = 0,
-        keep_cached: int | None = None,
+        drop_synced: bool = False,
     ) -> None:
         self.directory = directory
         self.recycle = recycle
-        self.keep_cached = keep_cached
+        self.drop_synced = drop_synced
         self._pool: list[tuple[Path, int]] = []  # released segment files kept for reuse
         self.sealer = sealer
         self._flags = SEGMENT_SEALED if sealer is not None else 0
@@ -171,12 +170,12 @@ class SegmentLog:
         segment_bytes: int = 64 << 20,
         sealer: Sealer | None = None,
         recycle: int = 0,
-        keep_cached: int | None = None,
+        drop_synced: bool = False,
     ) -> SegmentLog:
         """Open (creating if needed) the log in ``directory``; ``base_seq`` is the first seq of an
         empty new log; ``sealer`` seals payloads (None: plain records); ``recycle``: released
-        segment files kept for reuse (0: deleted); ``keep_cached``: durable bytes the page
-        cache keeps, the newest (None: all; module comment). Raises IntegrityError
+        segment files kept for reuse (0: deleted); ``drop_synced``: drop durable records from
+        the page cache (module comment). Raises IntegrityError
         when the log is corrupt outside its tail, or holds records sealed while no sealer is
         given (or plain ones while one is)."""
         flags = SEGMENT_SEALED if sealer is not None else 0
@@ -257,7 +256,7 @@ class SegmentLog:
             segment_bytes,
             sealer,
             recycle,
-            keep_cached,
+            drop_synced,
         )
         log.truncated_bytes = truncated
         return log
@@ -408,22 +407,11 @@ class SegmentLog:
         self._synced = generation
         self._note_dropped(drops)
 
-    def _drops(self, syncing: list[_Segment]) -> list[tuple[_Segment, int]]:
-        """``(segment, end)`` of what to drop from the page cache once ``syncing`` is synced:
-        every durable segment (synced before, or now) with ``keep_cached`` bytes or more of
-        newer segments after it."""
-        keep = self.keep_cached
-        if keep is None:
+    def _drops(self, segments: list[_Segment]) -> list[tuple[_Segment, int]]:
+        """``(segment, end)`` of the records to drop from the page cache once synced."""
+        if not self.drop_synced:
             return []
-        drops: list[tuple[_Segment, int]] = []
-        newer = 0
-        now = {id(seg) for seg in syncing}
-        for seg in reversed(self._segments):
-            durable = not seg.dirty or id(seg) in now
-            if newer >= keep and durable and seg.size > seg.dropped:
-                drops.append((seg, seg.size))
-            newer += seg.size
-        return drops
+        return [(s, s.size) for s in segments if s.size > s.dropped]
 
     def _sync_fds(self, fds: list[int], dir_dirty: bool) -> None:
         for fd in fds:

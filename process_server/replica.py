@@ -178,7 +178,7 @@ class ReplicaDisk:
             recycle=recycle_count(cache_quota, cache_segment),
             # The applier takes most batches from memory (``_decoded``); the rest it reads
             # back from the disk (docs/operations.md, "Page cache").
-            keep_cached=0,
+            drop_synced=True,
         )
         if cache.last_seq < state["applied_seq"]:
             raise IntegrityError(

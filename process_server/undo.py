@@ -37,10 +37,6 @@ TAG_UNDO = 2
 TAG_CUT = 3
 HISTORY_FILE = "history.json"
 RECORD_MAX = 256 << 20
-# The newest undo records stay in the page cache (a failover to a recent point reads them from
-# memory); older ones are dropped once durable, so the log does not grow the page cache
-# (docs/operations.md, "Page cache").
-KEEP_CACHED = 1 << 30
 UNDO_LIMITS = Limits(
     max_frame_bytes=1 << 40, max_batch_raw_bytes=(1 << 32) - 1, max_extents=1 << 20
 )
@@ -89,7 +85,7 @@ class UndoLog:
                 base_seq=applied_seq + 1,
                 segment_bytes=segment_bytes,
                 sealer=sealer,
-                keep_cached=KEEP_CACHED,
+                drop_synced=True,  # written once, read only to rebuild a point
             )
         except SealingMismatch as exc:
             raise SealingMismatch(

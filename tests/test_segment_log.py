@@ -367,15 +367,15 @@ def _resident(path: Path) -> int:
 
 
 @pytest.mark.parametrize("blocking", [True, False])
-async def test_keep_cached_0_leaves_durable_records_out_of_the_page_cache(
+async def test_drop_synced_leaves_durable_records_out_of_the_page_cache(
     tmp_path: Path, blocking: bool
 ) -> None:
-    """A ``keep_cached=0`` log (the cache) keeps none of its durable records in the page
+    """A ``drop_synced`` log (the undo log) keeps none of its durable records in the page
     cache, beyond the partial page at each segment's end; records not yet synced stay (they
     are dirty: dropping would only write them back early); a plain log keeps all of them;
     everything reads back whole from the disk."""
     page = segment_log.PAGE
-    dropping = SegmentLog.open(tmp_path / "drop", segment_bytes=1 << 20, keep_cached=0)
+    dropping = SegmentLog.open(tmp_path / "drop", segment_bytes=1 << 20, drop_synced=True)
     keeping = SegmentLog.open(tmp_path / "keep", segment_bytes=1 << 20)
     written: dict[SegmentLog, list[bytes]] = {dropping: [], keeping: []}
 
@@ -400,31 +400,3 @@ async def test_keep_cached_0_leaves_durable_records_out_of_the_page_cache(
     for log, payloads in written.items():
         assert [bytes(r.payload) for r in log.read_records(1, 1 << 30)] == payloads
         log.close()
-
-
-async def test_keep_cached_keeps_the_newest_segments_only(tmp_path: Path) -> None:
-    """With ``keep_cached`` N (the undo log), segments with N bytes or more of newer segments
-    after them leave the page cache once durable; the newest stay, as do records not synced."""
-    page = segment_log.PAGE
-    log = SegmentLog.open(tmp_path, segment_bytes=1 << 20, keep_cached=2 << 20)
-    payloads = _fill(log, [60_000] * 100)  # ~6 MB: 6-7 segments
-    log.sync_blocking()
-    segments = _segments(tmp_path)
-    assert len(segments) >= 6
-    sizes = [p.stat().st_size for p in segments]
-    for index, path in enumerate(segments):
-        newer = sum(sizes[index + 1 :])
-        if newer >= 2 << 20:
-            assert _resident(path) <= page, path
-        else:
-            assert _resident(path) >= sizes[index] - page, path
-    payloads += _fill(log, [60_000] * 40)  # not synced: nothing more is dropped
-    assert _resident(segments[-3]) >= sizes[-3] - page
-    await log.sync()  # the window moved: the older of the kept ones go too
-    segments = _segments(tmp_path)
-    sizes = [p.stat().st_size for p in segments]
-    for index, path in enumerate(segments):
-        if sum(sizes[index + 1 :]) >= 2 << 20:
-            assert _resident(path) <= page, path
-    assert [bytes(r.payload) for r in log.read_records(1, 1 << 30)] == payloads
-    log.close()
