@@ -7,7 +7,6 @@ import base64
 import contextlib
 import os
 import random
-import subprocess
 import threading
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from protocol.batch import (
     encode_batch,
     peek_batch_header,
 )
+from tests.page_cache import resident_bytes
 
 
 async def test_applied_seq_is_monotonic_under_concurrent_recording(tmp_path: Path) -> None:
@@ -256,15 +256,6 @@ async def test_cache_and_undo_leave_the_page_cache_and_still_serve_their_readers
     )
     page = os.sysconf("SC_PAGESIZE")
 
-    def resident(path: Path) -> int:
-        out = subprocess.run(
-            ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        return int(out.split()[0])
-
     rng = random.Random(7)
     first = rng.randbytes(4 << 20)
     for seq in range(1, 41):
@@ -277,14 +268,14 @@ async def test_cache_and_undo_leave_the_page_cache_and_still_serve_their_readers
         await disk.sync_cache()
     cached = sorted((tmp_path / "u1" / "cache").glob("*.seg"))
     assert sum(p.stat().st_size for p in cached) > 6 << 20
-    assert all(resident(p) <= page for p in cached)
+    assert all(resident_bytes(p) <= page for p in cached)
     applier = asyncio.ensure_future(disk.run_applier())
     try:
         await disk.wait_applied(40)
         await disk.make_applied_durable()
         segments = sorted((tmp_path / "u1" / "undo").glob("*.seg"))
         assert sum(p.stat().st_size for p in segments) > 2 << 20  # 39 records of old data
-        assert all(resident(p) <= page for p in segments)
+        assert all(resident_bytes(p) <= page for p in segments)
         view = await disk.open_view_async(1)
         assert view.read(0, 4 << 20) == first
         disk.close_view(view)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 import common.segment_log as segment_log
 from common.errors import IntegrityError
 from common.segment_log import RECORD_HEADER, SEGMENT_HEADER, Cursor, SegmentLog
+from tests.page_cache import resident_bytes
 
 
 def _fill(log: SegmentLog, sizes: list[int]) -> list[bytes]:
@@ -355,17 +355,6 @@ async def test_bytes_used_is_the_size_of_the_segments(tmp_path: Path, recycle: i
     reopened.close()
 
 
-def _resident(path: Path) -> int:
-    """Bytes of ``path`` in the page cache, as util-linux's ``fincore`` reports them."""
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return int(out.split()[0])
-
-
 @pytest.mark.parametrize("blocking", [True, False])
 async def test_drop_synced_leaves_durable_records_out_of_the_page_cache(
     tmp_path: Path, blocking: bool
@@ -392,11 +381,11 @@ async def test_drop_synced_leaves_durable_records_out_of_the_page_cache(
     segments = _segments(tmp_path / "drop")
     assert len(segments) >= 3
     for path in segments:
-        assert _resident(path) <= page, path
+        assert resident_bytes(path) <= page, path
     kept = _segments(tmp_path / "keep")
-    assert sum(_resident(p) for p in kept) >= sum(p.stat().st_size for p in kept) - page
+    assert sum(resident_bytes(p) for p in kept) >= sum(p.stat().st_size for p in kept) - page
     written[dropping] += _fill(dropping, [300_000])  # appended, not synced: still cached
-    assert _resident(_segments(tmp_path / "drop")[-1]) >= 300_000 - page
+    assert resident_bytes(_segments(tmp_path / "drop")[-1]) >= 300_000 - page
     for log, payloads in written.items():
         assert [bytes(r.payload) for r in log.read_records(1, 1 << 30)] == payloads
         log.close()
