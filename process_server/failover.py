@@ -23,21 +23,19 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.failback_state import merge_ranges
 from agent.nbd_server import NbdExport
-from common.digests import data_ranges
-from common.durable import atomic_write_json, fsync_dir, pwrite_all, read_json, start_writeback
+from common.durable import atomic_write_json, fsync_dir, read_json
 from common.errors import IntegrityError
 from common.failpoints import failpoint
 from process_server.catalog import Point
 from process_server.failback import save_rolled_back
+from process_server.materialise import materialise
 from process_server.pit import OverlayDisk, PointView
 from process_server.points import PointError, new_point_id
 from process_server.replica import ReplicaError
@@ -49,10 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidemark.ps.failover")
 SPECIAL_POINTS = ("latest", "latest-processed", "latest-app-consistent")
-COPY_CHUNK = 8 << 20
-KERNEL_COPY_MIN = 64 << 10  # replica spans at least this long go by copy_file_range
-IOV_BATCH = 512  # pieces per pwritev
-WRITEBACK_STEP = 64 << 20  # --to FILE starts writeback after each such stretch
 
 
 class FailoverError(Exception):
@@ -593,110 +587,6 @@ class FailoverManager:
             "size": disk.size,
             "timings_ms": timer.total(),
         }
-
-
-def materialise(view: PointView, path: Path) -> int:
-    """Write ``view`` to a new sparse file at ``path`` (fsynced); returns data bytes written.
-    Where the replica holds the point (no undo piece) the kernel copies it
-    (``copy_file_range``); undo pieces are read (digest-checked) and written; zeros at the
-    point and ranges without data stay holes. Writeback is started as the copy goes, so the
-    final fsync finds little left."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    written = 0
-    flushed = 0  # writeback started up to here
-    try:
-        os.ftruncate(fd, view.size)
-        for start, end in _data_ranges(view):
-            for pos in range(start, end, COPY_CHUNK):
-                n = min(COPY_CHUNK, end - pos)
-                with view.lock:
-                    pieces = list(view.map.lookup(pos, pos + n))
-                    written += _copy_pieces(view, fd, pieces)
-                if pos + n - flushed >= WRITEBACK_STEP:
-                    start_writeback(fd, flushed, pos + n - flushed)
-                    flushed = pos + n
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return written
-
-
-def _copy_pieces(view: PointView, fd: int, pieces: list[tuple[int, int, Any]]) -> int:
-    """Write the point's bytes of consecutive ``pieces`` (from ``view.map.lookup``; the caller
-    holds ``view.lock``) to ``fd``: long replica spans by ``copy_file_range``, the rest
-    gathered into ``pwritev`` calls; returns the bytes written."""
-    written = 0
-    parts: list[bytes] = []
-    parts_start = parts_end = 0
-
-    def flush() -> None:
-        nonlocal parts
-        if parts:
-            _pwritev_all(fd, parts, parts_start)
-            parts = []
-
-    for start, end, piece in pieces:
-        if piece is not None and piece.data_pos < 0:
-            flush()  # zeros at the point: a hole in the new file
-            continue
-        if piece is None and end - start >= KERNEL_COPY_MIN:
-            flush()
-            if _copy_range(view.replica_fd, fd, start, end - start):
-                written += end - start
-                continue
-        data = view.piece_bytes(start, end, piece)
-        if not parts or parts_end != start or len(parts) >= IOV_BATCH:
-            flush()
-            parts_start = start
-        parts.append(data)
-        parts_end = end
-        written += end - start
-    flush()
-    return written
-
-
-def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
-    total = sum(len(p) for p in parts)
-    done = os.pwritev(fd, parts, offset)
-    if done < total:  # a short write (signals, some devices): the rest one part at a time
-        joined = memoryview(b"".join(parts))[done:]
-        pwrite_all(fd, joined, offset + done)
-
-
-def _copy_range(src: int, dst: int, offset: int, length: int) -> bool:
-    """``copy_file_range`` of ``[offset, offset+length)`` at the same offset (no user-space
-    copy; a reflink where the filesystem can). False where it is not available."""
-    copy = getattr(os, "copy_file_range", None)
-    if copy is None:
-        return False
-    done = 0
-    try:
-        while done < length:
-            n = copy(src, dst, length - done, offset + done, offset + done)
-            if n <= 0:
-                break
-            done += n
-    except OSError:
-        return False
-    if done < length:  # past the replica's end: the rest reads as zeros, a hole here
-        return done > 0 or length == 0
-    return True
-
-
-def _data_ranges(view: PointView) -> list[tuple[int, int]]:
-    """Ranges that may hold data at the point: the replica's data ranges and every undo piece
-    holding bytes, merged (everything else reads as zeros)."""
-    ranges = [(s, e - s) for s, e in data_ranges(view.replica_fd, 0, view.size)]
-    with view.lock:
-        ranges.extend((s, e - s) for s, e, piece in view.map.items() if piece.data_pos >= 0)
-    return [(s, s + n) for s, n in merge_ranges(ranges)]
 
 
 def parse_time(spec: str) -> int | None:

@@ -86,10 +86,14 @@ class PointView:
         with self.lock:
             return self.read_locked(offset, length)
 
-    def read_locked(self, offset: int, length: int) -> bytes:
-        """:meth:`read` for a caller that holds ``lock``."""
+    def check_whole(self) -> None:
+        """Raises DiskError (EIO) when the view is broken (the caller holds ``lock``)."""
         if self.broken:
             raise DiskError(errno.EIO, f"the recovery point is gone: {self.broken}")
+
+    def read_locked(self, offset: int, length: int) -> bytes:
+        """:meth:`read` for a caller that holds ``lock``."""
+        self.check_whole()
         parts = [self.piece_bytes(s, e, p) for s, e, p in self.map.lookup(offset, offset + length)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
