@@ -1,17 +1,18 @@
 """A recovery point written out as a new sparse raw image (``failover --to FILE``).
 
-The image is written with ``O_DIRECT``, in aligned chunks of ``CHUNK`` bytes, a writer thread
-writing one chunk (up to ``WRITERS`` writes in flight) while the next is filled with the point's bytes: the replica's (read from
-its page cache, where the applier left it), undo pieces (digest-checked), zeros. An image
-written out is not read back soon, so page-cache pages would only cost, and on the benchmark
-VM they cost a lot: a page cache that grows takes ~7 s of system time per GiB, where
-``O_DIRECT`` wrote 2 GiB in ~1.5 s (docs/operations.md). Ranges without data at the point
-(replica holes, zeros at the point) stay holes; data runs are widened to whole 4 KiB blocks,
-holding the point's bytes there too.
+The image is written with ``O_DIRECT``, in aligned chunks of ``CHUNK`` bytes: writer threads
+write one chunk (up to ``WRITERS`` writes in flight) while the next is filled with the point's
+bytes: the replica's (read from its page cache, where the applier left it), undo pieces
+(digest-checked), zeros. An image written out is not read back soon, so page-cache pages
+would only cost, and on the benchmark VM they cost a lot: a page cache that grows takes ~7 s
+of system time per GiB, where ``O_DIRECT`` wrote 2 GiB in ~1.5 s (docs/operations.md).
+Ranges without data at the point (replica holes, zeros at the point) stay holes; data runs
+are widened to whole 4 KiB blocks, holding the point's bytes there too.
 
-Where ``O_DIRECT`` cannot be used (tmpfs; ``EINVAL`` from the device) the image is written
-through the page cache instead: long replica spans by ``copy_file_range`` (a reflink where
-the filesystem can), the rest by ``pwritev``, writeback started as it goes.
+Where ``O_DIRECT`` cannot be used (a filesystem that refuses it; ``EINVAL`` from the device,
+at open or mid-way) the whole image is written through the page cache instead: long replica
+spans by ``copy_file_range`` (a reflink where the filesystem can), the rest by ``pwritev``,
+writeback started as it goes.
 """
 
 from __future__ import annotations
