@@ -28,6 +28,7 @@ from typing import Any
 from agent.activity_log import ActivityLog
 from agent.dirty_bitmap import DirtyBitmap
 from agent.journal import Journal
+from common.direct_write import IMAGE_BUFFER, DirectWriter
 from common.durable import (
     GroupCommit,
     atomic_write_json,
@@ -123,6 +124,8 @@ class ProtectedDisk:
         self.read_only = False
         self.journal = journal
         self._fd = image_fd
+        # Aligned writes into holes of the image bypass the page cache (common/direct_write.py)
+        self._direct = DirectWriter(image_path, disk_id, IMAGE_BUFFER)
         self._state = state
         self._image_commit = GroupCommit(lambda: os.fdatasync(self._fd))
         self._pending = _PendingWrites()
@@ -575,7 +578,8 @@ class ProtectedDisk:
         self, offset: int, length: int, data: bytes | memoryview | None, may_trim: bool
     ) -> None:
         if data is not None:
-            pwrite_all(self._fd, data, offset)
+            if not self._direct.try_write(self._fd, data, offset):
+                pwrite_all(self._fd, data, offset)
         else:
             zero_range(self._fd, offset, length, punch=may_trim)
 
@@ -849,6 +853,7 @@ class ProtectedDisk:
         self._state["clean"] = True
         await asyncio.to_thread(self._save_state)
         self.journal.close()
+        self._direct.close()
         os.close(self._fd)
 
 

@@ -33,11 +33,11 @@ from typing import Any
 from common.aio import to_thread_outliving_cancel
 from common.at_rest import Sealer
 from common.digests import chunk_digests
+from common.direct_write import DirectWriter
 from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
 from common.segment_log import Cursor, RecordLocation, SegmentLog
-from process_server.direct_write import DirectWriter
 from process_server.extent_map import ExtentMap
 from process_server.pit import PointView
 from process_server.undo import RECORD_MAX, TAG_CUT, UndoLog
@@ -119,7 +119,7 @@ class ReplicaDisk:
         self.fenced: str | None = None  # why nothing more is applied (a failover owns the disk)
         self.apply_limit: int | None = None  # the applier stops at this seq while fenced
         self.on_written: Callable[[int, int], None] | None = None  # after each replica write
-        # Aligned extents into holes bypass the page cache (process_server/direct_write.py).
+        # Aligned extents into holes bypass the page cache (common/direct_write.py).
         self.direct = DirectWriter(self.replica_path, self.disk_id)
         self._boundaries: collections.deque[int] = collections.deque(maxlen=BOUNDARIES_KEPT)
         self._boundary_set: set[int] = set()

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.direct_write import DIRECT_MIN, DirectWriter
 from common.durable import pwrite_all
-from process_server.direct_write import DIRECT_MIN, DirectWriter
 
 SIZE = 4 << 20
 BLOCK = 4096

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from agent.disk import ProtectedDisk
 from agent.journal import TAG_WRITE
 from common.errors import DiskError
+from tests.page_cache import resident_bytes
 
 SIZE = 1 << 20
 
@@ -381,3 +382,33 @@ def test_a_journal_read_from_the_file_counts_what_references_stand_for(tmp_path:
         assert seen == list(range(1, 203))
     finally:
         journal.close()
+
+
+async def test_aligned_writes_into_holes_of_the_image_bypass_the_page_cache(
+    tmp_path: Path,
+) -> None:
+    """Whole 4 KiB blocks, >= 64 KiB, into a hole of the image go with O_DIRECT (none of
+    their pages stay cached: ``fincore``); overwrites of data and unaligned writes go through
+    the page cache; the image and the journal hold every write either way."""
+    image = _image(tmp_path, 8 << 20)
+    disk = await ProtectedDisk.open("d0", image, tmp_path / "state")
+    model = bytearray(8 << 20)
+    writes = [
+        (1 << 20, os.urandom(1 << 20)),  # into a hole: direct
+        (1 << 20, os.urandom(1 << 20)),  # over data: buffered
+        ((4 << 20) + 512, os.urandom(64 << 10)),  # unaligned: buffered
+        (6 << 20, os.urandom(2 << 20)),  # into a hole, longer than the agent's buffer
+    ]
+    for offset, data in writes:
+        await disk.write(offset, data)
+        model[offset : offset + len(data)] = data
+    await disk.flush()
+    # only the overwrite and the unaligned write are cached (checked before anything reads)
+    assert resident_bytes(image) <= (1 << 20) + (72 << 10)
+    assert await disk.read(0, 8 << 20) == bytes(model)
+    replay = bytearray(8 << 20)
+    for entry in disk.journal.read(1, 1 << 30):
+        replay[entry.offset : entry.offset + entry.length] = bytes(entry.data or b"")
+    assert replay == model
+    await disk.close()
+    assert image.read_bytes() == bytes(model)

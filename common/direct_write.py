@@ -1,19 +1,21 @@
-"""Replica writes that bypass the page cache (``O_DIRECT``) where nothing is lost by it.
+"""Image writes that bypass the page cache (``O_DIRECT``) where nothing is lost by it.
 
-The applier writes a data extent straight to the disk when it is whole 4 KiB blocks, at
-least ``DIRECT_MIN`` long, and lands entirely in a hole of the replica: the bulk of an
-initial sync or of a resync, and first writes to fresh regions. Such a write has no cached
-page to keep coherent and no old contents for the undo log to read back (a hole is recorded
-as zeros), so the page cache would only cost: every fresh page-cache page is allocated,
-filled and later written back. Measured on the benchmark VM (`docs/resync.md`): the
-process server's CPU in a 4 GiB initial sync went from 6.3-7.9 s to 3.4-3.8 s and its peak
-RSS from ~270 to ~160 MiB.
+Two writers use it: the process server's applier (replica files) and the agent (a protected
+disk's image, after the write is journaled). A data extent goes straight to the disk when it
+is whole 4 KiB blocks, at least ``DIRECT_MIN`` long, and lands entirely in a hole of the
+file: the bulk of an initial sync or of a resync, and first writes to fresh regions of a
+disk. Such a write has no cached page to keep coherent and no old contents for the undo log
+to read back (a hole is recorded as zeros), so the page cache would only cost: every fresh
+page-cache page is allocated, filled and later written back, and on a VM that hands free
+memory back to its host that is the costliest write there is (docs/operations.md).
+Measured on the benchmark VM (`docs/resync.md`): the process server's CPU in a 4 GiB
+initial sync went from 6.3-7.9 s to 3.4-3.8 s and its peak RSS from ~270 to ~160 MiB.
 
 Everything else (small or unaligned extents, ranges that hold data, zero extents) takes
 the ordinary buffered path. Durability is unchanged: both paths are made durable by the
-replica's ``fdatasync`` (one inode), which also flushes the device's cache. Where
-``O_DIRECT`` cannot be used (tmpfs, some filesystems), or a direct write fails with
-``EINVAL``, the writer turns itself off and the buffered path carries on.
+file's ``fdatasync`` (one inode), which also flushes the device's cache. Where ``O_DIRECT``
+cannot be used (some filesystems), or a direct write fails with ``EINVAL``, the writer turns
+itself off and the buffered path carries on.
 """
 
 from __future__ import annotations
@@ -28,17 +30,20 @@ from pathlib import Path
 from common.digests import in_hole
 from common.durable import pwrite_all
 
-log = logging.getLogger("tidemark.ps.direct_write")
+log = logging.getLogger("tidemark.direct_write")
 
 ALIGN = 4096  # offsets, lengths and the buffer's address: any device's logical block size
 DIRECT_MIN = 64 << 10  # shorter extents are written through the page cache
 BUFFER = 8 << 20  # the aligned buffer extents are copied into (longer ones go in pieces)
+IMAGE_BUFFER = 1 << 20  # the agent's, one per protected disk: its memory stays small
 
 
 class DirectWriter:
-    """``O_DIRECT`` writes of aligned extents into holes of one replica file."""
+    """``O_DIRECT`` writes of aligned extents into holes of one file (a replica, an image)."""
 
-    def __init__(self, path: Path, disk_id: str) -> None:
+    def __init__(self, path: Path, disk_id: str, buffer_bytes: int = BUFFER) -> None:
+        """``buffer_bytes``: the aligned buffer (a multiple of ``ALIGN``; longer extents are
+        written in pieces of that size)."""
         self.disk_id = disk_id
         self.written_bytes = 0
         self._fd: int | None = None
@@ -48,13 +53,13 @@ class DirectWriter:
         except OSError as exc:  # not supported here (tmpfs: EINVAL)
             log.info("disk=%s event=direct_writes_off reason=%r", disk_id, exc.strerror)
             return
-        self._buffer = mmap.mmap(-1, BUFFER)  # page-aligned, faulted in once, reused
+        self._buffer = mmap.mmap(-1, buffer_bytes)  # page-aligned, faulted in once, reused
 
     @property
     def enabled(self) -> bool:
         return self._fd is not None
 
-    def try_write(self, replica_fd: int, data: bytes | memoryview, offset: int) -> bool:
+    def try_write(self, file_fd: int, data: bytes | memoryview, offset: int) -> bool:
         """Write ``data`` at ``offset`` directly if it qualifies (module comment); False:
         the caller writes it through the page cache. Raises OSError on an I/O error."""
         length = len(data)
@@ -63,7 +68,7 @@ class DirectWriter:
             or length < DIRECT_MIN
             or offset % ALIGN
             or length % ALIGN
-            or not in_hole(replica_fd, offset, offset + length)
+            or not in_hole(file_fd, offset, offset + length)
         ):
             return False
         assert self._buffer is not None
@@ -81,8 +86,8 @@ class DirectWriter:
     def _write(self, data: memoryview, offset: int) -> None:
         assert self._fd is not None and self._buffer is not None
         with memoryview(self._buffer) as buffer:
-            for done in range(0, len(data), BUFFER):
-                n = min(BUFFER, len(data) - done)
+            for done in range(0, len(data), len(buffer)):
+                n = min(len(buffer), len(data) - done)
                 buffer[:n] = data[done : done + n]
                 pwrite_all(self._fd, buffer[:n], offset + done)
 
@@ -96,4 +101,4 @@ class DirectWriter:
             self._buffer = None
 
 
-__all__ = ["DIRECT_MIN", "DirectWriter"]
+__all__ = ["DIRECT_MIN", "IMAGE_BUFFER", "DirectWriter"]
