@@ -32,7 +32,8 @@ TAIL = SIZE - SIZE % 4096
 
 
 def _allocated(path: Path) -> list[tuple[int, int]]:
-    """``(start, end)`` of every data range of ``path`` (SEEK_DATA / SEEK_HOLE)."""
+    """``(start, end)`` of every data range of ``path`` (SEEK_DATA / SEEK_HOLE), found here
+    rather than by ``common.digests.data_ranges``, which the code under test uses."""
     fd = os.open(path, os.O_RDONLY)
     try:
         out, pos, size = [], 0, os.fstat(fd).st_size
@@ -107,6 +108,16 @@ async def _point_and_after(root: Path) -> tuple[ReplicaDisk, bytes]:
     return disk, point
 
 
+def _written_out(disk: ReplicaDisk, tmp_path: Path) -> tuple[Path, int]:
+    """The point (seq 1) written out by ``materialise``: the image and its data bytes."""
+    view = disk.open_view(1)
+    try:
+        image = tmp_path / "point.img"
+        return image, materialise(view, image)
+    finally:
+        disk.close_view(view)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many chunks and cut runs in a 3 MiB image."""
@@ -132,10 +143,7 @@ def test_point_written_out_byte_for_byte_with_its_holes_and_out_of_the_page_cach
 ) -> None:
     disk, point = asyncio.run(_point_and_after(tmp_path / "replica"))
     try:
-        view = disk.open_view(1)
-        image = tmp_path / "point.img"
-        written = materialise(view, image)
-        disk.close_view(view)
+        image, written = _written_out(disk, tmp_path)
     finally:
         disk.close()
     # O_DIRECT: only the partial last block went through the page cache (checked before
@@ -159,10 +167,7 @@ def test_without_o_direct_the_page_cache_path_writes_the_same_image(
     disk, point = asyncio.run(_point_and_after(tmp_path / "replica"))
     monkeypatch.setattr(materialise_mod.os, "open", no_direct)
     try:
-        view = disk.open_view(1)
-        image = tmp_path / "point.img"
-        written = materialise(view, image)
-        disk.close_view(view)
+        image, written = _written_out(disk, tmp_path)
     finally:
         monkeypatch.undo()
         disk.close()
@@ -187,10 +192,7 @@ def test_a_direct_write_refused_midway_is_redone_through_the_page_cache(
     disk, point = asyncio.run(_point_and_after(tmp_path / "replica"))
     monkeypatch.setattr(materialise_mod, "_write_run", refused_later)
     try:
-        view = disk.open_view(1)
-        image = tmp_path / "point.img"
-        written = materialise(view, image)
-        disk.close_view(view)
+        image, written = _written_out(disk, tmp_path)
     finally:
         disk.close()
     assert calls >= 6  # the refusal came after writes that went through
