@@ -101,4 +101,4 @@ class DirectWriter:
             self._buffer = None
 
 
-__all__ = ["DIRECT_MIN", "IMAGE_BUFFER", "DirectWriter"]
+__all__ = ["ALIGN", "DIRECT_MIN", "IMAGE_BUFFER", "DirectWriter"]

@@ -27,9 +27,9 @@ range). Rules it keeps:
   server's cache) the pages of every record are dropped from the page cache once an
   fdatasync made them durable. Without this each of its bytes takes a page the page cache
   did not hold before (the undo log only grows; the cache swings by hundreds of MiB): memory
-  that other data (the replica's pages) could use, and on a VM whose guest memory is backed
-  on first touch, the costliest write there is; pages freed a moment before cost far less
-  to fill (docs/operations.md). A recycled file then saves the block allocation only.
+  that other data (the replica's pages) could use, and on a VM that hands free memory back
+  to its host (free page reporting), the costliest write there is; pages freed a moment
+  before cost far less to fill (docs/operations.md). A recycled file then saves the block allocation only.
 """
 
 from __future__ import annotations

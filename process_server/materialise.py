@@ -28,11 +28,11 @@ from typing import Any
 
 from agent.failback_state import merge_ranges
 from common.digests import data_ranges
+from common.direct_write import ALIGN
 from common.durable import fsync_dir, pwrite_all, start_writeback
 from process_server.pit import PointView
 
 log = logging.getLogger("tidemark.ps.materialise")
-ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: any device's logical block
 CHUNK = 8 << 20  # bytes filled at a time (two such buffers: one filled, one written)
 WRITERS = 4  # O_DIRECT writes in flight: a chunk's short runs would each wait for the disk
 WRITE_MAX = 2 << 20  # longer runs are cut into writes of this size
@@ -108,7 +108,7 @@ def _write_direct(view: PointView, tmp: Path, fd: int, ranges: list[tuple[int, i
 
 def _aligned(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
     """``ranges`` widened to whole ``ALIGN`` blocks below ``limit``, merged."""
-    widened = [(s - s % ALIGN, min(limit, -(-e // ALIGN) * ALIGN)) for s, e in ranges if s < limit]
+    widened = [(s - s % ALIGN, min(limit, _block_end(e))) for s, e in ranges if s < limit]
     return [(s, s + n) for s, n in merge_ranges([(s, e - s) for s, e in widened])]
 
 
@@ -131,10 +131,15 @@ def _fill(view: PointView, buffer: memoryview, pos: int) -> list[tuple[int, int]
             else:
                 buffer[at : at + n] = view.piece_bytes(start, stop, piece)
             if runs and runs[-1][1] >= at - at % ALIGN:
-                runs[-1] = (runs[-1][0], -(-(at + n) // ALIGN) * ALIGN)
+                runs[-1] = (runs[-1][0], _block_end(at + n))
             else:
-                runs.append((at - at % ALIGN, -(-(at + n) // ALIGN) * ALIGN))
+                runs.append((at - at % ALIGN, _block_end(at + n)))
     return runs
+
+
+def _block_end(position: int) -> int:
+    """``position`` rounded up to a whole ``ALIGN`` block."""
+    return -(-position // ALIGN) * ALIGN
 
 
 def _split(runs: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
