@@ -40,7 +40,7 @@ from common.rate_limit import limiter_for
 from common.segment_log import Cursor
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import Credentials
-from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batch
+from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batch_parts
 from protocol.control import ControlBody, decode_control, encode_control
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import (
@@ -235,7 +235,7 @@ class Shipper:
                 tg.create_task(self._receive(stream, links))
                 tg.create_task(self._heartbeats(stream))
                 for link in links.values():
-                    queue: asyncio.Queue[tuple[bytes, int, int]] = asyncio.Queue(maxsize=1)
+                    queue: asyncio.Queue[tuple[BatchMsg, int, int]] = asyncio.Queue(maxsize=1)
                     tg.create_task(self._produce(link, queue, max_batch))
                     tg.create_task(self._send(stream, link, queue))
         finally:
@@ -271,7 +271,7 @@ class Shipper:
         return _DiskLink(disk, cached + 1)
 
     async def _produce(
-        self, link: _DiskLink, queue: asyncio.Queue[tuple[bytes, int, int]], max_batch: int
+        self, link: _DiskLink, queue: asyncio.Queue[tuple[BatchMsg, int, int]], max_batch: int
     ) -> None:
         """Read the journal, coalesce and encode batches, respecting the window."""
         disk = link.disk
@@ -303,12 +303,12 @@ class Shipper:
             entries = disk.journal.read(link.next_seq, max_batch, cursor)
             cut = next((c for c in disk.point_cuts if c >= link.next_seq), None)
             link.last_batch = loop.time()
-            data, last, raw = await encode_entries(
+            msg, last, raw = await encode_entries(
                 disk.disk_id, entries, max_batch, level, cut, disk.read_image
             )
             link.next_seq = last + 1
             link.inflight_bytes += raw
-            await queue.put((data, last, raw))
+            await queue.put((msg, last, raw))
 
     @staticmethod
     def _batch_full(link: _DiskLink, max_batch: int) -> bool:
@@ -320,18 +320,18 @@ class Shipper:
         )
 
     async def _send(
-        self, stream: FramedStream, link: _DiskLink, queue: asyncio.Queue[tuple[bytes, int, int]]
+        self, stream: FramedStream, link: _DiskLink, queue: asyncio.Queue[tuple[BatchMsg, int, int]]
     ) -> None:
         while True:
-            data, last, raw = await queue.get()
-            await limiter_for(self.cfg).acquire(len(data))  # bandwidth limit (docs/operations.md)
-            msg = BatchMsg.from_data(data)
+            msg, last, raw = await queue.get()
+            size = msg.size
+            await limiter_for(self.cfg).acquire(size)  # bandwidth limit (docs/operations.md)
             link.inflight.append((last, raw))
             await stream.send(msg)
             failpoint("shipper.after_send")
             self.stats.batches_sent += 1
             self.stats.raw_bytes_sent += raw
-            self.stats.wire_bytes_sent += len(data)
+            self.stats.wire_bytes_sent += size
 
     async def _receive(self, stream: FramedStream, links: dict[str, _DiskLink]) -> None:
         timeout = max(3 * self.cfg.heartbeat_interval, 10.0)
@@ -470,10 +470,11 @@ async def encode_entries(
     level: int,
     cut: int | None = None,
     read_image: Callable[[int, int], bytes] | None = None,
-) -> tuple[bytes, int, int]:
+) -> tuple[BatchMsg, int, int]:
     """One batch from the head of ``entries`` (at least one entry): coalesced, at most about
     ``max_batch`` data bytes, ending at ``cut`` if that falls inside. References are read
-    with ``read_image`` now (agent/journal.py). Returns ``(encoded, last seq, raw bytes)``.
+    with ``read_image`` now (agent/journal.py). Returns ``(message, last seq, raw bytes)``;
+    the message holds the batch in pieces (the entries' data is not copied here).
     Used by the agent's shipper and by failback's reverse stream. Raises ValueError for a
     reference without ``read_image``, OSError when the image cannot be read."""
     newest = 0
@@ -490,7 +491,7 @@ async def encode_entries(
         taken.append(entry)
     first, last = taken[0].seq, taken[-1].seq
 
-    def build() -> tuple[bytes, int]:
+    def build() -> tuple[BatchMsg, int]:
         disjoint = disjoint_extents(taken)
         if disjoint is not None:
             extents, raw = disjoint
@@ -509,13 +510,13 @@ async def encode_entries(
             extents, raw = coalescer.extents(), coalescer.raw_bytes
         extents = _split_long_zeroes(extents)
         codec = CODEC_ZSTD if level != 0 and _compressible(extents) else CODEC_RAW
-        data = encode_batch(
+        parts = encode_batch_parts(
             disk_id, first, last, extents, newest_write_ns=newest, codec=codec, level=level
         )
-        return data, raw
+        return BatchMsg.from_parts(parts), raw
 
-    data, raw = await asyncio.to_thread(build) if size > INLINE_ENCODE_BYTES else build()
-    return data, last, raw
+    msg, raw = await asyncio.to_thread(build) if size > INLINE_ENCODE_BYTES else build()
+    return msg, last, raw
 
 
 def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | None:
@@ -546,7 +547,7 @@ def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | 
     for start, stop, pieces in runs:
         if pieces is None:
             extents.append(Extent(start, stop - start, None))
-        elif len(pieces) == 1 and isinstance(pieces[0], bytes):
+        elif len(pieces) == 1:  # a view into the journal's read buffer: encode_batch copies it
             extents.append(Extent(start, stop - start, pieces[0]))
         else:
             extents.append(Extent(start, stop - start, b"".join(pieces)))

@@ -47,12 +47,13 @@ class FramedStream:
 
     async def send(self, msg: Message, *, drain: bool = True) -> None:
         """Send one message; waits for the transport to drain past its high-water mark."""
-        head, payload = self.conn.send_parts(msg)
-        self.bytes_out += len(head) + len(payload)
-        if len(payload) < 65536:
-            self.writer.write(head + payload)
+        parts = self.conn.send_parts(msg)
+        size = sum(len(p) for p in parts)
+        self.bytes_out += size
+        if size < 65536:
+            self.writer.write(b"".join(parts))
         else:
-            self.writer.writelines((head, payload))
+            self.writer.writelines(parts)
         if drain:
             async with self._send_lock:
                 await self.writer.drain()

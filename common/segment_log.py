@@ -58,6 +58,7 @@ SEGMENT_HEADER = struct.Struct(">8sII")  # magic, version, flags (reserved befor
 SEGMENT_SEALED = 1  # flag: every payload in the segment is sealed
 RECORD_HEADER = struct.Struct(">QIBQQ")  # checksum, payload size, tag, first_seq, last_seq
 _READ_CHUNK = 1 << 20
+_IOV_MAX = 1024  # buffers per pwritev (Linux UIO_MAXIOV)
 PAGE = os.sysconf("SC_PAGESIZE")
 _SEAL_AAD = struct.Struct(">BQQ")  # tag, first_seq, last_seq: authenticated with a sealed payload
 
@@ -314,10 +315,16 @@ class SegmentLog:
         total = RECORD_HEADER.size + size
         offset = seg.size
         try:
-            written = os.pwritev(seg.fd, buffers, offset)
-            while written < total:  # short write: finish it piecewise
-                flat = b"".join(bytes(b) for b in buffers)
-                written += os.pwrite(seg.fd, flat[written:], offset + written)
+            written = 0
+            for start in range(0, len(buffers), _IOV_MAX):  # a batch's pieces: maybe thousands
+                group = buffers[start : start + _IOV_MAX]
+                want = sum(len(b) for b in group)
+                done = os.pwritev(seg.fd, group, offset + written)
+                if done < want:  # short write: finish the group piecewise
+                    flat = b"".join(group)
+                    while done < want:
+                        done += os.pwrite(seg.fd, flat[done:], offset + written + done)
+                written += want
         except OSError:
             os.ftruncate(seg.fd, offset)
             raise

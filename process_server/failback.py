@@ -52,7 +52,7 @@ from protocol.control import (
     encode_control,
 )
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.frames import Ack, BatchMsg, Control, Heartbeat, Register, Registered
+from protocol.frames import Ack, Control, Heartbeat, Register, Registered
 
 if TYPE_CHECKING:
     from process_server.failover import Failover
@@ -316,13 +316,13 @@ class FailbackManager:
                 await wait_event(link.acked, 0.01)
                 continue
             entries = journal.read(link.next_seq, MAX_BATCH, cursor)
-            data, last, raw = await encode_entries(link.disk_id, entries, MAX_BATCH, 1)
+            msg, last, raw = await encode_entries(link.disk_id, entries, MAX_BATCH, 1)
             link.inflight.append((last, raw))
-            await session.stream.send(BatchMsg.from_data(data))
+            await session.stream.send(msg)
             link.next_seq = last + 1
-            link.bytes_sent += len(data)
+            link.bytes_sent += msg.size
             link.raw_sent += raw
-            self.wire_total[link.disk_id] += len(data)
+            self.wire_total[link.disk_id] += msg.size
             self.raw_total[link.disk_id] += raw
             link.batches += 1
 

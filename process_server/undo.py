@@ -28,7 +28,7 @@ from protocol.batch import (
     Batch,
     Extent,
     Limits,
-    encode_batch,
+    encode_batch_parts,
     read_batch_table,
     read_batch_table_in,
 )
@@ -137,7 +137,7 @@ class UndoLog:
             self.cuts += 1
             self.save_history()
             return location
-        data = encode_batch(
+        parts = encode_batch_parts(  # the old contents go to the log as they were read
             self.disk_id,
             header.first_seq,
             header.last_seq,
@@ -145,7 +145,7 @@ class UndoLog:
             newest_write_ns=header.newest_write_ns,
             codec=CODEC_RAW,
         )
-        location = self.log.append(TAG_UNDO, header.first_seq, header.last_seq, (data,))
+        location = self.log.append(TAG_UNDO, header.first_seq, header.last_seq, parts)
         failpoint("undo.after_record")
         return location
 

@@ -41,6 +41,7 @@ __all__ = [
     "Limits",
     "decode_batch",
     "encode_batch",
+    "encode_batch_parts",
     "peek_batch_header",
     "read_batch_table",
     "validate_disk_id",
@@ -85,7 +86,7 @@ class Extent:
 
     offset: int
     length: int
-    data: bytes | None
+    data: bytes | memoryview | None  # a memoryview: a slice of a larger buffer, never copied
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,35 @@ def encode_batch(
     codec: int = CODEC_ZSTD,
     level: int = 1,
 ) -> bytes:
-    """Encode one batch. ``extents`` must be sorted by offset and non-overlapping.
+    """Encode one batch, as one buffer (see :func:`encode_batch_parts`)."""
+    return b"".join(
+        encode_batch_parts(
+            disk_id,
+            first_seq,
+            last_seq,
+            extents,
+            newest_write_ns=newest_write_ns,
+            codec=codec,
+            level=level,
+        )
+    )
+
+
+def encode_batch_parts(
+    disk_id: str,
+    first_seq: int,
+    last_seq: int,
+    extents: Sequence[Extent],
+    *,
+    newest_write_ns: int,
+    codec: int = CODEC_ZSTD,
+    level: int = 1,
+) -> list[bytes | memoryview]:
+    """Encode one batch as its pieces, in order: the header with the extent table, then the
+    data section (raw: the extents' own buffers, not copied; zstd: one compressed buffer).
+    Joined, they are the batch; a writer that takes pieces (``writev``, a transport's
+    ``writelines``) never copies the data. ``extents`` must be sorted by offset and
+    non-overlapping.
 
     A batch with no data bytes has an empty data section whatever the codec.
     Raises ProtocolError(BAD_MESSAGE) on invalid input (bad id, seqs, extents, codec,
@@ -167,7 +196,7 @@ def encode_batch(
     if len(extents) > _U32_MAX:
         raise _bad("too many extents")
     table = bytearray()
-    pieces: list[bytes] = []
+    pieces: list[bytes | memoryview] = []
     raw = 0
     prev_end = 0
     for ext in extents:
@@ -187,23 +216,21 @@ def encode_batch(
             raw += length
     if raw > _U32_MAX:
         raise _bad(f"{raw} raw bytes do not fit a batch")
-    body = b"".join(pieces)
     if raw and codec == CODEC_ZSTD:
-        body = _compressor(level).compress(body)
-    elif not raw:
-        body = b""
-    if len(body) > _U32_MAX:
+        pieces = [_compressor(level).compress(b"".join(pieces))]
+    body_size = sum(map(len, pieces))
+    if body_size > _U32_MAX:
         raise _bad("compressed data does not fit a batch")
     id_bytes = disk_id.encode("ascii")
-    return b"".join(
+    head = b"".join(
         (
             _PREFIX.pack(BATCH_MAGIC, BATCH_VERSION, codec, len(id_bytes)),
             id_bytes,
-            _FIELDS.pack(first_seq, last_seq, newest_write_ns, len(extents), raw, len(body)),
+            _FIELDS.pack(first_seq, last_seq, newest_write_ns, len(extents), raw, body_size),
             table,
-            body,
         )
     )
+    return [head, *pieces]
 
 
 def _parse(
@@ -280,13 +307,17 @@ def _parse(
 
 
 def peek_batch_header(
-    data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+    data: bytes | bytearray | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    data_size: int | None = None,
 ) -> BatchHeader:
     """Check header, extent table and every limit without decompressing; return the header.
+    ``data_size`` given: ``data`` is the batch up to its data section, which has that size.
 
     Raises ProtocolError (BAD_MAGIC, BAD_VERSION, BAD_MESSAGE, LIMIT).
     """
-    return _parse(data, limits)[0]
+    return _parse(data, limits, data_size)[0]
 
 
 def read_batch_table(

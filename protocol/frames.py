@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeAlias
 
@@ -256,24 +256,45 @@ class BatchMsg:
     """A batch frame: ``data`` is exactly the encoded batch, ``header`` its peeked header.
 
     Build with ``BatchMsg.from_data(data)``, which checks the batch structure and limits
-    (not the data digests: that is ``decode_batch``'s job).
+    (not the data digests: that is ``decode_batch``'s job), or, to send a batch without
+    joining it, ``BatchMsg.from_parts(encode_batch_parts(...))``.
     """
 
     TYPE: ClassVar[MsgType] = MsgType.BATCH
     data: bytes
     header: BatchHeader
+    parts: tuple[bytes | memoryview, ...] = ()  # when set: the batch in pieces, ``data`` b""
 
     @classmethod
     def from_data(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> BatchMsg:
         """Raises ProtocolError (whatever ``peek_batch_header`` raises)."""
         return cls(data, peek_batch_header(data, limits))
 
+    @classmethod
+    def from_parts(
+        cls, parts: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
+    ) -> BatchMsg:
+        """A batch to send as ``encode_batch_parts`` gave it: ``parts[0]`` the header and the
+        extent table, the rest the data section. Raises ProtocolError as ``from_data``."""
+        if not parts:
+            raise _bad("a batch of no parts")
+        data_size = sum(len(p) for p in parts[1:])
+        return cls(b"", peek_batch_header(parts[0], limits, data_size=data_size), tuple(parts))
+
     @property
     def disk_id(self) -> str:
         return self.header.disk_id
 
+    @property
+    def size(self) -> int:
+        """The encoded batch's size in bytes."""
+        return sum(len(p) for p in self.parts) if self.parts else len(self.data)
+
     def _encode(self) -> bytes:
-        return self.data
+        return b"".join(self.parts) if self.parts else self.data
+
+    def payload_parts(self) -> tuple[bytes | memoryview, ...]:
+        return self.parts or (self.data,)
 
     @classmethod
     def _decode_payload(cls, payload: bytes, limits: Limits) -> BatchMsg:
@@ -698,18 +719,26 @@ def encode_message(msg: Message) -> bytes:
     return b"".join(encode_message_parts(msg))
 
 
-def encode_message_parts(msg: Message) -> tuple[bytes, bytes]:
-    """``(header, payload)`` of the frame for ``msg``, so a large payload (a batch) is written
-    to the transport without being copied into one buffer with its header."""
+def encode_message_parts(msg: Message) -> list[bytes | memoryview]:
+    """The frame for ``msg`` as pieces: its header, then its payload (a batch's in the pieces
+    it was built from), so a large payload is written to the transport without being copied
+    into one buffer with its header."""
     if not isinstance(msg, _MESSAGE_TYPES):
         raise _bad(f"not a message: {msg!r}")
-    payload = msg._encode()
-    if len(payload) > _U32_MAX:
-        raise _bad(f"payload of {len(payload)} bytes does not fit a frame")
-    head = _HEADER_BODY.pack(
-        MAGIC, PROTOCOL_VERSION, msg.TYPE, 0, len(payload), xxhash.xxh3_64_intdigest(payload)
-    )
-    return head + _HEADER_CHECK.pack(xxhash.xxh32_intdigest(head)), payload
+    parts: tuple[bytes | memoryview, ...]
+    parts = msg.payload_parts() if isinstance(msg, BatchMsg) else (msg._encode(),)
+    length = sum(len(p) for p in parts)
+    if length > _U32_MAX:
+        raise _bad(f"payload of {length} bytes does not fit a frame")
+    if len(parts) == 1:
+        payload_sum = xxhash.xxh3_64_intdigest(parts[0])
+    else:
+        hasher = xxhash.xxh3_64()
+        for part in parts:
+            hasher.update(part)
+        payload_sum = hasher.intdigest()
+    head = _HEADER_BODY.pack(MAGIC, PROTOCOL_VERSION, msg.TYPE, 0, length, payload_sum)
+    return [head + _HEADER_CHECK.pack(xxhash.xxh32_intdigest(head)), *parts]
 
 
 def _decode_payload(msg_type: int, payload: bytes, limits: Limits) -> Message:
@@ -1021,7 +1050,7 @@ class Connection:
         """Frame bytes for ``msg``. Raises ProtocolError(UNEXPECTED) if illegal now."""
         return b"".join(self.send_parts(msg))
 
-    def send_parts(self, msg: Message) -> tuple[bytes, bytes]:
+    def send_parts(self, msg: Message) -> list[bytes | memoryview]:
         """As :meth:`send`, as ``(header, payload)`` (no copy of a large payload)."""
         self._check_alive()
         try:

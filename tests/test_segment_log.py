@@ -389,3 +389,18 @@ async def test_drop_synced_leaves_durable_records_out_of_the_page_cache(
     for log, payloads in written.items():
         assert [bytes(r.payload) for r in log.read_records(1, 1 << 30)] == payloads
         log.close()
+
+
+def test_a_record_of_more_pieces_than_one_writev_takes_reads_back_whole(tmp_path: Path) -> None:
+    """An undo record is appended as the pieces of its batch: more than ``IOV_MAX`` of them
+    are written in several ``pwritev`` calls, one after another, and read back as one."""
+    pieces = [bytes([i % 251]) * (1 + i % 7) for i in range(2500)]
+    log = SegmentLog.open(tmp_path, base_seq=1)
+    log.append(1, 1, 1, pieces)
+    log.append(1, 2, 2, [b"after"])
+    log.sync_blocking()
+    log.close()
+    reopened = SegmentLog.open(tmp_path, base_seq=1)
+    records = reopened.read_records(1, 1 << 30, Cursor())
+    assert [bytes(r.payload) for r in records] == [b"".join(pieces), b"after"]
+    reopened.close()
