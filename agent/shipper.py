@@ -35,7 +35,7 @@ from common.aio import first_leaf, wait_event
 from common.config import AgentConfig
 from common.errors import IntegrityError
 from common.failpoints import failpoint
-from common.framed import FramedStream
+from common.framed import FramedStream, open_framed
 from common.rate_limit import limiter_for
 from common.segment_log import Cursor
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
@@ -186,15 +186,14 @@ class Shipper:
             disk.link_state = "connecting"
         ps = self.cfg.process_server
         async with asyncio.timeout(self.cfg.connect_timeout):
-            reader, writer = await asyncio.open_connection(
+            stream = await open_framed(
                 ps.host,
                 ps.port,
-                ssl=self._ssl,
+                Connection("client"),
+                ssl_context=self._ssl,
                 server_hostname=CLIENT_SERVER_HOSTNAME,
-                limit=1 << 20,
             )
-        writer.transport.set_write_buffer_limits(high=8 << 20)
-        stream = FramedStream(reader, writer, Connection("client"))
+        stream.transport.set_write_buffer_limits(high=8 << 20)
         try:
             await stream.send(Hello(self.cfg.name, "agent"))
             async with asyncio.timeout(self.cfg.connect_timeout):

@@ -169,7 +169,7 @@ class Sealer:
     def _aad(self, head: bytes, aad: bytes) -> bytes:
         return b"".join((head, struct.pack(">I", len(self.context)), self.context, aad))
 
-    def seal(self, plaintext: bytes | memoryview, aad: bytes = b"") -> bytes:
+    def seal(self, plaintext: bytes | bytearray | memoryview, aad: bytes = b"") -> bytes:
         """Encrypt and authenticate ``plaintext`` (and ``aad``, not stored) under the current key."""
         head = _HEAD.pack(SEAL_MAGIC, self._current, secrets.token_bytes(NONCE_BYTES))
         nonce = head[8:]

@@ -121,7 +121,7 @@ def _segment_name(first_seq: int) -> str:
 
 
 def _record_checksum(
-    header_tail: bytes | memoryview, payload_parts: Sequence[bytes | memoryview]
+    header_tail: bytes | memoryview, payload_parts: Sequence[bytes | bytearray | memoryview]
 ) -> int:
     h = xxhash.xxh3_64(header_tail)
     for part in payload_parts:
@@ -293,7 +293,11 @@ class SegmentLog:
         return RECORD_HEADER.size + overhead + payload_len
 
     def append(
-        self, tag: int, first_seq: int, last_seq: int, parts: Sequence[bytes | memoryview]
+        self,
+        tag: int,
+        first_seq: int,
+        last_seq: int,
+        parts: Sequence[bytes | bytearray | memoryview],
     ) -> RecordLocation:
         """Append one record (to the page cache; durable after :meth:`sync`); returns where
         its payload lies.
@@ -311,7 +315,7 @@ class SegmentLog:
         seg = self._segments[-1]
         if seg.size >= self.segment_bytes and seg.last_seq >= seg.first_seq:
             seg = self._roll()
-        buffers: list[bytes | memoryview] = [header, *parts]
+        buffers: list[bytes | bytearray | memoryview] = [header, *parts]
         total = RECORD_HEADER.size + size
         offset = seg.size
         try:

@@ -31,7 +31,7 @@ from common.digests import DigestTracker, chunk_digests, verify_chunk
 from common.durable import atomic_write_json, read_json
 from common.errors import TidemarkError
 from common.failpoints import failpoint
-from common.framed import FramedStream
+from common.framed import FramedStream, open_framed
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import load_bundle
 from process_server.replica import ReplicaDisk
@@ -174,13 +174,16 @@ class MasterTarget:
     # ----------------------------------------------------------------- one connection
     async def _session(self, ssl: Any) -> None:
         ps = self.cfg.process_server
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                ps.host, ps.port, ssl=ssl, server_hostname=CLIENT_SERVER_HOSTNAME, limit=1 << 20
+        stream = await asyncio.wait_for(
+            open_framed(
+                ps.host,
+                ps.port,
+                Connection("client"),
+                ssl_context=ssl,
+                server_hostname=CLIENT_SERVER_HOSTNAME,
             ),
             self.cfg.connect_timeout,
         )
-        stream = FramedStream(reader, writer, Connection("client"))
         try:
             await stream.send(Hello(self.cfg.name, "master-target"))
             async with asyncio.timeout(self.cfg.connect_timeout):

@@ -219,7 +219,9 @@ class ReplicaDisk:
             self._space_freed.clear()
             await self._space_freed.wait()
 
-    def append_batch(self, data: bytes, header: BatchHeader, decoded: Batch | None = None) -> None:
+    def append_batch(
+        self, data: bytes | bytearray, header: BatchHeader, decoded: Batch | None = None
+    ) -> None:
         """Append a received batch to the cache (page cache; durable after :meth:`sync_cache`).
         Raises ProtocolError(SEQ_GAP) when it does not follow the cache."""
         if header.first_seq != self.cached_seq + 1:

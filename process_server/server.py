@@ -27,7 +27,7 @@ from common.at_rest import cache_sealer
 from common.config import ServerConfig
 from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
-from common.framed import FramedStream
+from common.framed import FramedStream, start_framed_server
 from common.rate_limit import cache_pressure_delay
 from common.state_lock import StateDirBusy, hold_state_dir, state_dir_held
 from common.tls import peer_identity, server_context
@@ -155,13 +155,12 @@ class ProcessServer:
                 tg.create_task(
                     self.points.run_group(group, self.ask, self.tell), name=f"group-{group.name}"
                 )
-            self._server = await asyncio.start_server(
+            self._server = await start_framed_server(
                 self._handle,
                 self.cfg.listen.host,
                 self.cfg.listen.port,
-                ssl=ssl_ctx,
-                limit=1 << 20,
-                reuse_address=True,
+                lambda: Connection("server", self.limits),
+                ssl_context=ssl_ctx,
             )
             self.port = self._server.sockets[0].getsockname()[1]
             await self._admin.start()
@@ -270,11 +269,10 @@ class ProcessServer:
                     if session.task is not None:
                         session.task.cancel()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        address = str(writer.get_extra_info("peername"))
-        stream = FramedStream(reader, writer, Connection("server", self.limits))
+    async def _handle(self, stream: FramedStream) -> None:
+        address = str(stream.get_extra_info("peername"))
         try:
-            ssl_object = writer.get_extra_info("ssl_object")
+            ssl_object = stream.get_extra_info("ssl_object")
             peer, role = peer_identity(ssl_object)
             serial = int(ssl_object.getpeercert()["serialNumber"], 16)
             revoked = serial in await asyncio.to_thread(load_revoked_serials, self.cfg.pki_dir)

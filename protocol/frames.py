@@ -261,12 +261,12 @@ class BatchMsg:
     """
 
     TYPE: ClassVar[MsgType] = MsgType.BATCH
-    data: bytes
+    data: bytes | bytearray  # a received batch keeps the buffer it was received into
     header: BatchHeader
     parts: tuple[bytes | memoryview, ...] = ()  # when set: the batch in pieces, ``data`` b""
 
     @classmethod
-    def from_data(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> BatchMsg:
+    def from_data(cls, data: bytes | bytearray, limits: Limits = DEFAULT_LIMITS) -> BatchMsg:
         """Raises ProtocolError (whatever ``peek_batch_header`` raises)."""
         return cls(data, peek_batch_header(data, limits))
 
@@ -291,13 +291,13 @@ class BatchMsg:
         return sum(len(p) for p in self.parts) if self.parts else len(self.data)
 
     def _encode(self) -> bytes:
-        return b"".join(self.parts) if self.parts else self.data
+        return b"".join(self.payload_parts())
 
-    def payload_parts(self) -> tuple[bytes | memoryview, ...]:
+    def payload_parts(self) -> tuple[bytes | bytearray | memoryview, ...]:
         return self.parts or (self.data,)
 
     @classmethod
-    def _decode_payload(cls, payload: bytes, limits: Limits) -> BatchMsg:
+    def _decode_payload(cls, payload: bytes | bytearray, limits: Limits) -> BatchMsg:
         return cls.from_data(payload, limits)
 
 
@@ -719,13 +719,13 @@ def encode_message(msg: Message) -> bytes:
     return b"".join(encode_message_parts(msg))
 
 
-def encode_message_parts(msg: Message) -> list[bytes | memoryview]:
+def encode_message_parts(msg: Message) -> list[bytes | bytearray | memoryview]:
     """The frame for ``msg`` as pieces: its header, then its payload (a batch's in the pieces
     it was built from), so a large payload is written to the transport without being copied
     into one buffer with its header."""
     if not isinstance(msg, _MESSAGE_TYPES):
         raise _bad(f"not a message: {msg!r}")
-    parts: tuple[bytes | memoryview, ...]
+    parts: tuple[bytes | bytearray | memoryview, ...]
     parts = msg.payload_parts() if isinstance(msg, BatchMsg) else (msg._encode(),)
     length = sum(len(p) for p in parts)
     if length > _U32_MAX:
@@ -741,13 +741,13 @@ def encode_message_parts(msg: Message) -> list[bytes | memoryview]:
     return [head + _HEADER_CHECK.pack(xxhash.xxh32_intdigest(head)), *parts]
 
 
-def _decode_payload(msg_type: int, payload: bytes, limits: Limits) -> Message:
+def _decode_payload(msg_type: int, payload: bytes | bytearray, limits: Limits) -> Message:
     if msg_type == MsgType.BATCH:
         return BatchMsg._decode_payload(payload, limits)
     decoder = _SMALL_DECODERS.get(msg_type)
     if decoder is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type}")
-    reader = _Reader(payload)
+    reader = _Reader(bytes(payload))  # (no copy of bytes; a large non-batch payload is rare)
     msg = decoder(reader, limits)
     reader.finish()
     return msg
@@ -791,7 +791,16 @@ EOF_EVENT = EOF()
 
 
 class FrameDecoder:
-    """Bytes in (``receive_data``), messages out (``next_message``).
+    """Bytes in, messages out (``next_message``).
+
+    Bytes come in one of two ways: ``receive_data(data)``, or, with no copy of a large
+    payload (``asyncio.BufferedProtocol`` style), ``get_buffer()`` then
+    ``buffer_updated(nbytes)`` for the bytes written into it. Once a frame's header has
+    been checked, a payload of DIRECT_MIN to DIRECT_MAX bytes gets a buffer of its own,
+    which ``get_buffer`` hands out until it is full: the transport writes the payload in
+    place and the message keeps that buffer. So memory follows the bytes received, plus at
+    most DIRECT_MAX for a frame announced and not yet sent (a larger one is buffered as it
+    comes, like any bytes given to ``receive_data``).
 
     Call ``next_message`` until it returns ``NEED_DATA`` before feeding more; feeding a
     decoder that already holds a whole maximum-size frame raises ProtocolError(INTERNAL),
@@ -799,7 +808,20 @@ class FrameDecoder:
     ProtocolError the decoder is failed and re-raises it.
     """
 
-    __slots__ = ("_buf", "_eof", "_error", "_limits", "_pending")
+    __slots__ = (
+        "_buf",
+        "_eof",
+        "_error",
+        "_filled",
+        "_limits",
+        "_payload",
+        "_pending",
+        "_scratch",
+    )
+
+    DIRECT_MIN = 64 << 10  # payloads this large are received into their own buffer...
+    DIRECT_MAX = 8 << 20  # ...up to this size (a batch: 4 MiB of data at most by default)
+    SCRATCH = 64 << 10  # get_buffer's size between such payloads
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._limits = limits
@@ -807,16 +829,24 @@ class FrameDecoder:
         self._eof = False
         self._error: ProtocolError | None = None
         self._pending: tuple[int, int, int] | None = None  # checked header: type, len, xxh3
+        self._payload: bytearray | None = None  # the pending frame's own payload buffer
+        self._filled = 0  # bytes of _payload received
+        self._scratch: bytearray | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet consumed."""
+        return len(self._buf) + self._filled
+
+    @property
+    def backlog(self) -> int:
+        """Bytes received and not yet consumed, beyond a large payload being received in
+        place (which is bounded by its frame's length): what a reader pauses on."""
         return len(self._buf)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer ``data``; ``b""`` means EOF. Raises ProtocolError(INTERNAL) on misuse."""
-        if self._error is not None:
-            raise self._error
+        self._check_feed()
         if self._eof:
             if data:
                 self._error = ProtocolError(ErrorCode.INTERNAL, "data received after EOF")
@@ -825,12 +855,40 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
-        if len(self._buf) > HEADER.size + self._limits.max_frame_bytes:
+        view = memoryview(data)
+        if self._payload is not None:  # the rest of a large payload, then what follows
+            n = min(len(view), len(self._payload) - self._filled)
+            self._payload[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+        self._buf += view
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes received should be written; report them with
+        :meth:`buffer_updated`. Raises ProtocolError as :meth:`receive_data` does."""
+        self._check_feed()
+        if self._payload is not None and self._filled < len(self._payload):
+            return memoryview(self._payload)[self._filled :]
+        if self._scratch is None:
+            self._scratch = bytearray(self.SCRATCH)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`'s buffer."""
+        if self._payload is not None and self._filled < len(self._payload):
+            self._filled += nbytes
+        elif nbytes:
+            assert self._scratch is not None
+            self._buf += memoryview(self._scratch)[:nbytes]
+
+    def _check_feed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.buffered > HEADER.size + self._limits.max_frame_bytes:
             self._error = ProtocolError(
                 ErrorCode.INTERNAL, "receive_data called without draining next_message"
             )
             raise self._error
-        self._buf += data
 
     def next_message(self) -> Message | NeedData | EOF:
         """The next message, ``NEED_DATA`` or ``EOF_EVENT``.
@@ -875,19 +933,34 @@ class FrameDecoder:
                     f"frame of {length} bytes exceeds {self._limits.max_frame_bytes}",
                 )
             self._pending = (msg_type, length, payload_sum)
+            if self.DIRECT_MIN <= length <= self.DIRECT_MAX and len(buf) < HEADER.size + length:
+                # the rest goes straight into the payload's own buffer
+                payload = self._payload = bytearray(length)
+                with memoryview(buf) as view, view[HEADER.size :] as have:
+                    self._filled = len(have)
+                    payload[: self._filled] = have
+                del buf[:]
         msg_type, length, payload_sum = self._pending
-        end = HEADER.size + length
-        if len(buf) < end:
-            if self._eof:
-                raise _bad("truncated frame")
-            return NEED_DATA
-        with memoryview(buf) as view, view[HEADER.size : end] as body:
-            payload = bytes(body)
-        del buf[:end]
+        if self._payload is not None:
+            if self._filled < length:
+                if self._eof:
+                    raise _bad("truncated frame")
+                return NEED_DATA
+            payload_buffer: bytes | bytearray = self._payload
+            self._payload, self._filled = None, 0
+        else:
+            end = HEADER.size + length
+            if len(buf) < end:
+                if self._eof:
+                    raise _bad("truncated frame")
+                return NEED_DATA
+            with memoryview(buf) as view, view[HEADER.size : end] as body:
+                payload_buffer = bytes(body)
+            del buf[:end]
         self._pending = None
-        if xxhash.xxh3_64_intdigest(payload) != payload_sum:
+        if xxhash.xxh3_64_intdigest(payload_buffer) != payload_sum:
             raise ProtocolError(ErrorCode.BAD_CHECKSUM, "frame payload checksum mismatch")
-        return _decode_payload(msg_type, payload, self._limits)
+        return _decode_payload(msg_type, payload_buffer, self._limits)
 
 
 # --- connection state machine -------------------------------------------------------------
@@ -1050,7 +1123,7 @@ class Connection:
         """Frame bytes for ``msg``. Raises ProtocolError(UNEXPECTED) if illegal now."""
         return b"".join(self.send_parts(msg))
 
-    def send_parts(self, msg: Message) -> list[bytes | memoryview]:
+    def send_parts(self, msg: Message) -> list[bytes | bytearray | memoryview]:
         """As :meth:`send`, as ``(header, payload)`` (no copy of a large payload)."""
         self._check_alive()
         try:
@@ -1060,13 +1133,30 @@ class Connection:
             raise self._fail(exc) from None
         return parts
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes from the peer (``b""`` = EOF). Raises ProtocolError on misuse."""
         self._check_alive()
         try:
             self._decoder.receive_data(data)
         except ProtocolError as exc:
             raise self._fail(exc) from None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (see ``FrameDecoder.get_buffer``); report them
+        with :meth:`buffer_updated`. Raises ProtocolError on misuse."""
+        self._check_alive()
+        try:
+            return self._decoder.get_buffer()
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._decoder.buffer_updated(nbytes)
+
+    @property
+    def backlog(self) -> int:
+        """Received bytes waiting to be parsed (``FrameDecoder.backlog``)."""
+        return self._decoder.backlog
 
     def next_event(self) -> Message | NeedData | EOF:
         """Next legal message from the peer, ``NEED_DATA`` or ``EOF_EVENT``.
