@@ -546,7 +546,7 @@ def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | 
     for start, stop, pieces in runs:
         if pieces is None:
             extents.append(Extent(start, stop - start, None))
-        elif len(pieces) == 1:  # a view into the journal's read buffer: encode_batch copies it
+        elif len(pieces) == 1:  # maybe a view into the journal's read buffer: sent as it is
             extents.append(Extent(start, stop - start, pieces[0]))
         else:
             extents.append(Extent(start, stop - start, b"".join(pieces)))

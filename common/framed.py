@@ -21,15 +21,22 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.frames import EOF, NEED_DATA, Connection, ErrorMsg, Message, NeedData, encode_message
+from protocol.frames import (
+    EOF,
+    NEED_DATA,
+    Buffer,
+    Connection,
+    ErrorMsg,
+    Message,
+    NeedData,
+    encode_message,
+)
 
 log = logging.getLogger(__name__)
 
 READ_PAUSE = 1 << 20  # received bytes not yet taken by recv() before reading pauses
 SMALL_WRITE = 64 << 10  # frames smaller than this are joined into one write
 TLS_RECORD = 16 << 10  # the largest TLS record's plaintext
-
-Buffer = bytes | bytearray | memoryview
 
 
 class _FrameProtocol(asyncio.BufferedProtocol):

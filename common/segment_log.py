@@ -29,7 +29,8 @@ range). Rules it keeps:
   did not hold before (the undo log only grows; the cache swings by hundreds of MiB): memory
   that other data (the replica's pages) could use, and on a VM that hands free memory back
   to its host (free page reporting), the costliest write there is; pages freed a moment
-  before cost far less to fill (docs/operations.md). A recycled file then saves the block allocation only.
+  before cost far less to fill (docs/operations.md). A recycled file then saves the block
+  allocation only.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ SEGMENT_HEADER = struct.Struct(">8sII")  # magic, version, flags (reserved befor
 SEGMENT_SEALED = 1  # flag: every payload in the segment is sealed
 RECORD_HEADER = struct.Struct(">QIBQQ")  # checksum, payload size, tag, first_seq, last_seq
 _READ_CHUNK = 1 << 20
-_IOV_MAX = 1024  # buffers per pwritev (Linux UIO_MAXIOV)
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one pwritev takes (1024 on Linux)
 PAGE = os.sysconf("SC_PAGESIZE")
 _SEAL_AAD = struct.Struct(">BQQ")  # tag, first_seq, last_seq: authenticated with a sealed payload
 

@@ -29,6 +29,8 @@ from protocol.batch import DEFAULT_LIMITS, BatchHeader, Limits, peek_batch_heade
 from protocol.batch import validate_disk_id as _validate_disk_id
 from protocol.errors import ErrorCode, ProtocolError
 
+Buffer: TypeAlias = bytes | bytearray | memoryview  # what frames are read from and sent as
+
 __all__ = [
     "EOF",
     "EOF_EVENT",
@@ -43,6 +45,7 @@ __all__ = [
     "ROLES",
     "Ack",
     "BatchMsg",
+    "Buffer",
     "ConnState",
     "Connection",
     "Control",
@@ -288,12 +291,12 @@ class BatchMsg:
     @property
     def size(self) -> int:
         """The encoded batch's size in bytes."""
-        return sum(len(p) for p in self.parts) if self.parts else len(self.data)
+        return sum(len(p) for p in self.payload_parts())
 
     def _encode(self) -> bytes:
         return b"".join(self.payload_parts())
 
-    def payload_parts(self) -> tuple[bytes | bytearray | memoryview, ...]:
+    def payload_parts(self) -> tuple[Buffer, ...]:
         return self.parts or (self.data,)
 
     @classmethod
@@ -719,13 +722,13 @@ def encode_message(msg: Message) -> bytes:
     return b"".join(encode_message_parts(msg))
 
 
-def encode_message_parts(msg: Message) -> list[bytes | bytearray | memoryview]:
+def encode_message_parts(msg: Message) -> list[Buffer]:
     """The frame for ``msg`` as pieces: its header, then its payload (a batch's in the pieces
     it was built from), so a large payload is written to the transport without being copied
     into one buffer with its header."""
     if not isinstance(msg, _MESSAGE_TYPES):
         raise _bad(f"not a message: {msg!r}")
-    parts: tuple[bytes | bytearray | memoryview, ...]
+    parts: tuple[Buffer, ...]
     parts = msg.payload_parts() if isinstance(msg, BatchMsg) else (msg._encode(),)
     length = sum(len(p) for p in parts)
     if length > _U32_MAX:
@@ -844,7 +847,7 @@ class FrameDecoder:
         place (which is bounded by its frame's length): what a reader pauses on."""
         return len(self._buf)
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Buffer ``data``; ``b""`` means EOF. Raises ProtocolError(INTERNAL) on misuse."""
         self._check_feed()
         if self._eof:
@@ -1123,7 +1126,7 @@ class Connection:
         """Frame bytes for ``msg``. Raises ProtocolError(UNEXPECTED) if illegal now."""
         return b"".join(self.send_parts(msg))
 
-    def send_parts(self, msg: Message) -> list[bytes | bytearray | memoryview]:
+    def send_parts(self, msg: Message) -> list[Buffer]:
         """As :meth:`send`, as ``(header, payload)`` (no copy of a large payload)."""
         self._check_alive()
         try:
@@ -1133,7 +1136,7 @@ class Connection:
             raise self._fail(exc) from None
         return parts
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Buffer bytes from the peer (``b""`` = EOF). Raises ProtocolError on misuse."""
         self._check_alive()
         try:
