@@ -1,8 +1,10 @@
-"""Disjoint byte ranges of a disk mapped to values, where the first writer of a byte wins.
+"""Disjoint byte ranges of a disk mapped to values, where the first writer of a byte wins
+(``fill``) or the last one does (``assign``).
 
 A point-in-time view needs, for every byte, the oldest undo record written after its point
 that covers the byte (that record holds the byte as it was at the point). Undo records are
-added oldest first, so "first writer wins" is exactly that rule. Pure code, no I/O.
+added oldest first, so "first writer wins" is exactly that rule. The applier's overlay of a
+group (which batch of the group wrote a byte last) is "last writer wins". Pure code, no I/O.
 
 Held in a ``sortedcontainers.SortedDict`` (start -> (end, value)): O(log n) inserts and
 lookups without writing a balanced tree here; it is the library hypothesis already pulls in.
@@ -60,6 +62,34 @@ class ExtentMap(Generic[V]):
             added += gap_end - gap_start
         self.covered_bytes += added
         return added
+
+    def assign(self, start: int, end: int, value: V) -> None:
+        """Map all of ``[start, end)`` to ``value``, cutting back whatever was mapped there."""
+        if end <= start:
+            return
+        pieces = self._pieces
+        keys = pieces.keys()
+        index = max(pieces.bisect_right(start) - 1, 0)
+        cut: list[tuple[int, int, V]] = []
+        while index < len(keys):
+            piece_start = keys[index]
+            if piece_start >= end:
+                break
+            piece_end, old = pieces[piece_start]
+            if piece_end > start:
+                cut.append((piece_start, piece_end, old))
+            index += 1
+        for piece_start, piece_end, old in cut:
+            del pieces[piece_start]
+            self.covered_bytes -= piece_end - piece_start
+            if piece_start < start:
+                pieces[piece_start] = (start, old)
+                self.covered_bytes += start - piece_start
+            if piece_end > end:
+                pieces[end] = (piece_end, old)
+                self.covered_bytes += piece_end - end
+        pieces[start] = (end, value)
+        self.covered_bytes += end - start
 
     def fill_many(self, items: Iterable[tuple[int, int, V]]) -> None:
         """``fill`` each item in order (oldest first). Into an empty map the items are laid

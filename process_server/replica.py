@@ -7,8 +7,8 @@ Rules it keeps:
   verifies every extent digest, and records ``applied_seq`` only after the replica
   is fdatasync'ed; the state file is replaced atomically.
 - With the undo log on, the old contents of a batch's extents are durable in the undo log
-  before the batch touches the replica; batches are applied in groups that never overlap
-  themselves, so one fdatasync of the undo log covers a group.
+  before the batch touches the replica; one fdatasync of the undo log covers a group of
+  batches (where they overlap, a batch's old contents are the group's earlier new contents).
 - Open point-in-time views (failovers) learn of every new undo piece before the replica bytes
   under it change (``view_lock``).
 - The undo log (a ``SegmentLog``, not thread-safe) is used by one side at a time
@@ -41,7 +41,7 @@ from common.segment_log import Cursor, RecordLocation, SegmentLog
 from process_server.extent_map import ExtentMap
 from process_server.pit import PointView
 from process_server.undo import RECORD_MAX, TAG_CUT, UndoLog
-from protocol.batch import Batch, BatchHeader, Limits, decode_batch, validate_disk_id
+from protocol.batch import Batch, BatchHeader, Extent, Limits, decode_batch, validate_disk_id
 from protocol.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger("tidemark.ps.replica")
@@ -469,20 +469,7 @@ class ReplicaDisk:
         if self.undo is None:
             self._write_group(batches)
             return batches
-        start = 0
-        written: ExtentMap[bool] = ExtentMap()
-        for index, batch in enumerate(batches):
-            if any(
-                owner is not None
-                for e in batch.extents
-                for _, _, owner in written.lookup(e.offset, e.offset + e.length)
-            ):
-                self._undo_then_write(batches[start:index])
-                start = index
-                written = ExtentMap()
-            for e in batch.extents:
-                written.fill(e.offset, e.offset + e.length, True)
-        self._undo_then_write(batches[start:])
+        self._undo_then_write(batches)
         return batches
 
     def _check_batch(self, batch: Batch) -> None:
@@ -495,11 +482,18 @@ class ReplicaDisk:
                 )
 
     def _undo_then_write(self, group: list[Batch]) -> None:
-        """Undo records of ``group`` (whose batches do not overlap each other) made durable,
-        open views told, then the group written to the replica."""
+        """Undo records of ``group`` made durable, open views told, then the group written to
+        the replica. Where batches of the group overlap, a later batch's old contents are the
+        earlier one's new contents, taken from memory (``overlay``): one undo sync covers the
+        whole group."""
         undo = self.undo
         assert undo is not None
-        locations = [undo.record(batch, self._fd) for batch in group]
+        overlay: ExtentMap[Extent] = ExtentMap()
+        locations = []
+        for batch in group:
+            locations.append(undo.record(batch, self._fd, overlay))
+            for extent in batch.extents:
+                overlay.assign(extent.offset, extent.offset + extent.length, extent)
         undo.sync_blocking()
         failpoint("applier.after_undo_sync")
         # Checked under the lock: a view being opened right now (open_view holds the lock while

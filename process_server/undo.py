@@ -14,7 +14,7 @@ is recorded as a *cut*: history before it can no longer be rebuilt and ``valid_f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from common.digests import data_ranges, in_hole, is_zero
 from common.durable import atomic_write_json, read_json
 from common.failpoints import failpoint
 from common.segment_log import RecordLocation, SealingMismatch, SegmentLog
+from process_server.extent_map import ExtentMap
 from protocol.batch import (
     CODEC_RAW,
     Batch,
@@ -119,10 +120,14 @@ class UndoLog:
         return max(self.valid_from, self.log.first_seq - 1)
 
     # ----------------------------------------------------------------- writing (applier thread)
-    def record(self, batch: Batch, replica_fd: int) -> RecordLocation | None:
+    def record(
+        self, batch: Batch, replica_fd: int, overlay: ExtentMap[Extent] | None = None
+    ) -> RecordLocation | None:
         """Append the undo record of ``batch`` (not yet applied) to the page cache and return
         where it lies (None: recorded before a crash); the caller makes it durable with
-        :meth:`sync_blocking` before writing the batch to the replica."""
+        :meth:`sync_blocking` before writing the batch to the replica. ``overlay``: the
+        extents of earlier batches of the same group, written after this record is made
+        (the old contents of ``batch`` are theirs where they meet)."""
         header = batch.header
         if header.first_seq != self.log.next_seq:
             if header.last_seq < self.log.next_seq:
@@ -130,7 +135,7 @@ class UndoLog:
             raise ValueError(
                 f"undo of {header.first_seq}..{header.last_seq}, expected {self.log.next_seq}"
             )
-        old = old_contents(replica_fd, batch.extents, RECORD_MAX)
+        old = old_contents(replica_fd, batch.extents, RECORD_MAX, overlay)
         if old is None:
             location = self.log.append(TAG_CUT, header.first_seq, header.last_seq, ())
             self.valid_from = header.last_seq
@@ -220,40 +225,79 @@ class UndoLog:
         self.log.close()
 
 
-def old_contents(fd: int, extents: tuple[Extent, ...], limit: int) -> list[Extent] | None:
-    """The replica's current contents under ``extents``: data extents, or zero extents where
-    all-zero or a hole. None when the data exceeds ``limit`` bytes."""
+def old_contents(
+    fd: int, extents: tuple[Extent, ...], limit: int, overlay: ExtentMap[Extent] | None = None
+) -> list[Extent] | None:
+    """The contents under ``extents`` before they are written: data extents, or zero extents
+    where all-zero or a hole. Where ``overlay`` maps a byte, it comes from that extent (a
+    batch of the same group, not yet written to the replica); elsewhere from the replica.
+    None when the data exceeds ``limit`` bytes."""
     out: list[Extent] = []
-    total = 0
+    budget = limit
     for extent in extents:
         start, end = extent.offset, extent.offset + extent.length
-        # A short range is read whole unless it lies in a hole (an initial sync fills a
-        # replica of holes: nothing to read); a long one (a trim) only where it holds data.
-        if end - start > 1 << 20:
-            spans = data_ranges(fd, start, end)
+        if overlay is None or not len(overlay):
+            pieces: Iterable[tuple[int, int, Extent | None]] = ((start, end, None),)
         else:
-            spans = [] if in_hole(fd, start, end) else [(start, end)]
-        for data_start, data_end in spans:
-            if data_start > start:
-                out.append(Extent(start, data_start - start, None))
-            pos = data_start
-            while pos < data_end:
-                n = min(data_end - pos, 8 << 20)
-                data = os.pread(fd, n, pos)
-                if len(data) < n:
-                    data += bytes(n - len(data))
-                if is_zero(data):
-                    out.append(Extent(pos, n, None))  # adjacent zero extents merge below
-                else:
-                    total += n
-                    if total > limit:
-                        return None
-                    out.append(Extent(pos, n, data))
-                pos += n
-            start = data_end
-        if start < end:
-            out.append(Extent(start, end - start, None))
+            pieces = overlay.lookup(start, end)
+        for piece_start, piece_end, owner in pieces:
+            if owner is None:
+                left = _replica_contents(fd, piece_start, piece_end, budget, out)
+            else:
+                left = _overlay_contents(owner, piece_start, piece_end, budget, out)
+            if left is None:
+                return None
+            budget = left
     return _merge_zero(out)
+
+
+def _replica_contents(fd: int, start: int, end: int, budget: int, out: list[Extent]) -> int | None:
+    """Append the replica's ``[start, end)`` to ``out``; the budget left, None when spent."""
+    # A short range is read whole unless it lies in a hole (an initial sync fills a replica
+    # of holes: nothing to read); a long one (a trim) only where it holds data.
+    if end - start > 1 << 20:
+        spans = data_ranges(fd, start, end)
+    else:
+        spans = [] if in_hole(fd, start, end) else [(start, end)]
+    for data_start, data_end in spans:
+        if data_start > start:
+            out.append(Extent(start, data_start - start, None))
+        pos = data_start
+        while pos < data_end:
+            n = min(data_end - pos, 8 << 20)
+            data = os.pread(fd, n, pos)
+            if len(data) < n:
+                data += bytes(n - len(data))
+            if is_zero(data):
+                out.append(Extent(pos, n, None))  # adjacent zero extents merge later
+            else:
+                budget -= n
+                if budget < 0:
+                    return None
+                out.append(Extent(pos, n, data))
+            pos += n
+        start = data_end
+    if start < end:
+        out.append(Extent(start, end - start, None))
+    return budget
+
+
+def _overlay_contents(
+    owner: Extent, start: int, end: int, budget: int, out: list[Extent]
+) -> int | None:
+    """Append ``[start, end)`` as ``owner`` (an extent not yet written) will leave it."""
+    if owner.data is None:
+        out.append(Extent(start, end - start, None))
+        return budget
+    data = memoryview(owner.data)[start - owner.offset : end - owner.offset]
+    if is_zero(data):
+        out.append(Extent(start, end - start, None))
+        return budget
+    budget -= end - start
+    if budget < 0:
+        return None
+    out.append(Extent(start, end - start, data))
+    return budget
 
 
 def _file_reader(fd: int, base: int) -> Callable[[int, int], bytes]:

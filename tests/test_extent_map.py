@@ -52,3 +52,26 @@ def test_first_writer_wins_like_the_model(fills, bulk, probe):
 
 def test_lookup_of_an_empty_map_is_one_gap():
     assert list(ExtentMap().lookup(10, 20)) == [(10, 20, None)]
+
+
+@given(st.lists(st.tuples(st.booleans(), ranges), max_size=30), ranges)
+@settings(max_examples=300, deadline=None)
+def test_assign_makes_the_last_writer_win_like_the_model(ops, probe):
+    """``assign`` overrides whatever is mapped (``fill`` still fills only gaps), mixed."""
+    m: ExtentMap[int] = ExtentMap()
+    model: list[int | None] = [None] * SIZE
+    for value, (last_wins, (start, end)) in enumerate(ops):
+        if last_wins:
+            m.assign(start, end, value)
+        else:
+            m.fill(start, end, value)
+        for i in range(start, end):
+            if last_wins or model[i] is None:
+                model[i] = value
+    assert _flatten(m.lookup(0, SIZE)) == model
+    start, end = probe
+    assert _flatten(m.lookup(start, end)) == model[start:end]
+    assert m.covered_bytes == sum(v is not None for v in model)
+    pieces = list(m.items())
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(pieces))
+    assert all(a[0] < a[1] for a in pieces)
