@@ -33,7 +33,7 @@ write_op = st.tuples(
 )
 batch = st.lists(write_op, min_size=1, max_size=6)
 # (writes, marker after, open a view, make the cache durable now: batches that wait are applied
-# together, so the applier's grouping and its overlap splits are exercised)
+# together, so groups whose batches overlap each other are exercised)
 step = st.tuples(batch, st.booleans(), st.booleans(), st.booleans())
 
 
