@@ -490,10 +490,11 @@ class ReplicaDisk:
         assert undo is not None
         overlay: ExtentMap[Extent] = ExtentMap()
         locations = []
-        for batch in group:
+        for index, batch in enumerate(group):
             locations.append(undo.record(batch, self._fd, overlay))
-            for extent in batch.extents:
-                overlay.assign(extent.offset, extent.offset + extent.length, extent)
+            if index + 1 < len(group):  # the last batch's writes are nobody's old contents
+                for extent in batch.extents:
+                    overlay.assign(extent.offset, extent.offset + extent.length, extent)
         undo.sync_blocking()
         failpoint("applier.after_undo_sync")
         # Checked under the lock: a view being opened right now (open_view holds the lock while
