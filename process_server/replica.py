@@ -50,6 +50,7 @@ TAG_BATCH = 1
 STATE_FILE = "state.json"
 APPLY_GROUP_RECORDS = 64  # batches applied as one group (one undo sync, one replica pass)
 APPLY_GROUP_BYTES = 32 << 20  # data bytes of a group taken from memory
+GROUP_EXTENTS_MAX = 1 << 17  # extents of one undo group (its overlay, hence its undo records)
 DECODED_LIMIT = 32 << 20  # verified batches kept in memory for the applier (beyond: re-read)
 RECYCLE_MIN, RECYCLE_MAX = 2, 16  # released cache segment files kept for reuse (recycle_count)
 REPLICA_FILE = "replica.img"
@@ -469,7 +470,16 @@ class ReplicaDisk:
         if self.undo is None:
             self._write_group(batches)
             return batches
-        self._undo_then_write(batches)
+        start, extents = 0, 0
+        for index, batch in enumerate(batches):
+            # The overlay holds at most ~2 pieces per extent assigned, and a batch's undo
+            # record one extent per overlay piece it meets: a bound keeps records far below
+            # UNDO_LIMITS.max_extents however small the writes.
+            if index > start and extents + len(batch.extents) > GROUP_EXTENTS_MAX:
+                self._undo_then_write(batches[start:index])
+                start, extents = index, 0
+            extents += len(batch.extents)
+        self._undo_then_write(batches[start:])
         return batches
 
     def _check_batch(self, batch: Batch) -> None:

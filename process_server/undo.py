@@ -38,6 +38,7 @@ TAG_UNDO = 2
 TAG_CUT = 3
 HISTORY_FILE = "history.json"
 RECORD_MAX = 256 << 20
+PIECE_MAX = 8 << 20  # the longest data extent of an undo record
 UNDO_LIMITS = Limits(
     max_frame_bytes=1 << 40, max_batch_raw_bytes=(1 << 32) - 1, max_extents=1 << 20
 )
@@ -264,7 +265,7 @@ def _replica_contents(fd: int, start: int, end: int, budget: int, out: list[Exte
             out.append(Extent(start, data_start - start, None))
         pos = data_start
         while pos < data_end:
-            n = min(data_end - pos, 8 << 20)
+            n = min(data_end - pos, PIECE_MAX)
             data = os.pread(fd, n, pos)
             if len(data) < n:
                 data += bytes(n - len(data))
@@ -285,18 +286,22 @@ def _replica_contents(fd: int, start: int, end: int, budget: int, out: list[Exte
 def _overlay_contents(
     owner: Extent, start: int, end: int, budget: int, out: list[Extent]
 ) -> int | None:
-    """Append ``[start, end)`` as ``owner`` (an extent not yet written) will leave it."""
+    """Append ``[start, end)`` as ``owner`` (an extent not yet written) will leave it, in
+    pieces of at most PIECE_MAX (a view reads and checks a whole piece at a time)."""
     if owner.data is None:
         out.append(Extent(start, end - start, None))
         return budget
-    data = memoryview(owner.data)[start - owner.offset : end - owner.offset]
-    if is_zero(data):
-        out.append(Extent(start, end - start, None))
-        return budget
-    budget -= end - start
-    if budget < 0:
-        return None
-    out.append(Extent(start, end - start, data))
+    whole = memoryview(owner.data)
+    for pos in range(start, end, PIECE_MAX):
+        n = min(end - pos, PIECE_MAX)
+        data = whole[pos - owner.offset : pos - owner.offset + n]
+        if is_zero(data):
+            out.append(Extent(pos, n, None))  # adjacent zero extents merge later
+            continue
+        budget -= n
+        if budget < 0:
+            return None
+        out.append(Extent(pos, n, data))
     return budget
 
 
