@@ -82,6 +82,9 @@ RETENTION = 180.0  # seconds; points used by a failover are younger than this mi
 POINT_MARGIN = 60.0
 DRAIN_TIMEOUT = 120.0
 MIN_DURATION = 30.0
+QUICK_MIN_DURATION = 12.0  # ``--quick`` (a smoke run of every scenario in under 2 minutes)
+PAUSE = (1.5, 4.0)  # seconds of workload alone between two scheduled events
+QUICK_PAUSE = (0.3, 1.0)  # ``--quick``: the first round's eight events still fit
 DEFAULT_MBS = 4.0
 NBD_EVERY = 25  # every Nth data write goes through qemu-io on the agent's NBD export
 FIRST_ROUND = ["fault", "point", "kill-agent", "fault", "failover", "kill-ps", "fault", "verify"]
@@ -167,16 +170,20 @@ def differing_ranges(
 
 
 def soak_duration(params: Params) -> float:
-    """``--duration`` (or ``--seconds``), at least :data:`MIN_DURATION`."""
-    return max(MIN_DURATION, params.seconds)
+    """``--duration`` (or ``--seconds``), at least :data:`MIN_DURATION`
+    (:data:`QUICK_MIN_DURATION` with ``--quick``)."""
+    return max(QUICK_MIN_DURATION if params.quick else MIN_DURATION, params.seconds)
 
 
 class Soak:
     """One soak run: the deployment, the model, the workload thread and the schedule."""
 
-    def __init__(self, root: Path, duration: float, seed: int) -> None:
+    def __init__(
+        self, root: Path, duration: float, seed: int, pause: tuple[float, float] = PAUSE
+    ) -> None:
         self.root = root
         self.duration = duration
+        self.pause = pause
         self.rng = random.Random(seed)  # the schedule's
         self.wrng = random.Random(seed + 1)  # the workload thread's
         self.mbs = float(os.environ.get("TIDEMARK_BENCH_SOAK_MBS", DEFAULT_MBS))
@@ -672,7 +679,7 @@ class Soak:
         faults = self.fault_kinds()
         try:
             for name in self.rounds():
-                pause = self.rng.uniform(1.5, 4.0)
+                pause = self.rng.uniform(*self.pause)
                 if time.monotonic() + pause >= end:
                     break
                 time.sleep(pause)
@@ -726,7 +733,7 @@ def run(params: Params) -> ScenarioResult:
     details["tools_missing"] = missing
     print(f"# soak: {duration:g} s, seed {seed}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="tms-", dir=params.tmpdir) as tmp:
-        soak = Soak(Path(tmp), duration, seed)
+        soak = Soak(Path(tmp), duration, seed, QUICK_PAUSE if params.quick else PAUSE)
         stuck: str | None = None
         try:
             soak.setup()
