@@ -31,6 +31,18 @@ def _flatten(pieces) -> list[int | None]:
     return out
 
 
+def _assert_like(m: ExtentMap[int], model: list[int | None], probe: tuple[int, int]) -> None:
+    """``m`` maps every byte as ``model`` does, whole and over ``probe``, in pieces that are
+    non-empty, ordered and disjoint, and counts its covered bytes right."""
+    assert _flatten(m.lookup(0, SIZE)) == model
+    start, end = probe
+    assert _flatten(m.lookup(start, end)) == model[start:end]
+    assert m.covered_bytes == sum(v is not None for v in model)
+    pieces = list(m.items())
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(pieces))
+    assert all(a[0] < a[1] for a in pieces)
+
+
 @given(st.lists(ranges, max_size=30), st.booleans(), ranges)
 @settings(max_examples=300, deadline=None)
 def test_first_writer_wins_like_the_model(fills, bulk, probe):
@@ -41,13 +53,7 @@ def test_first_writer_wins_like_the_model(fills, bulk, probe):
     else:
         for s, e, v in items:
             m.fill(s, e, v)
-    model = _model(fills)
-    assert _flatten(m.lookup(0, SIZE)) == model
-    start, end = probe
-    assert _flatten(m.lookup(start, end)) == model[start:end]
-    assert m.covered_bytes == sum(v is not None for v in model)
-    pieces = list(m.items())
-    assert all(a[1] <= b[0] for a, b in itertools.pairwise(pieces))
+    _assert_like(m, _model(fills), probe)
 
 
 def test_lookup_of_an_empty_map_is_one_gap():
@@ -68,10 +74,4 @@ def test_assign_makes_the_last_writer_win_like_the_model(ops, probe):
         for i in range(start, end):
             if last_wins or model[i] is None:
                 model[i] = value
-    assert _flatten(m.lookup(0, SIZE)) == model
-    start, end = probe
-    assert _flatten(m.lookup(start, end)) == model[start:end]
-    assert m.covered_bytes == sum(v is not None for v in model)
-    pieces = list(m.items())
-    assert all(a[1] <= b[0] for a, b in itertools.pairwise(pieces))
-    assert all(a[0] < a[1] for a in pieces)
+    _assert_like(m, model, probe)
