@@ -269,13 +269,10 @@ def _replica_contents(fd: int, start: int, end: int, budget: int, out: list[Exte
             data = os.pread(fd, n, pos)
             if len(data) < n:
                 data += bytes(n - len(data))
-            if is_zero(data):
-                out.append(Extent(pos, n, None))  # adjacent zero extents merge later
-            else:
-                budget -= n
-                if budget < 0:
-                    return None
-                out.append(Extent(pos, n, data))
+            left = _add_piece(out, pos, data, budget)
+            if left is None:
+                return None
+            budget = left
             pos += n
         start = data_end
     if start < end:
@@ -294,14 +291,23 @@ def _overlay_contents(
     whole = memoryview(owner.data)
     for pos in range(start, end, PIECE_MAX):
         n = min(end - pos, PIECE_MAX)
-        data = whole[pos - owner.offset : pos - owner.offset + n]
-        if is_zero(data):
-            out.append(Extent(pos, n, None))  # adjacent zero extents merge later
-            continue
-        budget -= n
-        if budget < 0:
+        left = _add_piece(out, pos, whole[pos - owner.offset : pos - owner.offset + n], budget)
+        if left is None:
             return None
-        out.append(Extent(pos, n, data))
+        budget = left
+    return budget
+
+
+def _add_piece(out: list[Extent], pos: int, data: bytes | memoryview, budget: int) -> int | None:
+    """Append ``data`` at ``pos`` as a zero extent when all zero (adjacent ones merge later),
+    else as data charged to ``budget``; the budget left, None when spent."""
+    if is_zero(data):
+        out.append(Extent(pos, len(data), None))
+        return budget
+    budget -= len(data)
+    if budget < 0:
+        return None
+    out.append(Extent(pos, len(data), data))
     return budget
 
 

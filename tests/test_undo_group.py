@@ -31,7 +31,6 @@ from protocol.batch import (
     CODEC_RAW,
     Extent,
     Limits,
-    decode_batch,
     encode_batch,
     encode_batch_parts,
     peek_batch_header,
@@ -191,9 +190,12 @@ def _open(root: Path, create: bool = False) -> ReplicaDisk:
     )
 
 
-def _overlapping_batches(first_seq: int, count: int, source: bytearray, seed: int) -> list[bytes]:
+def _overlapping_batches(
+    first_seq: int, count: int, source: bytearray, seed: int
+) -> list[tuple[bytes, str]]:
     """``count`` batches of random writes and zeroes crowded into the first 256 KiB of the
-    disk (so they overlap one another), applied to ``source`` as they are made."""
+    disk (so they overlap one another), applied to ``source`` as they are made; each with the
+    SHA-256 of ``source`` after it."""
     rng = random.Random(seed)
     out = []
     for seq in range(first_seq, first_seq + count):
@@ -205,7 +207,7 @@ def _overlapping_batches(first_seq: int, count: int, source: bytearray, seed: in
         extents = [Extent(u * UNIT, UNIT, d) for u, d in sorted(units.items())]
         for e in extents:
             source[e.offset : e.offset + e.length] = bytes(e.length) if e.data is None else e.data
-        out.append(encode_batch("g1", seq, seq, extents, newest_write_ns=seq))
+        out.append((encode_batch("g1", seq, seq, extents, newest_write_ns=seq), _sha(source)))
     return out
 
 
@@ -226,23 +228,14 @@ def _count_undo_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def _append_all(
-    disk: ReplicaDisk, batches: list[bytes], expected: dict[int, str], replay: bytearray
+    disk: ReplicaDisk, batches: list[tuple[bytes, str]], expected: dict[int, str]
 ) -> None:
-    """Cache ``batches`` durably, noting the SHA-256 of the source after each in ``expected``
-    (``replay``: this test's own copy of the source, brought forward batch by batch)."""
-    for data in batches:
+    """Cache ``batches`` durably, noting the SHA-256 of the source after each in ``expected``."""
+    for data, digest in batches:
         header = peek_batch_header(data)
         disk.append_batch(data, header)
-        expected[header.last_seq] = _replay_sha(replay, data)
+        expected[header.last_seq] = digest
     await disk.sync_cache()
-
-
-def _replay_sha(image: bytearray, data: bytes) -> str:
-    """Apply one encoded batch to ``image`` (a copy of the source kept here) and return the
-    SHA-256 of the result."""
-    for e in decode_batch(data, Limits()).extents:
-        image[e.offset : e.offset + e.length] = bytes(e.length) if e.data is None else e.data
-    return _sha(image)
 
 
 async def _apply_through(disk: ReplicaDisk, seq: int) -> None:
@@ -281,7 +274,7 @@ def test_overlapping_batches_made_durable_together_are_one_group_and_every_point
         disk = _open(tmp_path, create=True)
         try:
             batches = _overlapping_batches(1, 12, source, seed=5)
-            await _append_all(disk, batches, expected, bytearray(DISK))
+            await _append_all(disk, batches, expected)
             await _apply_through(disk, 12)
             assert _sha(disk.replica_path.read_bytes()) == _sha(source)
             _check_points(disk, expected)
@@ -314,34 +307,34 @@ def test_a_crash_between_the_undo_sync_and_the_replica_writes_regrouped_on_resta
         real_write(self, group[:3])
         raise RuntimeError("the process server dies here")
 
-    async def first_run(source: bytearray, expected: dict[int, str], replay: bytearray) -> None:
+    async def first_run(source: bytearray, expected: dict[int, str]) -> None:
         disk = _open(tmp_path, create=True)
         try:
             batches = _overlapping_batches(1, 8, source, seed=11)
-            await _append_all(disk, batches, expected, replay)
+            await _append_all(disk, batches, expected)
             with pytest.raises(RuntimeError, match="dies here"):
                 await disk.run_applier()
             assert disk.applied_seq == 0
         finally:
             disk.close()
 
-    async def second_run(source: bytearray, expected: dict[int, str], replay: bytearray) -> None:
+    async def second_run(source: bytearray, expected: dict[int, str]) -> None:
         disk = _open(tmp_path)
         try:
             batches = _overlapping_batches(9, 8, source, seed=12)
-            await _append_all(disk, batches, expected, replay)
+            await _append_all(disk, batches, expected)
             await _apply_through(disk, 16)
             assert _sha(disk.replica_path.read_bytes()) == _sha(source)
             _check_points(disk, expected)
         finally:
             disk.close()
 
-    source, replay = bytearray(DISK), bytearray(DISK)
+    source = bytearray(DISK)
     expected = {0: _sha(source)}
     monkeypatch.setattr(ReplicaDisk, "_write_group", dies_after_three)
-    asyncio.run(first_run(source, expected, replay))
+    asyncio.run(first_run(source, expected))
     assert syncs == [8]
     monkeypatch.setattr(ReplicaDisk, "_write_group", real_write)
     monkeypatch.setattr(replica_module, "APPLY_GROUP_RECORDS", 3)
-    asyncio.run(second_run(source, expected, replay))
+    asyncio.run(second_run(source, expected))
     assert len(syncs) > 2  # regrouped: more than one group after the restart
