@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -447,20 +448,62 @@ class ProtectedDisk:
             await self.flush()
         return seq
 
-    def write_nowait(self, offset: int, data: bytes | memoryview) -> int | None:
-        """:meth:`write` (without FUA) when it needs no wait: journaled and written in this loop
-        step, returning the seq; or None when it would have to wait (a recovery point holds
-        the gate, or the activity log must persist an extent first), and the caller awaits
-        :meth:`write` instead. Raises DiskError as :meth:`write` does. The NBD front's path
-        for most writes: no coroutine, no writer count (nothing can happen between the gate
-        and the journal)."""
+    def admit_nowait(self, offset: int, length: int) -> bool:
+        """May a plain write of this range be done in this loop step, with no wait? False when
+        a recovery point holds the gate or the activity log must persist the range's extent
+        first (the caller awaits :meth:`write`). Raises DiskError as :meth:`write` does.
+
+        The NBD front's path for most writes: it admits the writes of one loop step, then
+        hands them to :meth:`write_admitted` before anything else runs (no coroutine, no
+        writer count: nothing can happen between the gate and the journal)."""
         if not self._gate.is_set():
-            return None
-        self._check(offset, len(data), writing=True)
+            return False
+        self._check(offset, length, writing=True)
         al = self.activity_log
-        if al is not None and not al.covers(offset, len(data)):
-            return None
-        return self._record(offset, len(data), data, may_trim=False)
+        return al is None or al.covers(offset, length)
+
+    def write_admitted(
+        self, writes: Sequence[tuple[int, bytes | memoryview]]
+    ) -> list[int | DiskError]:
+        """Journal writes admitted in this loop step (:meth:`admit_nowait`) with one system
+        call, then write each into the image, in order; returns each write's seq, or the
+        DiskError it failed with. Whatever cannot go the one-call way (one write, a write
+        larger than a journal record, a journal that is full or overflowed, a journal write
+        that failed: nothing of it is kept) goes write by write, as :meth:`write` does."""
+        payload = sum(len(data) for _, data in writes)
+        if (
+            len(writes) < 2
+            or self.overflowed
+            or any(len(data) > RECORD_MAX for _, data in writes)
+            or not self.journal.fits(payload + 64 * len(writes))
+        ):
+            return [self._record_or_error(offset, data) for offset, data in writes]
+        now = time.time_ns()
+        try:
+            last = self.journal.append_writes(writes, now)
+        except OSError:  # rolled back: the one-by-one path tells a full journal from a broken one
+            return [self._record_or_error(offset, data) for offset, data in writes]
+        results: list[int | DiskError] = []
+        for seq, (offset, data) in enumerate(writes, last - len(writes) + 1):
+            self._pending.add(seq, len(data), now)
+            try:
+                self._apply_to_image(offset, len(data), data, False)
+            except OSError as exc:
+                results.append(
+                    DiskError(exc.errno or errno.EIO, f"{self.disk_id}: image write failed: {exc}")
+                )
+            else:
+                results.append(seq)
+        self.new_records.set()
+        self._image_commit.mark()
+        self.write_seq = last
+        return results
+
+    def _record_or_error(self, offset: int, data: bytes | memoryview) -> int | DiskError:
+        try:
+            return self._record(offset, len(data), data, may_trim=False)
+        except DiskError as exc:
+            return exc
 
     def _writer_enters(self) -> None:
         self._writers += 1

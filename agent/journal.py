@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,25 @@ class Journal:
             data = bytes(data)  # a caller's mutable buffer must not change what is shipped
         self._remember(JournalEntry(seq, offset, len(data), time_ns, data), len(data))
         return seq
+
+    def append_writes(self, writes: Sequence[tuple[int, bytes | memoryview]], time_ns: int) -> int:
+        """Journal several writes ``(offset, data)`` with one system call, one record each
+        with consecutive seqs (the NBD front's writes of one event-loop step); returns the
+        last seq. All or none: raises OSError with nothing journaled."""
+        first = self.log.next_seq
+        head = _WRITE_HEAD.pack
+        self.log.append_many(
+            [
+                (TAG_WRITE, seq, seq, (head(offset, time_ns), data))
+                for seq, (offset, data) in enumerate(writes, first)
+            ]
+        )
+        failpoint("journal.after_append")
+        for seq, (offset, data) in enumerate(writes, first):
+            if not (isinstance(data, bytes) or isinstance(getattr(data, "obj", None), bytes)):
+                data = bytes(data)  # a caller's mutable buffer must not change what is shipped
+            self._remember(JournalEntry(seq, offset, len(data), time_ns, data), len(data))
+        return first + len(writes) - 1
 
     def append_zero(self, offset: int, length: int, time_ns: int, *, may_trim: bool) -> int:
         seq = self.log.next_seq

@@ -6,6 +6,9 @@ it keeps: memory is bounded whatever the client does. Each connection has an in-
 (requests and payload bytes); while it is spent the socket is not read, which is the
 backpressure. Requests run concurrently (pipelined clients), a reply is written only after the
 disk call returned, and a WRITE reaches the disk only once its whole payload was received.
+Plain WRITEs that arrived together (a pipelining client's burst, read in one loop step) are
+journaled together, one system call for all, then written one by one: the group is done
+before the connection next waits for its socket, so it never spans a loop step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import ipaddress
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -31,6 +35,8 @@ _STREAM_LIMIT = 1 << 20  # StreamReader buffer (reading pauses past twice this)
 _DISCARD_CHUNK = 1 << 16
 _SMALL_REPLY = 1 << 16  # reads up to this size are sent as one joined buffer
 _PAYLOAD_PIECE = 1 << 20  # larger write payloads are read in pieces of this size
+_GROUP_BYTES = 8 << 20  # plain writes of one loop step journaled together, at most this much
+_GROUP_WRITE_MAX = 4 << 20  # and each at most this (one journal record)
 _UNIX_PATH_MAX = 107
 
 
@@ -116,8 +122,13 @@ class ExportedDisk(Protocol):
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> object: ...
 
-    def write_nowait(self, offset: int, data: bytes) -> object | None:
-        """A plain write done now (not None), or None: the caller awaits ``write``."""
+    def admit_nowait(self, offset: int, length: int) -> bool:
+        """May a plain write of this range be done in this loop step? False: the caller
+        awaits ``write``. True: it must be passed to ``write_admitted`` in this loop step."""
+
+    def write_admitted(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> Sequence[object]:
+        """Do admitted writes now, in order: per write a result, or the DiskError it failed
+        with."""
 
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
@@ -288,6 +299,9 @@ class _Connection:
         self._out_bytes = 0
         self._flush_scheduled = False
         self._high_water = self.transport.get_write_buffer_limits()[1]
+        self._rbuf: bytearray | None = getattr(reader, "_buffer", None)
+        self._group: list[tuple[nbd.Request, bytes, int]] = []  # admitted, not yet written
+        self._group_bytes = 0
 
     async def run(self) -> None:
         try:
@@ -345,9 +359,20 @@ class _Connection:
                 return None
 
     async def _serve(self, tasks: asyncio.TaskGroup) -> None:
+        try:
+            await self._serve_requests(tasks)
+        finally:
+            # Writes received whole before the connection ended are done, as they always were
+            # (no await: a group never waits across a loop step).
+            if self._group:
+                self._write_group()
+
+    async def _serve_requests(self, tasks: asyncio.TaskGroup) -> None:
         reader, disk, budget = self.reader, self.disk, self.budget
         size, max_payload = disk.size, self.export.max_payload
         while True:
+            if self._group and self._buffered() < nbd.REQUEST_SIZE:
+                await self._finish_group()  # the next request is not here yet: do the group
             header = await reader.readexactly(nbd.REQUEST_SIZE)
             try:
                 req = nbd.parse_request(
@@ -356,6 +381,7 @@ class _Connection:
             except nbd.NbdProtocolError as exc:
                 if exc.errno is None:
                     raise
+                await self._finish_group()
                 await self._discard(exc.discard)
                 self._write(
                     nbd.error_reply(
@@ -373,9 +399,12 @@ class _Connection:
                 return  # the TaskGroup finishes the outstanding requests, then we close
             cost = req.length if command <= nbd.CMD_WRITE else 0  # READ and WRITE carry data
             if not budget.try_acquire(cost):
+                await self._finish_group()  # releases what the group holds
                 await budget.acquire(cost)
             payload = b""
             if command == nbd.CMD_WRITE:
+                if self._group and self._buffered() < req.length:
+                    await self._finish_group()
                 try:
                     if req.length <= _PAYLOAD_PIECE:  # the common case: no extra coroutine
                         payload = await reader.readexactly(req.length)
@@ -384,16 +413,50 @@ class _Connection:
                 except BaseException:
                     budget.release(cost)
                     raise
+                if not req.fua and req.length <= _GROUP_WRITE_MAX:
+                    try:
+                        admitted = disk.admit_nowait(req.offset, req.length)
+                    except DiskError as exc:
+                        self._write_disk_error(req, exc)
+                        budget.release(cost)
+                        continue
+                    if admitted:  # most writes: done with the others of this loop step
+                        self._group.append((req, payload, cost))
+                        self._group_bytes += req.length
+                        if self._group_bytes >= _GROUP_BYTES:
+                            await self._finish_group()
+                        continue
+            if self._group:
+                await self._finish_group()  # this connection's requests stay in order
             if command == nbd.CMD_FLUSH or req.fua:
                 tasks.create_task(self._execute(req, payload, cost))  # waits for fdatasync
-            elif command == nbd.CMD_WRITE and self._write_now(req, payload):
-                budget.release(cost)  # done in this loop step: most writes
-                if self._replies_backlogged():  # _drain_if_full, without its coroutine
-                    await self._drain()
             else:
                 # Reads, writes, trims and zeroes complete without waiting for the disk (page
                 # cache), so they run inline: no task per request, and request order is kept.
                 await self._execute(req, payload, cost)
+
+    def _buffered(self) -> int:
+        """Bytes received and not yet read: whether the next read can finish without waiting.
+        (``StreamReader`` keeps them in ``_buffer``; without it, 0: each write goes alone.)"""
+        return len(self._rbuf) if self._rbuf is not None else 0
+
+    async def _finish_group(self) -> None:
+        self._write_group()
+        if self._replies_backlogged():  # _drain_if_full, without its coroutine
+            await self._drain()
+
+    def _write_group(self) -> None:
+        """Do the admitted plain writes of this loop step: journaled together (one system
+        call), then each written into the image; replies (or errnos) queued."""
+        group, self._group = self._group, []
+        self._group_bytes = 0
+        results = self.disk.write_admitted([(req.offset, payload) for req, payload, _ in group])
+        for (req, _, cost), result in zip(group, results, strict=True):
+            if isinstance(result, DiskError):
+                self._write_disk_error(req, result)
+            else:
+                self._write(nbd.simple_reply(req.handle))
+            self.budget.release(cost)
 
     async def _discard(self, length: int) -> None:
         while length > 0:
@@ -453,19 +516,6 @@ class _Connection:
                 message=str(exc),
             )
         )
-
-    def _write_now(self, req: nbd.Request, payload: bytes) -> bool:
-        """A plain WRITE done in this loop step, its reply (or errno) queued; False when the
-        disk must wait first (``disk.write_nowait``), and the caller awaits ``_execute``."""
-        try:
-            seq = self.disk.write_nowait(req.offset, payload)
-        except DiskError as exc:
-            self._write_disk_error(req, exc)
-            return True
-        if seq is None:
-            return False
-        self._write(nbd.simple_reply(req.handle))
-        return True
 
     async def _perform(self, req: nbd.Request, payload: bytes) -> None:
         disk, command = self.disk, req.command

@@ -130,6 +130,21 @@ def _record_checksum(
     return h.intdigest()
 
 
+def _pwrite_buffers(fd: int, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
+    """Write ``buffers`` back to back at ``offset``: ``pwritev`` of at most ``_IOV_MAX`` at
+    a time (a batch's pieces may be thousands), a short write finished piecewise."""
+    written = 0
+    for start in range(0, len(buffers), _IOV_MAX):
+        group = buffers[start : start + _IOV_MAX]
+        want = sum(len(b) for b in group)
+        done = os.pwritev(fd, group, offset + written)
+        if done < want:
+            flat = b"".join(group)
+            while done < want:
+                done += os.pwrite(fd, flat[done:], offset + written + done)
+        written += want
+
+
 class SegmentLog:
     """A durable log in one directory. Not thread-safe: use it from one event loop."""
 
@@ -305,40 +320,58 @@ class SegmentLog:
 
         Raises ValueError if ``first_seq`` is not the next seq, OSError on I/O failure
         (in which case the log is rolled back to its previous end)."""
-        if first_seq != self.next_seq or last_seq < first_seq:
-            raise ValueError(f"append of seq {first_seq}..{last_seq}, expected {self.next_seq}")
-        if self.sealer is not None:
-            joined = parts[0] if len(parts) == 1 else b"".join(parts)
-            parts = (self.sealer.seal(joined, _SEAL_AAD.pack(tag, first_seq, last_seq)),)
-        size = sum(len(p) for p in parts)
-        tail = RECORD_HEADER.pack(0, size, tag, first_seq, last_seq)[8:]
-        header = RECORD_HEADER.pack(_record_checksum(tail, parts), size, tag, first_seq, last_seq)
+        return self.append_many(((tag, first_seq, last_seq, parts),))[0]
+
+    def append_many(
+        self, records: Sequence[tuple[int, int, int, Sequence[bytes | bytearray | memoryview]]]
+    ) -> list[RecordLocation]:
+        """Append ``(tag, first_seq, last_seq, parts)`` records, in order, with one write into
+        one segment (the NBD front journals the writes of one event-loop step together: one
+        system call instead of one per write). All or none: on OSError the log is rolled back
+        to its previous end. Raises ValueError, as :meth:`append`, before writing anything."""
+        seq = self.next_seq
+        framed: list[tuple[bytes, Sequence[bytes | bytearray | memoryview], int]] = []
+        for tag, first_seq, last_seq, parts in records:
+            if first_seq != seq or last_seq < first_seq:
+                raise ValueError(f"append of seq {first_seq}..{last_seq}, expected {seq}")
+            seq = last_seq + 1
+            if self.sealer is not None:
+                joined = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts = (self.sealer.seal(joined, _SEAL_AAD.pack(tag, first_seq, last_seq)),)
+            size = sum(len(p) for p in parts)
+            tail = RECORD_HEADER.pack(0, size, tag, first_seq, last_seq)[8:]
+            checksum = _record_checksum(tail, parts)
+            framed.append(
+                (RECORD_HEADER.pack(checksum, size, tag, first_seq, last_seq), parts, size)
+            )
+        if not framed:
+            return []
         seg = self._segments[-1]
         if seg.size >= self.segment_bytes and seg.last_seq >= seg.first_seq:
             seg = self._roll()
-        buffers: list[bytes | bytearray | memoryview] = [header, *parts]
-        total = RECORD_HEADER.size + size
+        buffers: list[bytes | bytearray | memoryview] = []
+        for header, parts, _ in framed:
+            buffers.append(header)
+            buffers.extend(parts)
         offset = seg.size
         try:
-            written = 0
-            for start in range(0, len(buffers), _IOV_MAX):  # a batch's pieces: maybe thousands
-                group = buffers[start : start + _IOV_MAX]
-                want = sum(len(b) for b in group)
-                done = os.pwritev(seg.fd, group, offset + written)
-                if done < want:  # short write: finish the group piecewise
-                    flat = b"".join(group)
-                    while done < want:
-                        done += os.pwrite(seg.fd, flat[done:], offset + written + done)
-                written += want
+            _pwrite_buffers(seg.fd, buffers, offset)
         except OSError:
             os.ftruncate(seg.fd, offset)
             raise
-        seg.size = offset + total
-        seg.last_seq = last_seq
+        locations = []
+        pos = offset
+        for (_, _, size), (tag, first_seq, last_seq, _) in zip(framed, records, strict=True):
+            locations.append(
+                RecordLocation(seg.path, pos + RECORD_HEADER.size, size, tag, first_seq, last_seq)
+            )
+            pos += RECORD_HEADER.size + size
+        seg.size = pos
+        seg.last_seq = seq - 1
         seg.dirty = True
-        self.next_seq = last_seq + 1
-        self._written += 1
-        return RecordLocation(seg.path, offset + RECORD_HEADER.size, size, tag, first_seq, last_seq)
+        self.next_seq = seq
+        self._written += len(framed)
+        return locations
 
     def _roll(self) -> _Segment:
         if self._pool:

@@ -21,7 +21,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import xxhash
@@ -267,10 +267,13 @@ class OverlayDisk:
         if fua:
             await self.flush()
 
-    def write_nowait(self, offset: int, data: bytes) -> None:
+    def admit_nowait(self, offset: int, length: int) -> bool:
         """The NBD export's synchronous write path (agent/nbd_server.py): not taken here, every
         write goes through :meth:`write` and its turn (a merge may hold the gate)."""
-        return None
+        return False
+
+    def write_admitted(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> list[object]:
+        raise RuntimeError("the failover overlay admits no write without its turn")
 
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True

@@ -92,36 +92,92 @@ async def test_range_and_mode_errors_carry_nbd_errnos(tmp_path: Path) -> None:
     await disk.close()
 
 
-async def test_write_nowait_writes_now_or_declines_when_it_would_wait(tmp_path: Path) -> None:
+def _write_nowait(disk: ProtectedDisk, offset: int, data: bytes) -> int | None:
+    """One plain write the NBD front's way: admitted, then written in the same loop step."""
+    if not disk.admit_nowait(offset, len(data)):
+        return None
+    (result,) = disk.write_admitted([(offset, data)])
+    assert isinstance(result, int), result
+    return result
+
+
+async def test_admitted_writes_are_done_now_or_declined_when_they_would_wait(
+    tmp_path: Path,
+) -> None:
     """The NBD front's path: journaled and written in the same loop step when nothing has to
-    be waited for; None (nothing journaled, nothing written) while a point holds the gate
+    be waited for; declined (nothing journaled, nothing written) while a point holds the gate
     or before the activity log has persisted the extent; the errors of ``write``."""
     image = _image(tmp_path)
     disk = await _open(tmp_path)
-    assert disk.write_nowait(0, b"\1" * 4096) is None  # extent 0 not yet in the activity log
+    assert _write_nowait(disk, 0, b"\1" * 4096) is None  # extent 0 not yet in the activity log
     assert disk.journaled_seq == 0
     with open(image, "rb") as f:
         assert f.read(4096) == bytes(4096), "a declined write reached the image"
     await disk.write(0, b"\2" * 4096)  # activates extent 0 (persisted first)
-    assert disk.write_nowait(8192, b"\3" * 4096) == 2
+    assert _write_nowait(disk, 8192, b"\3" * 4096) == 2
     with open(image, "rb") as f:
         assert f.read(12288) == b"\2" * 4096 + bytes(4096) + b"\3" * 4096
     held = await disk.hold()
     assert held == 2
-    assert disk.write_nowait(4096, b"\4" * 4096) is None, "a point holds the gate"
+    assert _write_nowait(disk, 4096, b"\4" * 4096) is None, "a point holds the gate"
     disk.release()
-    assert disk.write_nowait(4096, b"\4" * 4096) == 3
+    assert _write_nowait(disk, 4096, b"\4" * 4096) == 3
     with pytest.raises(DiskError) as e:
-        disk.write_nowait(SIZE - 1, b"ab")
+        disk.admit_nowait(SIZE - 1, 2)
     assert e.value.errno == errno.ENOSPC
     disk.read_only = True
     with pytest.raises(DiskError) as e:
-        disk.write_nowait(0, b"x")
+        disk.admit_nowait(0, 1)
     assert e.value.errno == errno.EROFS
     assert disk.journaled_seq == 3
     entries = disk.journal.read(1, 1 << 20)
     assert [(e.seq, e.offset) for e in entries] == [(1, 0), (2, 8192), (3, 4096)]
     await disk.close()
+
+
+async def test_admitted_writes_are_journaled_together_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes admitted together take one journal write (one system call) and are then written
+    into the image in order: overlapping ones end as the last says, the journal holds one
+    record per write with consecutive seqs, and after an unclean stop (the image rewritten
+    behind the disk's back) the redo replays exactly those records."""
+    image = _image(tmp_path)
+    disk = await _open(tmp_path)
+    await disk.write(0, b"\0" * 4096)  # activates extent 0
+    writes = [(4096, b"\1" * 8192), (8192, b"\2" * 4096), (0, b"\3" * 512), (20480, b"\4" * 100)]
+    assert all(disk.admit_nowait(offset, len(data)) for offset, data in writes)
+    journal_writes = []
+    real_pwritev = os.pwritev
+
+    def pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        journal_writes.append(len(buffers))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    assert disk.write_admitted(writes) == [2, 3, 4, 5]
+    monkeypatch.undo()
+    assert journal_writes == [3 * 4], "one journal write: record head, write head, data x 4"
+    expected = bytearray(b"\0" * 4096 + bytes(20480))
+    for offset, data in writes:
+        expected[offset : offset + len(data)] = data
+    with open(image, "rb") as f:
+        assert f.read(len(expected)) == bytes(expected)
+    entries = disk.journal.read(2, 1 << 20)
+    assert [(e.seq, e.offset, bytes(e.data or b"")) for e in entries] == [
+        (seq, offset, data) for seq, (offset, data) in enumerate(writes, 2)
+    ]
+    await disk.journal.sync()
+    # An unclean stop: the image lost the group's writes (zeroed behind the disk's back), the
+    # journal kept them. Reopened, the redo puts them back.
+    with open(image, "r+b") as f:
+        f.write(bytes(len(expected)))
+    disk.journal.close()
+    reopened = await _open(tmp_path)
+    assert reopened.redo_records == 5
+    with open(image, "rb") as f:
+        assert f.read(len(expected)) == bytes(expected)
+    await reopened.close()
 
 
 async def test_trim_punches_holes(tmp_path: Path) -> None:
