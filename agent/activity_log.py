@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -43,6 +43,7 @@ class ActivityLog:
         self._clock = 0
         self._generation = 0
         self._lock = asyncio.Lock()
+        self._wanted: Counter[int] = Counter()  # extents writers are waiting to activate
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.persists = 0
         self.evictions = 0
@@ -120,6 +121,24 @@ class ActivityLog:
         extents = list(self.extents_of(offset, length))
         if len(extents) > self.max_extents_per_write:
             raise ValueError(f"a write spanning {len(extents)} extents must be split")
+        wanted = self._wanted
+        for extent in extents:
+            wanted[extent] += 1
+        try:
+            await self._activate(extents, offset, length, sync_data)
+        finally:
+            for extent in extents:
+                wanted[extent] -= 1
+                if not wanted[extent]:
+                    del wanted[extent]
+
+    async def _activate(
+        self,
+        extents: list[int],
+        offset: int,
+        length: int,
+        sync_data: Callable[[], Awaitable[None]],
+    ) -> None:
         own = set(extents)
         async with self._lock:
             active = self._active
@@ -146,9 +165,17 @@ class ActivityLog:
                         break  # used during the sync (its newest write may not be durable)
                     active.popitem(last=False)  # or by this write
                     self.evictions += 1
+            # The extents other writers wait to activate go into the same persist while they
+            # fit without evicting: a burst of writes to fresh extents costs one fdatasync,
+            # not one each. Their writers find them active and persist nothing.
+            room = self.capacity - len(active) - len(new)
+            if room > 0:
+                new += [e for e in self._wanted if e not in active and e not in own][:room]
             self._clock += 1
             snapshot = [*active, *new]
             await asyncio.to_thread(self._persist, snapshot)
+            for extent in new:
+                active[extent] = self._clock
             for extent in extents:
                 active[extent] = self._clock
                 active.move_to_end(extent)

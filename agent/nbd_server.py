@@ -402,6 +402,7 @@ class _Connection:
                 await self._finish_group()  # releases what the group holds
                 await budget.acquire(cost)
             payload = b""
+            waits = False  # a write that must wait for the activity log or a point's gate
             if command == nbd.CMD_WRITE:
                 if self._group and self._buffered() < req.length:
                     await self._finish_group()
@@ -426,10 +427,15 @@ class _Connection:
                         if self._group_bytes >= _GROUP_BYTES:
                             await self._finish_group()
                         continue
+                    waits = True
             if self._group:
                 await self._finish_group()  # this connection's requests stay in order
             if command == nbd.CMD_FLUSH or req.fua:
                 tasks.create_task(self._execute(req, payload, cost))  # waits for fdatasync
+            elif waits:
+                # In its own task, so the requests behind it are read meanwhile: writes to other
+                # fresh extents then wait too, and the activity log persists them all at once.
+                tasks.create_task(self._execute(req, payload, cost))
             else:
                 # Reads, writes, trims and zeroes complete without waiting for the disk (page
                 # cache), so they run inline: no task per request, and request order is kept.

@@ -4,6 +4,7 @@ unclean stop would leave part of the write unverified."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -48,3 +49,33 @@ async def test_an_unclean_stop_reverifies_every_extent_of_the_last_write(tmp_pat
         assert {0, EXTENT_BYTES} <= starts
     finally:
         await again.close()
+
+
+async def test_writers_waiting_to_activate_are_persisted_together(tmp_path: Path) -> None:
+    """Sixteen writes to sixteen fresh extents, all waiting at once: the log is persisted
+    twice (the first writer's, then one for the fifteen that waited behind it), not sixteen
+    times, and the saved log holds every extent before any of those writers goes on. When
+    the log is full, waiting writers' extents are added only as far as they fit."""
+    al = ActivityLog(tmp_path / "al", 200 * EXTENT_BYTES, capacity=128)
+    try:
+        saved_when_done: dict[int, list[int]] = {}
+
+        async def write(extent: int) -> None:
+            await al.activate(extent * EXTENT_BYTES, 4096, _nothing)
+            saved_when_done[extent] = al.load()
+
+        await asyncio.gather(*(write(extent) for extent in range(16)))
+        assert al.persists == 2
+        for extent, saved in saved_when_done.items():
+            assert extent in saved, f"extent {extent} went on before the log held it"
+        assert sorted(al.load()) == list(range(16))
+
+        for extent in range(16, 128):  # fill it up
+            await al.activate(extent * EXTENT_BYTES, 4096, _nothing)
+        before = al.persists
+        await asyncio.gather(*(write(extent) for extent in range(128, 140)))
+        assert len(al.load()) <= al.capacity
+        assert all(extent in saved_when_done[extent] for extent in range(128, 140))
+        assert al.persists - before == 2, "one eviction and persist, then one for the rest"
+    finally:
+        al.close()
