@@ -443,6 +443,48 @@ async def test_pipelined_requests(export: NbdExport, image: Path) -> None:
     await c.close()
 
 
+async def test_a_burst_of_writes_is_journaled_together_in_order(
+    export: NbdExport, disk: ProtectedDisk, image: Path
+) -> None:
+    """Writes sent in one burst are journaled in groups (fewer journal writes than writes),
+    one record each, in the order sent, and reach the image in that order: of two writes to
+    the same block, the later one stays. A bad request in the middle gets its errno and the
+    writes around it are done."""
+    groups: list[int] = []
+    append_many = disk.journal.log.append_many
+
+    def counting(records):  # type: ignore[no-untyped-def]
+        groups.append(len(records))
+        return append_many(records)
+
+    disk.journal.log.append_many = counting  # type: ignore[method-assign]
+    c = await Client.connect(export)
+    first = disk.journaled_seq + 1
+    writes = [(i * 4096, os.urandom(4096)) for i in range(40)]
+    writes.insert(20, (5 * 4096, os.urandom(4096)))  # rewrites block 5 after its first write
+    for handle, (offset, data) in enumerate(writes):
+        c.send(nbd.CMD_WRITE, offset, 4096, handle=handle, payload=data)
+    c.send(nbd.CMD_WRITE, SIZE, 4096, handle=999, payload=bytes(4096))  # past the end
+    c.send(nbd.CMD_WRITE, 50 * 4096, 4096, handle=1000, payload=b"z" * 4096)
+    replies = {}
+    for _ in range(len(writes) + 2):
+        handle, error, _ = await c.reply()
+        replies[handle] = error
+    assert replies.pop(999) != 0
+    assert set(replies.values()) == {0} and len(replies) == len(writes) + 1
+    assert sum(groups) == len(writes) + 1 and len(groups) < len(writes), groups
+    entries = disk.journal.read(first, 1 << 30)
+    assert [(e.seq, e.offset, bytes(e.data or b"")) for e in entries] == [
+        (seq, offset, data)
+        for seq, (offset, data) in enumerate([*writes, (50 * 4096, b"z" * 4096)], first)
+    ]
+    content = image.read_bytes()
+    expected = dict(writes)  # the later write of block 5 wins
+    assert all(content[offset : offset + 4096] == data for offset, data in expected.items())
+    assert content[50 * 4096 : 51 * 4096] == b"z" * 4096
+    await c.close()
+
+
 async def test_a_write_waits_while_a_point_holds_the_disk(
     export: NbdExport, disk: ProtectedDisk, image: Path
 ) -> None:

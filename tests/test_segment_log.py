@@ -404,3 +404,103 @@ def test_a_record_of_more_pieces_than_one_writev_takes_reads_back_whole(tmp_path
     records = reopened.read_records(1, 1 << 30, Cursor())
     assert [bytes(r.payload) for r in records] == [b"".join(pieces), b"after"]
     reopened.close()
+
+
+@given(
+    groups=st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 3), st.lists(st.binary(max_size=300), max_size=3)),
+            min_size=1,
+            max_size=6,
+        ),
+        max_size=12,
+    ),
+    sealed=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_append_many_is_appending_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    groups: list[list[tuple[int, list[bytes]]]],
+    sealed: bool,
+) -> None:
+    """Records appended in groups (one write each) read back, and reopen, exactly as the same
+    records appended one at a time: payloads, tags and seqs, across segment rolls (a group
+    goes whole into one segment), plain or sealed."""
+    from common.at_rest import Keyring, Sealer, new_key_file
+
+    root = tmp_path_factory.mktemp("many")
+    sealer = None
+    if sealed:
+        new_key_file(root / "key")
+        sealer = Sealer(Keyring.load(root / "key"))
+    grouped = SegmentLog.open(root / "grouped", segment_bytes=512, sealer=sealer)
+    single = SegmentLog.open(root / "single", segment_bytes=512, sealer=sealer)
+    for group in groups:
+        first = grouped.next_seq
+        records = [(tag, seq, seq, parts) for seq, (tag, parts) in enumerate(group, first)]
+        locations = grouped.append_many(records)
+        assert [(loc.first_seq, loc.tag) for loc in locations] == [(r[1], r[0]) for r in records]
+        for tag, seq, _, parts in records:
+            single.append(tag, seq, seq, parts)
+    grouped.sync_blocking()
+    grouped.close()
+    reopened = SegmentLog.open(root / "grouped", segment_bytes=512, sealer=sealer)
+
+    def _records(log: SegmentLog) -> list[tuple[int, int, bytes]]:
+        return [(r.tag, r.first_seq, bytes(r.payload)) for r in log.read_records(1, 1 << 30)]
+
+    expected = [
+        (tag, seq, b"".join(parts))
+        for seq, (tag, parts) in enumerate((rec for group in groups for rec in group), 1)
+    ]
+    assert _records(single) == expected
+    assert _records(reopened) == expected
+    assert reopened.next_seq == len(expected) + 1
+    reopened.close()
+    single.close()
+
+
+def test_append_many_is_all_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group whose write fails leaves nothing behind: the log ends where it ended, and the
+    next append takes the group's first seq. A group with a seq gap is refused unwritten."""
+    log = SegmentLog.open(tmp_path)
+    log.append(1, 1, 1, (b"before",))
+    size = log.bytes_used
+
+    real_pwritev = os.pwritev
+
+    def failing_pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        real_pwritev(fd, buffers, offset)  # the bytes land, and yet the write fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", failing_pwritev)
+    with pytest.raises(OSError):
+        log.append_many([(1, 2, 2, (b"a",)), (1, 3, 3, (b"b",))])
+    monkeypatch.undo()
+    assert log.next_seq == 2 and log.bytes_used == size
+    assert os.path.getsize(_segments(tmp_path)[-1]) == size, "the failed group's bytes stayed"
+    with pytest.raises(ValueError):
+        log.append_many([(1, 2, 2, (b"a",)), (1, 4, 4, (b"gap",))])
+    assert log.next_seq == 2 and log.bytes_used == size
+    log.append_many([(1, 2, 2, (b"a",)), (1, 3, 3, (b"b",))])
+    log.sync_blocking()
+    assert [bytes(r.payload) for r in log.read_records(1, 1 << 30)] == [b"before", b"a", b"b"]
+    assert os.path.getsize(_segments(tmp_path)[-1]) == log.bytes_used
+    log.close()
+
+
+async def test_a_segment_holding_a_group_is_kept_until_its_last_record_is_released(
+    tmp_path: Path,
+) -> None:
+    """A group goes whole into one segment, which then holds seqs up to the group's last:
+    releasing through an earlier seq keeps it (and the group's later records readable)."""
+    log = SegmentLog.open(tmp_path, segment_bytes=256)
+    log.append_many([(1, seq, seq, (bytes([seq]) * 200,)) for seq in (1, 2, 3)])
+    log.append(1, 4, 4, (b"next segment",))
+    assert len(_segments(tmp_path)) == 2
+    await log.release_through(2)
+    assert len(_segments(tmp_path)) == 2
+    assert [r.first_seq for r in log.read_records(3, 1 << 30)] == [3, 4]
+    await log.release_through(3)
+    assert len(_segments(tmp_path)) == 1
+    log.close()
