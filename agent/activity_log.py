@@ -18,7 +18,7 @@ import asyncio
 import os
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import xxhash
@@ -112,22 +112,31 @@ class ActivityLog:
         return max(1, self.capacity // 4)
 
     async def activate(
-        self, offset: int, length: int, sync_data: Callable[[], Awaitable[None]]
+        self,
+        offset: int,
+        length: int,
+        sync_data: Callable[[], Awaitable[None]],
+        *,
+        also: Iterable[int] = (),
     ) -> None:
         """Make the extents of a write durable in the log before the write proceeds. An extent
         counts as active only once the log on disk holds it; an extent leaves the log only if
         it was not used since every write so far was made durable, and never while the write
-        being activated uses it (the log saved for it must cover all of it)."""
+        being activated uses it (the log saved for it must cover all of it).
+
+        ``also``: extents about to be written (a pipelining client's next writes), persisted
+        with this write's while they fit without evicting, as those other writers wait for."""
         extents = list(self.extents_of(offset, length))
         if len(extents) > self.max_extents_per_write:
             raise ValueError(f"a write spanning {len(extents)} extents must be split")
         wanted = self._wanted
-        for extent in extents:
+        counted = [*extents, *also]
+        for extent in counted:
             wanted[extent] += 1
         try:
             await self._activate(extents, offset, length, sync_data)
         finally:
-            for extent in extents:
+            for extent in counted:
                 wanted[extent] -= 1
                 if not wanted[extent]:
                     del wanted[extent]

@@ -415,11 +415,17 @@ class ProtectedDisk:
         except OSError as exc:
             raise DiskError(exc.errno or errno.EIO, f"{self.disk_id}: read failed: {exc}") from exc
 
-    async def _activate(self, offset: int, length: int) -> None:
+    async def _activate(
+        self, offset: int, length: int, also: Sequence[tuple[int, int]] = ()
+    ) -> None:
         al = self.activity_log
         if al is not None and not al.covers(offset, length):
+            extents: list[int] = []
+            for start, size in also:  # hints: only ranges of the disk, few extents each
+                if start >= 0 and 0 < size <= MAX_IO and start + size <= self.size:
+                    extents.extend(al.extents_of(start, size))
             try:
-                await al.activate(offset, length, self._sync_data)
+                await al.activate(offset, length, self._sync_data, also=extents)
             except OSError as exc:
                 full = exc.errno in (
                     errno.ENOSPC,
@@ -433,14 +439,25 @@ class ProtectedDisk:
     async def _sync_data(self) -> None:
         await asyncio.gather(self.journal.sync(), self._image_commit.commit())
 
-    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> int:
+    async def write(
+        self,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        fua: bool = False,
+        also: Sequence[tuple[int, int]] = (),
+    ) -> int:
+        """Journal, then write into the image; with ``fua``, durable before it returns.
+        ``also``: ``(offset, length)`` of writes about to follow (an NBD client's queued
+        requests): should this one wait for the activity log, their extents are persisted
+        with its own, so they need not wait in turn. Raises DiskError."""
         self._check(offset, len(data), writing=True)
         while not self._gate.is_set():  # a new hold may close it again before we run
             await self._gate.wait()
             self._check(offset, len(data), writing=True)
         self._writer_enters()
         try:
-            await self._activate(offset, len(data))
+            await self._activate(offset, len(data), also)
             seq = self._record(offset, len(data), data, may_trim=False)
         finally:
             self._writer_leaves()

@@ -120,7 +120,15 @@ class ExportedDisk(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes: ...
 
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> object: ...
+    async def write(
+        self,
+        offset: int,
+        data: bytes,
+        *,
+        fua: bool = False,
+        also: Sequence[tuple[int, int]] = (),
+    ) -> object:
+        """``also``: ``(offset, length)`` of the writes queued behind this one (a hint)."""
 
     def admit_nowait(self, offset: int, length: int) -> bool:
         """May a plain write of this range be done in this loop step? False: the caller
@@ -402,7 +410,6 @@ class _Connection:
                 await self._finish_group()  # releases what the group holds
                 await budget.acquire(cost)
             payload = b""
-            waits = False  # a write that must wait for the activity log or a point's gate
             if command == nbd.CMD_WRITE:
                 if self._group and self._buffered() < req.length:
                     await self._finish_group()
@@ -420,6 +427,7 @@ class _Connection:
                     except DiskError as exc:
                         self._write_disk_error(req, exc)
                         budget.release(cost)
+                        await self._finish_group()  # and drains replies a client leaves unread
                         continue
                     if admitted:  # most writes: done with the others of this loop step
                         self._group.append((req, payload, cost))
@@ -427,15 +435,10 @@ class _Connection:
                         if self._group_bytes >= _GROUP_BYTES:
                             await self._finish_group()
                         continue
-                    waits = True
             if self._group:
                 await self._finish_group()  # this connection's requests stay in order
             if command == nbd.CMD_FLUSH or req.fua:
                 tasks.create_task(self._execute(req, payload, cost))  # waits for fdatasync
-            elif waits:
-                # In its own task, so the requests behind it are read meanwhile: writes to other
-                # fresh extents then wait too, and the activity log persists them all at once.
-                tasks.create_task(self._execute(req, payload, cost))
             else:
                 # Reads, writes, trims and zeroes complete without waiting for the disk (page
                 # cache), so they run inline: no task per request, and request order is kept.
@@ -532,7 +535,10 @@ class _Connection:
             self._send_read(req, data)
             return
         if command == nbd.CMD_WRITE:
-            await disk.write(req.offset, payload, fua=req.fua)
+            # The writes queued behind it: should this one wait for the activity log, their
+            # extents are persisted with its own (one fdatasync for a burst to fresh extents).
+            also = nbd.queued_write_ranges(self._rbuf, disk.size) if self._rbuf else ()
+            await disk.write(req.offset, payload, fua=req.fua, also=also)
         elif command == nbd.CMD_FLUSH:
             await disk.flush()
         elif command == nbd.CMD_WRITE_ZEROES:

@@ -258,7 +258,10 @@ class OverlayDisk:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise DiskError(28, "write beyond the end of the disk")
 
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+    async def write(
+        self, offset: int, data: bytes, *, fua: bool = False, also: object = ()
+    ) -> None:
+        """``also`` (writes about to follow) is a hint for the agent's activity log: unused."""
         async with self._turn():
             self._check(offset, len(data))  # in the turn: read-only may be set while it waits
             self.journal.append_write(offset, data, time.time_ns())

@@ -629,6 +629,29 @@ def parse_request(
     raise NbdProtocolError(why, errno=error, handle=handle, command=command, discard=discard)
 
 
+def queued_write_ranges(
+    buffer: bytes | bytearray | memoryview, size: int, limit: int = 64
+) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the WRITE requests queued whole or in part in ``buffer`` (a
+    pipelining client's requests received but not yet read), at most ``limit``, only those
+    within ``[0, size)``. A hint for what is about to be written (the agent activates their
+    activity-log extents together); it stops at the first thing that is not a request header
+    and never raises, whatever the bytes."""
+    view = memoryview(buffer)
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos + REQUEST_SIZE <= len(view) and len(out) < limit:
+        magic, _, command, _, offset, length = _REQUEST.unpack_from(view, pos)
+        if magic != REQUEST_MAGIC:
+            break
+        pos += REQUEST_SIZE
+        if command == CMD_WRITE:
+            if length > 0 and offset + length <= size:
+                out.append((offset, length))
+            pos += length
+    return out
+
+
 def encode_request(request: Request) -> bytes:
     """The 28-byte header of ``request`` (for clients and tests)."""
     r = request

@@ -607,3 +607,39 @@ def test_error_reply_picks_the_form() -> None:
 )
 def test_errno_mapping(py: int, wire: int) -> None:
     assert nbd.nbd_errno(py) == wire
+
+
+def test_queued_write_ranges_lists_the_writes_in_a_buffer() -> None:
+    """The WRITEs of pipelined requests, in order, skipping their payloads and the other
+    commands; a write past the end is left out; the walk stops at a bad magic or where the
+    buffer ends (a header cut short is not read)."""
+
+    def req(command: int, offset: int, length: int, payload: bytes = b"") -> bytes:
+        return nbd.encode_request(nbd.Request(command, 0, 1, offset, length)) + payload
+
+    size = 1 << 20
+    buffer = b"".join(
+        (
+            req(nbd.CMD_WRITE, 4096, 3, b"abc"),
+            req(nbd.CMD_READ, 0, 512),
+            req(nbd.CMD_WRITE, size - 1, 2, b"xy"),  # past the end: left out
+            req(nbd.CMD_WRITE_ZEROES, 0, 4096),
+            req(nbd.CMD_WRITE, 8192, 4096, bytes(100)),  # its payload not all here yet
+            req(nbd.CMD_WRITE, 0, 1, b"z"),  # lies inside that payload: never read
+        )
+    )
+    assert nbd.queued_write_ranges(buffer, size) == [(4096, 3), (8192, 4096)]
+    assert nbd.queued_write_ranges(buffer, size, limit=1) == [(4096, 3)]
+    assert nbd.queued_write_ranges(buffer[:40], size) == [(4096, 3)]
+    assert nbd.queued_write_ranges(b"\0" * 28 + buffer, size) == []
+
+
+@given(data=st.binary(max_size=400), size=st.integers(0, 1 << 40))
+@settings(max_examples=300)
+def test_queued_write_ranges_never_raises_on_garbage(data: bytes, size: int) -> None:
+    """Whatever the bytes: a list of in-range, non-empty ranges, never an exception."""
+    for blob in (data, nbd.encode_request(nbd.Request(nbd.CMD_WRITE, 0, 1, 0, 4)) + data):
+        ranges = nbd.queued_write_ranges(bytearray(blob), size)
+        assert all(
+            length > 0 and offset >= 0 and offset + length <= size for offset, length in ranges
+        )

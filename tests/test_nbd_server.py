@@ -485,6 +485,42 @@ async def test_a_burst_of_writes_is_journaled_together_in_order(
     await c.close()
 
 
+async def test_a_burst_to_fresh_extents_persists_the_activity_log_once(
+    tmp_path: Path,
+) -> None:
+    """Pipelined writes to sixteen extents the activity log does not hold: the first write
+    waits for the log, and the extents of the writes queued behind it go into the same
+    persist, so the log is written once or twice, not sixteen times. Requests still take
+    effect in the order sent: a zero-write queued after a write to the same fresh block
+    leaves it zeroed."""
+    image = tmp_path / "fresh.img"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    disk = await ProtectedDisk.open(DISK_ID, image, tmp_path / "state", activity_extents=128)
+    try:
+        async with NbdExport(disk, f"unix:{tmp_path}/s.sock") as export:
+            c = await Client.connect(export)
+            al = disk.activity_log
+            assert al is not None
+            before = al.persists
+            blocks = {i: os.urandom(4096) for i in range(16)}
+            for i, data in blocks.items():
+                c.send(nbd.CMD_WRITE, i * (4 << 20), 4096, handle=i, payload=data)
+            c.send(nbd.CMD_WRITE_ZEROES, 3 * (4 << 20), 4096, handle=100)
+            for _ in range(len(blocks) + 1):
+                handle, error, _ = await c.reply()
+                assert error == 0, handle
+            assert al.persists - before <= 2, al.persists - before
+            assert sorted(al.load()) == list(range(16))
+            await c.close()
+        content = image.read_bytes()
+        for i, data in blocks.items():
+            want = bytes(4096) if i == 3 else data
+            assert content[i * (4 << 20) : i * (4 << 20) + 4096] == want, i
+    finally:
+        await disk.close()
+
+
 async def test_a_write_waits_while_a_point_holds_the_disk(
     export: NbdExport, disk: ProtectedDisk, image: Path
 ) -> None:
@@ -567,6 +603,42 @@ async def test_backpressure_when_the_client_does_not_read(
         c = await Client.connect(export)  # the export survives
         assert await c.read(0, 512)
         await c.close()
+
+
+async def test_backpressure_when_refused_writes_are_not_read(
+    disk: ProtectedDisk, tmp_path: Path
+) -> None:
+    """Writes refused with an errno (a frozen disk: a planned failover) whose replies the
+    client never reads: each error reply is larger than its request, and still the server
+    stops reading once its replies back up, so the client's own sends block."""
+    async with NbdExport(disk, f"unix:{tmp_path}/s.sock") as export:
+        c = await Client.connect(export)
+        disk.frozen = True
+        try:
+            sent = 0
+
+            async def flood() -> None:
+                nonlocal sent
+                for i in range(10_000_000):  # 160 MB of error replies if nothing pushed back
+                    c.send(nbd.CMD_WRITE, 0, 1, handle=i, payload=b"x")
+                    await c.writer.drain()
+                    sent += 1
+
+            sender = asyncio.ensure_future(flood())
+            await asyncio.sleep(1.5)
+            stalled_at = sent
+            await asyncio.sleep(0.5)
+            assert sent == stalled_at, "the client's sends never blocked"
+            (conn_writer,) = export._connections.values()
+            buffered = conn_writer.transport.get_write_buffer_size()
+            assert buffered < 1 << 20, f"{buffered} bytes of replies queued in the server"
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        finally:
+            disk.frozen = False
+        c.writer.transport.abort()
+        await c.close(disc=False)
 
 
 async def test_memory_bounded_under_deep_write_queue(disk: ProtectedDisk, tmp_path: Path) -> None:
