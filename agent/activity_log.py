@@ -23,6 +23,8 @@ from pathlib import Path
 
 import xxhash
 
+from common.aio import to_thread_outliving_cancel
+
 EXTENT_BYTES = 4 << 20
 _SLOT_HEAD = struct.Struct(">8sQIQ")  # magic, generation, count, xxh3_64 of the extent list
 _MAGIC = b"TMACTLOG"
@@ -182,7 +184,9 @@ class ActivityLog:
                 new += [e for e in self._wanted if e not in active and e not in own][:room]
             self._clock += 1
             snapshot = [*active, *new]
-            await asyncio.to_thread(self._persist, snapshot)
+            # A cancelled writer leaves only once the thread is done: the lock must not let a
+            # second persist write the other slot (and the generation) at the same time.
+            await to_thread_outliving_cancel(self._persist, snapshot)
             for extent in new:
                 active[extent] = self._clock
             for extent in extents:

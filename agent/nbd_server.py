@@ -307,7 +307,8 @@ class _Connection:
         self._out_bytes = 0
         self._flush_scheduled = False
         self._high_water = self.transport.get_write_buffer_limits()[1]
-        self._rbuf: bytearray | None = getattr(reader, "_buffer", None)
+        buffer = getattr(reader, "_buffer", None)  # what StreamReader has received, unread
+        self._rbuf: bytearray | None = buffer if isinstance(buffer, bytearray) else None
         self._group: list[tuple[nbd.Request, bytes, int]] = []  # admitted, not yet written
         self._group_bytes = 0
 

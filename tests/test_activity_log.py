@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from agent.activity_log import EXTENT_BYTES, ActivityLog
@@ -77,5 +78,36 @@ async def test_writers_waiting_to_activate_are_persisted_together(tmp_path: Path
         assert len(al.load()) <= al.capacity
         assert all(extent in saved_when_done[extent] for extent in range(128, 140))
         assert al.persists - before == 2, "one eviction and persist, then one for the rest"
+    finally:
+        al.close()
+
+
+async def test_a_cancelled_activation_holds_the_log_until_its_persist_is_done(
+    tmp_path: Path,
+) -> None:
+    """A writer cancelled while its persist runs in a thread gives the log up only once that
+    thread is done: two persists never write the log's slots at the same time."""
+    al = ActivityLog(tmp_path / "al", 200 * EXTENT_BYTES, capacity=128)
+    running = 0
+    overlapped = False
+    persist = al._persist
+
+    def slow_persist(extents: list[int] | None = None) -> None:
+        nonlocal running, overlapped
+        running += 1
+        overlapped |= running > 1
+        time.sleep(0.2)
+        persist(extents)
+        running -= 1
+
+    al._persist = slow_persist  # type: ignore[method-assign]
+    try:
+        first = asyncio.ensure_future(al.activate(0, 4096, _nothing))
+        await asyncio.sleep(0.05)  # its persist is running
+        first.cancel()
+        await al.activate(EXTENT_BYTES, 4096, _nothing)
+        assert not overlapped, "a second persist ran beside the cancelled one"
+        assert first.cancelled()
+        assert 1 in al.load()
     finally:
         al.close()
