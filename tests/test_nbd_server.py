@@ -485,6 +485,30 @@ async def test_a_burst_of_writes_is_journaled_together_in_order(
     await c.close()
 
 
+async def test_a_burst_larger_than_the_budget_and_ended_by_disc_is_all_done(
+    disk: ProtectedDisk, image: Path, tmp_path: Path
+) -> None:
+    """A burst of 40 writes against a budget of 4 requests in flight (a group is cut where the
+    budget runs out), then DISC in the same send, replies never read: every write is
+    journaled, in the order sent, and in the image once the connection is gone."""
+    async with NbdExport(disk, f"unix:{tmp_path}/s.sock", max_inflight_requests=4) as export:
+        c = await Client.connect(export)
+        first = disk.journaled_seq + 1
+        writes = [(i * 4096, os.urandom(4096)) for i in range(40)]
+        for handle, (offset, data) in enumerate(writes):
+            c.send(nbd.CMD_WRITE, offset, 4096, handle=handle, payload=data)
+        c.send(nbd.CMD_DISC)
+        await c.writer.drain()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await c.reader.read(1 << 16):  # the server closes once everything is done
+                pass
+        entries = disk.journal.read(first, 1 << 30)
+        assert [(e.offset, bytes(e.data or b"")) for e in entries] == writes
+        content = image.read_bytes()
+        assert all(content[o : o + 4096] == d for o, d in writes)
+        c.writer.close()
+
+
 async def test_a_burst_to_fresh_extents_persists_the_activity_log_once(
     tmp_path: Path,
 ) -> None:
