@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import types
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent.nbd_server import parse_endpoint
 from benchmarks.deploy import Deployment
@@ -32,14 +29,6 @@ BURST = 48  # writes sent before replies are read: several groups, the budget cu
 
 def _data(block: int, round_: int) -> bytes:
     return struct.pack(">QQ", block, round_) * (BLOCK // 16)
-
-
-@pytest.fixture
-def dep(tmp_path: Path) -> Iterator[Deployment]:
-    d = Deployment(tmp_path / "d")
-    d.init_pki()
-    yield d
-    d.stop_all()
 
 
 async def _write_until_killed(dep: Deployment, sock: str, round_: int, kill_after: int) -> set[int]:
@@ -76,35 +65,37 @@ async def _write_until_killed(dep: Deployment, sock: str, round_: int, kill_afte
     return acked
 
 
-def test_agent_killed_amid_nbd_write_groups_keeps_every_acknowledged_write(
-    dep: Deployment,
-) -> None:
-    spec = dep.add_agent("a1", {"d1": SIZE}, nbd=True)
-    dep.start_ps()
-    dep.start_agent("a1")
-    wait_in_sync(dep, "a1", "d1")
-    image = spec.disks["d1"]
-    latest: dict[int, int] = {}  # block -> newest round acknowledged
-    for round_, kill_after in enumerate((300, 1500, 5000), start=1):
-        acked = asyncio.run(_write_until_killed(dep, spec.nbd["d1"], round_, kill_after))
-        assert len(acked) >= kill_after
-        dep.start_agent("a1")  # journal redo, then re-verification of the activity log's extents
-        row = wait_in_sync(dep, "a1", "d1")
-        assert row["state"] == "replicating"
-        with open(image, "rb") as f:
-            for block in sorted(acked):
-                f.seek(block * BLOCK)
-                assert f.read(BLOCK) == _data(block, round_), f"acknowledged block {block} lost"
-            for block in range(SIZE // BLOCK):  # unacknowledged: old contents or the new write
-                f.seek(block * BLOCK)
-                got = f.read(BLOCK)
-                old = _data(block, latest[block]) if block in latest else bytes(BLOCK)
-                assert got in (old, _data(block, round_)), f"block {block} holds neither"
-        for block in acked:
-            latest[block] = round_
-        with open(image, "rb") as f:  # what an unacknowledged write left counts as the new old
-            for block in range(SIZE // BLOCK):
-                f.seek(block * BLOCK)
-                if f.read(BLOCK) == _data(block, round_):
-                    latest[block] = round_
-        assert cmp(image, dep.replica_path("d1")), "replica differs from the source"
+def test_agent_killed_amid_nbd_write_groups_keeps_every_acknowledged_write(tmp_path: Path) -> None:
+    with Deployment(tmp_path / "d") as dep:
+        dep.init_pki()
+        spec = dep.add_agent("a1", {"d1": SIZE}, nbd=True)
+        dep.start_ps()
+        dep.start_agent("a1")
+        wait_in_sync(dep, "a1", "d1")
+        image = spec.disks["d1"]
+        latest: dict[int, int] = {}  # block -> newest round acknowledged
+        for round_, kill_after in enumerate((300, 1500, 5000), start=1):
+            acked = asyncio.run(_write_until_killed(dep, spec.nbd["d1"], round_, kill_after))
+            assert len(acked) >= kill_after
+            dep.start_agent(
+                "a1"
+            )  # journal redo, then re-verification of the activity log's extents
+            row = wait_in_sync(dep, "a1", "d1")
+            assert row["state"] == "replicating"
+            with open(image, "rb") as f:
+                for block in sorted(acked):
+                    f.seek(block * BLOCK)
+                    assert f.read(BLOCK) == _data(block, round_), f"acknowledged block {block} lost"
+                for block in range(SIZE // BLOCK):  # unacknowledged: old contents or the new write
+                    f.seek(block * BLOCK)
+                    got = f.read(BLOCK)
+                    old = _data(block, latest[block]) if block in latest else bytes(BLOCK)
+                    assert got in (old, _data(block, round_)), f"block {block} holds neither"
+            for block in acked:
+                latest[block] = round_
+            with open(image, "rb") as f:  # what an unacknowledged write left counts as the new old
+                for block in range(SIZE // BLOCK):
+                    f.seek(block * BLOCK)
+                    if f.read(BLOCK) == _data(block, round_):
+                        latest[block] = round_
+            assert cmp(image, dep.replica_path("d1")), "replica differs from the source"
