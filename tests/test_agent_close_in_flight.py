@@ -24,10 +24,10 @@ async def test_close_lets_a_write_in_flight_finish(tmp_path: Path) -> None:
     real_activate = al.activate
     entered, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_activate(*args: object) -> None:
+    async def slow_activate(*args: object, **kwargs: object) -> None:
         entered.set()
         await release.wait()  # the activity log's fdatasync takes a while
-        await real_activate(*args)  # type: ignore[arg-type]
+        await real_activate(*args, **kwargs)  # type: ignore[arg-type]
 
     al.activate = slow_activate  # type: ignore[method-assign]
     writing = asyncio.create_task(disk.write(0, b"W" * 4096))
