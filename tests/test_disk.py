@@ -468,3 +468,29 @@ async def test_aligned_writes_into_holes_of_the_image_bypass_the_page_cache(
     assert replay == model
     await disk.close()
     assert image.read_bytes() == bytes(model)
+
+
+async def test_an_image_write_failing_in_a_group_fails_only_that_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One image write of a group fails (EIO): that write gets the error, the others their
+    seqs; all were journaled first, so a redo can still put the failed one in place."""
+    _image(tmp_path)
+    disk = await _open(tmp_path)
+    await disk.write(0, b"\0" * 4096)  # activates extent 0
+    writes = [(4096, b"a" * 4096), (8192, b"b" * 4096), (12288, b"c" * 4096)]
+    assert all(disk.admit_nowait(offset, len(data)) for offset, data in writes)
+    real = disk._apply_to_image
+
+    def failing(offset: int, length: int, data: bytes | None, may_trim: bool) -> None:
+        if offset == 8192:
+            raise OSError(errno.EIO, "Input/output error")
+        real(offset, length, data, may_trim)
+
+    monkeypatch.setattr(disk, "_apply_to_image", failing)
+    results = disk.write_admitted(writes)
+    monkeypatch.undo()
+    assert results[0] == 2 and results[2] == 4
+    assert isinstance(results[1], DiskError) and results[1].errno == errno.EIO
+    assert [e.offset for e in disk.journal.read(2, 1 << 20)] == [4096, 8192, 12288]
+    await disk.close()
