@@ -506,9 +506,7 @@ class ProtectedDisk:
             try:
                 self._apply_to_image(offset, len(data), data, False)
             except OSError as exc:
-                results.append(
-                    DiskError(exc.errno or errno.EIO, f"{self.disk_id}: image write failed: {exc}")
-                )
+                results.append(self._image_write_error(exc))
             else:
                 results.append(seq)
         self.new_records.set()
@@ -626,13 +624,14 @@ class ProtectedDisk:
         try:
             self._apply_to_image(offset, length, data, may_trim)
         except OSError as exc:
-            raise DiskError(
-                exc.errno or errno.EIO, f"{self.disk_id}: image write failed: {exc}"
-            ) from exc
+            raise self._image_write_error(exc) from exc
         self._image_commit.mark()
         if seq:
             self.write_seq = seq
         return seq
+
+    def _image_write_error(self, exc: OSError) -> DiskError:
+        return DiskError(exc.errno or errno.EIO, f"{self.disk_id}: image write failed: {exc}")
 
     def _apply_to_image(
         self, offset: int, length: int, data: bytes | memoryview | None, may_trim: bool

@@ -130,16 +130,7 @@ class Journal:
         return self.log.bytes_used + self.log.record_size(payload_len) + 64 <= self.quota
 
     def append_write(self, offset: int, data: bytes | memoryview, time_ns: int) -> int:
-        seq = self.log.next_seq
-        self.log.append(TAG_WRITE, seq, seq, (_WRITE_HEAD.pack(offset, time_ns), data))
-        failpoint("journal.after_append")
-        immutable = isinstance(data, bytes) or (
-            isinstance(data, memoryview) and isinstance(data.obj, bytes)
-        )
-        if not immutable:
-            data = bytes(data)  # a caller's mutable buffer must not change what is shipped
-        self._remember(JournalEntry(seq, offset, len(data), time_ns, data), len(data))
-        return seq
+        return self.append_writes(((offset, data),), time_ns)
 
     def append_writes(self, writes: Sequence[tuple[int, bytes | memoryview]], time_ns: int) -> int:
         """Journal several writes ``(offset, data)`` with one system call, one record each

@@ -411,6 +411,7 @@ class _Connection:
                 await self._finish_group()  # releases what the group holds
                 await budget.acquire(cost)
             payload = b""
+            queued: list[tuple[int, int]] = []  # for a write that must wait: see _perform
             if command == nbd.CMD_WRITE:
                 if self._group and self._buffered() < req.length:
                     await self._finish_group()
@@ -436,6 +437,8 @@ class _Connection:
                         if self._group_bytes >= _GROUP_BYTES:
                             await self._finish_group()
                         continue
+                    if self._rbuf:
+                        queued = nbd.queued_write_ranges(self._rbuf, disk.size)
             if self._group:
                 await self._finish_group()  # this connection's requests stay in order
             if command == nbd.CMD_FLUSH or req.fua:
@@ -443,7 +446,7 @@ class _Connection:
             else:
                 # Reads, writes, trims and zeroes complete without waiting for the disk (page
                 # cache), so they run inline: no task per request, and request order is kept.
-                await self._execute(req, payload, cost)
+                await self._execute(req, payload, cost, queued)
 
     def _buffered(self) -> int:
         """Bytes received and not yet read: whether the next read can finish without waiting.
@@ -452,8 +455,7 @@ class _Connection:
 
     async def _finish_group(self) -> None:
         self._write_group()
-        if self._replies_backlogged():  # _drain_if_full, without its coroutine
-            await self._drain()
+        await self._drain_if_full()
 
     def _write_group(self) -> None:
         """Do the admitted plain writes of this loop step: journaled together (one system
@@ -490,10 +492,16 @@ class _Connection:
         if out and not self.transport.is_closing():
             self.transport.writelines(out)
 
-    async def _execute(self, req: nbd.Request, payload: bytes, cost: int) -> None:
+    async def _execute(
+        self,
+        req: nbd.Request,
+        payload: bytes,
+        cost: int,
+        queued: Sequence[tuple[int, int]] = (),
+    ) -> None:
         try:
             try:
-                await self._perform(req, payload)
+                await self._perform(req, payload, queued)
             except DiskError as exc:
                 self._write_disk_error(req, exc)
             del payload
@@ -527,7 +535,9 @@ class _Connection:
             )
         )
 
-    async def _perform(self, req: nbd.Request, payload: bytes) -> None:
+    async def _perform(
+        self, req: nbd.Request, payload: bytes, queued: Sequence[tuple[int, int]] = ()
+    ) -> None:
         disk, command = self.disk, req.command
         if command == nbd.CMD_READ:
             data = await disk.read(req.offset, req.length)
@@ -536,10 +546,10 @@ class _Connection:
             self._send_read(req, data)
             return
         if command == nbd.CMD_WRITE:
-            # The writes queued behind it: should this one wait for the activity log, their
-            # extents are persisted with its own (one fdatasync for a burst to fresh extents).
-            also = nbd.queued_write_ranges(self._rbuf, disk.size) if self._rbuf else ()
-            await disk.write(req.offset, payload, fua=req.fua, also=also)
+            # ``queued``, for a plain write not admitted (it waits for the activity log or a
+            # point): the writes behind it, whose extents are persisted with its own (one
+            # fdatasync for a burst to fresh extents).
+            await disk.write(req.offset, payload, fua=req.fua, also=queued)
         elif command == nbd.CMD_FLUSH:
             await disk.flush()
         elif command == nbd.CMD_WRITE_ZEROES:
