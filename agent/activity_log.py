@@ -99,6 +99,14 @@ class ActivityLog:
     def covers(self, offset: int, length: int) -> bool:
         """True (and the extents marked recently used) when no persist is needed first."""
         active = self._active
+        first = offset // self.extent_bytes
+        if first == (offset + max(length, 1) - 1) // self.extent_bytes:  # most writes: one
+            if first not in active:
+                return False
+            self._clock += 1
+            active[first] = self._clock
+            active.move_to_end(first)
+            return True
         for extent in self.extents_of(offset, length):
             if extent not in active:
                 return False

@@ -81,7 +81,11 @@ def read_json(path: Path) -> Any:
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """pwrite until every byte is written (short writes happen on signals and some devices)."""
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return  # nearly always: one call, no view
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]

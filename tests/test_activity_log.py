@@ -9,6 +9,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from agent.activity_log import EXTENT_BYTES, ActivityLog
 from agent.disk import ProtectedDisk
 
@@ -109,5 +113,34 @@ async def test_a_cancelled_activation_holds_the_log_until_its_persist_is_done(
         assert not overlapped, "a second persist ran beside the cancelled one"
         assert first.cancelled()
         assert 1 in al.load()
+    finally:
+        al.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    active=st.lists(st.integers(0, 15), max_size=12),
+    ranges=st.lists(st.tuples(st.integers(0, 16 * 4096 - 1), st.integers(0, 3 * 4096)), min_size=1),
+)
+def test_covers_is_every_extent_active_and_refreshes_them_in_order(
+    tmp_path_factory: pytest.TempPathFactory, active: list[int], ranges: list[tuple[int, int]]
+) -> None:
+    """``covers`` (one-extent fast path or not) says yes exactly when every extent of the
+    range is active, and then makes them the most recently used, in range order: eviction
+    order is the same as marking them one by one."""
+    path = tmp_path_factory.mktemp("al") / "al"
+    al = ActivityLog(path, 16 * 4096, capacity=16, extent_bytes=4096)
+    try:
+        for extent in active:
+            al._active[extent] = 0
+            al._active.move_to_end(extent)
+        model = list(dict.fromkeys(reversed(active)))[::-1]  # LRU order, oldest first
+        for offset, length in ranges:
+            wanted = list(range(offset // 4096, (offset + max(length, 1) - 1) // 4096 + 1))
+            expected = all(extent in model for extent in wanted)
+            assert al.covers(offset, length) is expected
+            if expected:
+                model = [e for e in model if e not in wanted] + wanted
+            assert list(al._active) == model
     finally:
         al.close()

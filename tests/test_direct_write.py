@@ -80,3 +80,34 @@ def test_writes_read_back_as_applied_whatever_path_they_take(
     finally:
         writer.close()
         os.close(fd)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=20000),
+    offset=st.integers(0, 1 << 16),
+    cuts=st.lists(st.integers(1, 5000), max_size=6),
+)
+def test_pwrite_all_finishes_short_writes(
+    tmp_path_factory: pytest.TempPathFactory,
+    data: bytes,
+    offset: int,
+    cuts: list[int],
+) -> None:
+    """A pwrite that writes less than asked (a signal, some devices) is continued where it
+    stopped: the file holds every byte at its offset, read back with a plain read."""
+    path = tmp_path_factory.mktemp("pw") / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    real, limits = os.pwrite, list(cuts)
+
+    def short(fd_: int, buf: bytes | memoryview, at: int) -> int:
+        n = min(len(buf), limits.pop(0)) if limits else len(buf)
+        return real(fd_, memoryview(buf)[:n], at)
+
+    try:
+        with pytest.MonkeyPatch.context() as m:  # undone after each example
+            m.setattr(os, "pwrite", short)
+            pwrite_all(fd, data, offset)
+        assert os.pread(fd, len(data) + 1, offset) == data
+    finally:
+        os.close(fd)
