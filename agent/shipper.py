@@ -29,6 +29,7 @@ from typing import Any
 
 import zstandard
 
+from agent.compression_level import AdaptiveLevel
 from agent.disk import ProtectedDisk
 from agent.journal import JournalEntry
 from common.aio import first_leaf, wait_event
@@ -84,6 +85,8 @@ class _DiskLink:
     inflight_bytes: int = 0
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     last_batch: float = float("-inf")  # loop time the last batch was encoded
+    compression: AdaptiveLevel = field(default_factory=lambda: AdaptiveLevel(0, 0))
+    sender_idle: bool = False  # the sender waits for the producer's next batch
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Shipper:
         for disk in disks.values():
             disk.state_listener = self._state_changed
         self.linked: set[str] = set()  # disks replicating on the current connection
+        self.compression_levels: dict[str, int] = {}  # disk -> zstd level of its next batch
         self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
         self.on_control: Callable[[int, ControlBody], Coroutine[Any, Any, None]] | None = None
         self._failures = 0  # consecutive failed connections or sessions
@@ -234,6 +238,9 @@ class Shipper:
                 tg.create_task(self._receive(stream, links))
                 tg.create_task(self._heartbeats(stream))
                 for link in links.values():
+                    link.compression = AdaptiveLevel(
+                        self.cfg.compression_level, self.cfg.compression_fast_level
+                    )
                     queue: asyncio.Queue[tuple[BatchMsg, int, int]] = asyncio.Queue(maxsize=1)
                     tg.create_task(self._produce(link, queue, max_batch))
                     tg.create_task(self._send(stream, link, queue))
@@ -275,13 +282,14 @@ class Shipper:
         """Read the journal, coalesce and encode batches, respecting the window."""
         disk = link.disk
         cursor = Cursor()
-        level = self.cfg.compression_level
         loop = asyncio.get_running_loop()
+        link_bound = False  # this batch waited for the window or the sender (compression_level.py)
         while True:
             while (
                 len(link.inflight) + queue.qsize() >= self.cfg.window_batches
                 or link.inflight_bytes >= self.cfg.window_bytes
             ):
+                link_bound = True
                 link.acked.clear()
                 await link.acked.wait()
             if link.next_seq > disk.journaled_seq:
@@ -303,10 +311,17 @@ class Shipper:
             cut = next((c for c in disk.point_cuts if c >= link.next_seq), None)
             link.last_batch = loop.time()
             msg, last, raw = await encode_entries(
-                disk.disk_id, entries, max_batch, level, cut, disk.read_image
+                disk.disk_id, entries, max_batch, link.compression.level, cut, disk.read_image
             )
             link.next_seq = last + 1
             link.inflight_bytes += raw
+            link_bound = link_bound or queue.full()
+            link.compression.after_batch(
+                link_bound=link_bound,
+                encoder_bound=link.sender_idle and link.next_seq <= disk.journaled_seq,
+            )
+            link_bound = False
+            self.compression_levels[disk.disk_id] = link.compression.level
             await queue.put((msg, last, raw))
 
     @staticmethod
@@ -322,7 +337,9 @@ class Shipper:
         self, stream: FramedStream, link: _DiskLink, queue: asyncio.Queue[tuple[BatchMsg, int, int]]
     ) -> None:
         while True:
+            link.sender_idle = queue.empty()
             msg, last, raw = await queue.get()
+            link.sender_idle = False
             size = msg.size
             await limiter_for(self.cfg).acquire(size)  # bandwidth limit (docs/operations.md)
             link.inflight.append((last, raw))
@@ -458,6 +475,7 @@ class Shipper:
             "batches_sent": self.stats.batches_sent,
             "raw_bytes_sent": self.stats.raw_bytes_sent,
             "wire_bytes_sent": self.stats.wire_bytes_sent,
+            "compression_levels": dict(self.compression_levels),
             "last_error": self.stats.last_error,
         }
 

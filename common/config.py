@@ -65,6 +65,7 @@ class AgentConfig:
     window_bytes: int = 64 << 20
     batch_delay: float = 0.0
     compression_level: int = 1
+    compression_fast_level: int = -5  # agent/compression_level.py
     heartbeat_interval: float = 1.0
     reconnect_min: float = 0.1
     reconnect_max: float = 10.0
@@ -363,6 +364,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         "window_bytes": _size_range(64 << 10, 4 << 30),
         "batch_delay": _duration_range(0, 10),
         "compression_level": _int_range(-5, 19),
+        "compression_fast_level": _int_range(-5, 19),
         "heartbeat_interval": _duration_range(0.05, 3600),
         "reconnect_min": _duration_range(0.01, 3600),
         "reconnect_max": _duration_range(0.01, 3600),
@@ -421,6 +423,16 @@ def load_agent_config(path: Path) -> AgentConfig:
     _check_socket_path(path, "agent.state_dir", cfg.admin_socket)
     if cfg.max_batch_bytes > cfg.window_bytes:
         raise ConfigError(f"{path}: agent.window_bytes: must be at least agent.max_batch_bytes")
+    if cfg.compression_fast_level == 0:
+        raise ConfigError(
+            f"{path}: agent.compression_fast_level: must not be 0 (a zstd level from -5 to 19; "
+            "compression_level = 0 turns compression off)"
+        )
+    if cfg.compression_level and cfg.compression_fast_level > cfg.compression_level:
+        raise ConfigError(
+            f"{path}: agent.compression_fast_level: must be at most agent.compression_level "
+            f"({cfg.compression_level})"
+        )
     return cfg
 
 

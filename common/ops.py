@@ -58,6 +58,7 @@ AGENT_RELOADABLE = (
     "window_batches",
     "window_bytes",
     "compression_level",  # from the next connection
+    "compression_fast_level",  # from the next connection
     "max_batch_bytes",  # from the next connection
     "stop_timeout",
 )

@@ -47,6 +47,11 @@ def test_design_sketches_load(tmp_path: Path) -> None:
     agent = load_agent_config(_write(tmp_path, AGENT_SKETCH, "agent.toml"))
     assert agent.name == "web01" and agent.disks[0].id == "web01-root"
     assert agent.disks[0].nbd == "unix:/run/tidemark/web01-root.sock"
+    assert (agent.compression_level, agent.compression_fast_level) == (1, -5)
+    fixed = AGENT_SKETCH.replace(
+        "[agent]\n", "[agent]\ncompression_level = 0\ncompression_fast_level = 3\n"
+    )  # compression off: the fast level has nothing to be at most
+    assert load_agent_config(_write(tmp_path, fixed, "off.toml")).compression_level == 0
 
 
 @pytest.mark.parametrize(
@@ -72,6 +77,21 @@ def test_design_sketches_load(tmp_path: Path) -> None:
             "between",
         ),
         (AGENT_SKETCH.replace("[agent]\n", "[agent]\ntypo = 1\n"), "agent.typo", "unknown key"),
+        (
+            AGENT_SKETCH.replace("[agent]\n", "[agent]\ncompression_fast_level = 3\n"),
+            "agent.compression_fast_level",
+            "at most agent.compression_level (1)",
+        ),
+        (
+            AGENT_SKETCH.replace("[agent]\n", "[agent]\ncompression_fast_level = 0\n"),
+            "agent.compression_fast_level",
+            "must not be 0",
+        ),
+        (
+            AGENT_SKETCH.replace("[agent]\n", "[agent]\ncompression_fast_level = -6\n"),
+            "agent.compression_fast_level",
+            "between",
+        ),
         (
             AGENT_SKETCH.replace('credentials = "/etc/tidemark/web01.bundle"\n', ""),
             "agent.credentials",

@@ -179,6 +179,7 @@ AGENT_KEYS: dict[str, st.SearchStrategy[Any]] = {
     "window_bytes": st.one_of(sizes, numbers),
     "batch_delay": st.one_of(sizes, numbers),
     "compression_level": numbers,
+    "compression_fast_level": numbers,
     "heartbeat_interval": st.one_of(sizes, numbers),
     "reconnect_min": st.one_of(sizes, numbers),
     "reconnect_max": st.one_of(sizes, numbers),
@@ -325,6 +326,8 @@ def check_agent(workdir: Path, data: bytes) -> None:
                 assert len(disk.nbd[5:].encode()) <= 107
     assert cfg.max_batch_bytes <= cfg.window_bytes
     assert 1 <= cfg.window_batches <= 1024 and -5 <= cfg.compression_level <= 19
+    assert -5 <= cfg.compression_fast_level <= 19 and cfg.compression_fast_level != 0
+    assert not cfg.compression_level or cfg.compression_fast_level <= cfg.compression_level
     assert len(str(cfg.admin_socket).encode()) <= 107
 
 

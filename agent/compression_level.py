@@ -1,0 +1,58 @@
+"""The zstd level of a disk's next batch: as much compression as the link needs, no more.
+
+``compression_level`` (default 1) is the level for a link that limits replication (a WAN:
+each byte saved is time saved). When the link waits for the encoder instead (a LAN, a
+gateway next door, loopback: the agent's zstd is what limits throughput), the shipper steps
+down one level per batch toward ``compression_fast_level`` (default -5; zstd's fast levels
+compress 2-4x faster for 10-30% less ratio, docs/replication.md). When it waits for the
+link (the window of unacknowledged batches is full, or the batch before is still being
+sent), or when there is no backlog to hurry, it steps back up, one level per batch.
+
+Signals, per batch, all read by the shipper's producer:
+
+- ``link_bound``: before the batch could go, the producer waited for the window or for
+  the sender (the previous batch not yet on its way);
+- ``encoder_bound``: the sender was idle, waiting for this batch, while more journal
+  records than the batch took were already waiting.
+
+Levels are zstd's; 0 is not one of them here: ``compression_level = 0`` turns compression
+off altogether (the level stays 0), and the fast level is never 0.
+"""
+
+from __future__ import annotations
+
+
+def level_ladder(level: int, fast_level: int) -> list[int]:
+    """The levels from fastest to ``level``, one rung per zstd level, 0 left out."""
+    if level == 0:
+        return [0]
+    low = min(fast_level, level)
+    return [n for n in range(low, level + 1) if n != 0]
+
+
+class AdaptiveLevel:
+    """The level of the next batch of one disk on one connection (pure: no clock, no I/O)."""
+
+    def __init__(self, level: int, fast_level: int) -> None:
+        self._ladder = level_ladder(level, fast_level)
+        self._rung = len(self._ladder) - 1  # a new connection starts at the configured level
+
+    @property
+    def level(self) -> int:
+        return self._ladder[self._rung]
+
+    @property
+    def fixed(self) -> bool:
+        return len(self._ladder) == 1
+
+    def after_batch(self, *, link_bound: bool, encoder_bound: bool) -> int:
+        """Move one rung for what the last batch showed; returns the next batch's level.
+        ``link_bound`` wins over ``encoder_bound`` (a link that waited is the bottleneck)."""
+        if link_bound or not encoder_bound:
+            self._rung = min(self._rung + 1, len(self._ladder) - 1)
+        else:
+            self._rung = max(self._rung - 1, 0)
+        return self.level
+
+
+__all__ = ["AdaptiveLevel", "level_ladder"]
