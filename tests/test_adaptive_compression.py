@@ -105,23 +105,35 @@ def test_a_slow_encoder_steps_down_and_still_compresses(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_a_limited_link_keeps_the_configured_level(tmp_path: Path) -> None:
-    require_tools("qemu-img")
+    require_tools("nbdcopy")
     options = {
         "compression_level": 3,
         "bandwidth_limit": "1MiB",
         "max_batch_bytes": "256KiB",  # many batches while the limit holds the backlog back
     }
-    dep, uri, src = _deploy(tmp_path, 8, options)
+    dep, uri, src = _deploy(tmp_path, 12, options)
     with dep:
         dep.start_ps()
         dep.start_agent("z01")
-        _copy_in(src, uri)  # 8 MiB journaled at once; ~4 MiB on the wire at 1 MiB/s
-        time.sleep(1.5)
-        row = dep.agent_status("z01")["disks"][0]
-        assert row["lag_bytes"] > 1 << 20, f"the limit did not hold the backlog: {row}"
+        # 64 KiB writes: 48 batches of 256 KiB, ~6 MiB on the wire at 1 MiB/s. (The first
+        # batches may find the sender idle and step down; each later one, held by the
+        # limit, steps back up.)
+        out = subprocess.run(
+            ["nbdcopy", "--request-size=65536", "--requests=1", str(src), uri],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 30
+        while _link(dep, "z01")["batches_sent"] < 12:
+            assert time.monotonic() < deadline, "the link sent too few batches"
+            time.sleep(0.05)
         levels = []
         for _ in range(10):
             levels.append(_link(dep, "z01")["compression_levels"][DISK])
             time.sleep(0.05)
+        row = dep.agent_status("z01")["disks"][0]
+        assert row["lag_bytes"] > 1 << 20, f"the limit did not hold the backlog: {row}"
         assert levels == [3] * 10, levels
         _drain_and_compare(dep, src)
