@@ -126,13 +126,13 @@ _local = threading.local()
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
-    if cache is None:
-        cache = _local.cctx = {}
-    cctx = cache.get(level)
-    if cctx is None:
-        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    return cctx
+    """This thread's context for ``level``. One per thread, whatever the level: the agent's
+    level moves with its link (agent/compression_level.py), and a context kept per level
+    and thread would hold a workspace for each (measured: +36 MiB of agent RSS)."""
+    held: tuple[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if held is None or held[0] != level:
+        held = _local.cctx = (level, zstandard.ZstdCompressor(level=level, write_content_size=True))
+    return held[1]
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
