@@ -241,6 +241,7 @@ class Shipper:
                     link.compression = AdaptiveLevel(
                         self.cfg.compression_level, self.cfg.compression_fast_level
                     )
+                    self.compression_levels[link.disk.disk_id] = link.compression.level
                     queue: asyncio.Queue[tuple[BatchMsg, int, int]] = asyncio.Queue(maxsize=1)
                     tg.create_task(self._produce(link, queue, max_batch))
                     tg.create_task(self._send(stream, link, queue))

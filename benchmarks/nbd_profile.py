@@ -138,7 +138,8 @@ def profile(
         drained = wait_applied(dep, DISK, 300)
         drain = time.monotonic() - drain_start
         cpu2 = (thread_cpu(agent.pid), thread_cpu(ps.pid))
-    ticks = [b - a for a, b in zip(ticks0, ticks1, strict=True)]
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    ticks = [b - a for a, b in zip(ticks0[:8], ticks1[:8], strict=True)]
     total = sum(ticks) or 1
     ios = max(fio["ios"], 1)
     agent_cpu, ps_cpu = _cpu_delta(cpu0[0], cpu1[0]), _cpu_delta(cpu0[1], cpu1[1])
@@ -168,6 +169,7 @@ def profile(
             "idle": round(100 * ticks[3] / total, 1),
             "iowait": round(100 * ticks[4] / total, 1),
             "irq": round(100 * (ticks[5] + ticks[6]) / total, 1),
+            "steal": round(100 * ticks[7] / total, 1),
         },
         "drain": {
             "seconds": round(drain, 2),
@@ -206,7 +208,7 @@ def render(result: dict[str, Any]) -> str:
     )
     lines.append(
         f"  machine: user {m['user']}%, system {m['system']}%, idle {m['idle']}%, "
-        f"iowait {m['iowait']}%, irq {m['irq']}%"
+        f"iowait {m['iowait']}%, irq {m['irq']}%, steal {m['steal']}%"
     )
     d = result["drain"]
     lines.append(
