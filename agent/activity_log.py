@@ -99,19 +99,12 @@ class ActivityLog:
     def covers(self, offset: int, length: int) -> bool:
         """True (and the extents marked recently used) when no persist is needed first."""
         active = self._active
-        first = offset // self.extent_bytes
-        if first == (offset + max(length, 1) - 1) // self.extent_bytes:  # most writes: one
-            if first not in active:
-                return False
-            self._clock += 1
-            active[first] = self._clock
-            active.move_to_end(first)
-            return True
-        for extent in self.extents_of(offset, length):
+        extents = self.extents_of(offset, length)  # one range, walked twice
+        for extent in extents:
             if extent not in active:
                 return False
         self._clock += 1
-        for extent in self.extents_of(offset, length):
+        for extent in extents:
             active[extent] = self._clock
             active.move_to_end(extent)
         return True

@@ -85,8 +85,9 @@ class _DiskLink:
     inflight_bytes: int = 0
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     last_batch: float = float("-inf")  # loop time the last batch was encoded
-    compression: AdaptiveLevel = field(default_factory=lambda: AdaptiveLevel(0, 0))
     sender_idle: bool = False  # the sender waits for the producer's next batch
+    # The zstd level of the next batch (compression_level.py); off unless given (Shipper._link).
+    compression: AdaptiveLevel = field(default_factory=lambda: AdaptiveLevel(0, 0))
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Shipper:
         for disk in disks.values():
             disk.state_listener = self._state_changed
         self.linked: set[str] = set()  # disks replicating on the current connection
-        self.compression_levels: dict[str, int] = {}  # disk -> zstd level of its next batch
+        self._links: dict[str, _DiskLink] = {}  # the last connection's links (status: levels)
         self.on_verify_request: Callable[[str, bool], Awaitable[dict[str, object]]] | None = None
         self.on_control: Callable[[int, ControlBody], Coroutine[Any, Any, None]] | None = None
         self._failures = 0  # consecutive failed connections or sessions
@@ -233,15 +234,11 @@ class Shipper:
                 disk.link_state = "replicating"
             async with asyncio.TaskGroup() as tg:
                 self._stream, self._tg = stream, tg
-                self.linked = set(links)
+                self.linked, self._links = set(links), links
                 self.connected.set()
                 tg.create_task(self._receive(stream, links))
                 tg.create_task(self._heartbeats(stream))
                 for link in links.values():
-                    link.compression = AdaptiveLevel(
-                        self.cfg.compression_level, self.cfg.compression_fast_level
-                    )
-                    self.compression_levels[link.disk.disk_id] = link.compression.level
                     queue: asyncio.Queue[tuple[BatchMsg, int, int]] = asyncio.Queue(maxsize=1)
                     tg.create_task(self._produce(link, queue, max_batch))
                     tg.create_task(self._send(stream, link, queue))
@@ -260,7 +257,7 @@ class Shipper:
                 max(cached, disk.journaled_seq) + 1,
                 f"process server holds seq {cached}, the journal kept only up to {floor} after an unclean stop",
             )
-            return _DiskLink(disk, disk.journal.next_seq)
+            return self._link(disk, disk.journal.next_seq)
         if floor is not None:
             disk.clear_unclean_floor()
         if cached > disk.journaled_seq:
@@ -275,7 +272,12 @@ class Shipper:
             )
         else:
             await disk.acknowledge(cached)
-        return _DiskLink(disk, cached + 1)
+        return self._link(disk, cached + 1)
+
+    def _link(self, disk: ProtectedDisk, next_seq: int) -> _DiskLink:
+        """A disk's link on a new connection: it starts at the configured level."""
+        level = AdaptiveLevel(self.cfg.compression_level, self.cfg.compression_fast_level)
+        return _DiskLink(disk, next_seq, compression=level)
 
     async def _produce(
         self, link: _DiskLink, queue: asyncio.Queue[tuple[BatchMsg, int, int]], max_batch: int
@@ -322,7 +324,6 @@ class Shipper:
                 encoder_bound=link.sender_idle and link.next_seq <= disk.journaled_seq,
             )
             link_bound = False
-            self.compression_levels[disk.disk_id] = link.compression.level
             await queue.put((msg, last, raw))
 
     @staticmethod
@@ -476,7 +477,7 @@ class Shipper:
             "batches_sent": self.stats.batches_sent,
             "raw_bytes_sent": self.stats.raw_bytes_sent,
             "wire_bytes_sent": self.stats.wire_bytes_sent,
-            "compression_levels": dict(self.compression_levels),
+            "compression_levels": {d: link.compression.level for d, link in self._links.items()},
             "last_error": self.stats.last_error,
         }
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from benchmarks.deploy import Deployment
 from benchmarks.nbd_front import (
@@ -45,21 +46,13 @@ from benchmarks.nbd_front import (
 from common.units import parse_size
 
 DISK = "d1"
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
     """``tid -> (user + system, system)`` CPU seconds of every thread of ``pid``."""
-    out: dict[int, tuple[float, float]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # a thread that ended
-        user, system = int(fields[11]) / _TICK, int(fields[12]) / _TICK
-        out[int(tid)] = (user + system, system)
-    return out
+    return {
+        t.id: (t.user_time + t.system_time, t.system_time) for t in psutil.Process(pid).threads()
+    }
 
 
 def loop_thread_sched(pid: int) -> tuple[float, float, int, int]:
@@ -78,11 +71,6 @@ def loop_thread_sched(pid: int) -> tuple[float, float, int, int]:
         switches["voluntary_ctxt_switches"],
         switches["nonvoluntary_ctxt_switches"],
     )
-
-
-def machine_ticks() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(v) for v in f.readline().split()[1:]]
 
 
 def _cpu_delta(
@@ -120,7 +108,11 @@ def profile(
         if stop_ps:
             ps.send_signal(signal.SIGSTOP)
         cpu0 = (thread_cpu(agent.pid), thread_cpu(ps.pid))
-        sched0, ticks0, t0 = loop_thread_sched(agent.pid), machine_ticks(), time.monotonic()
+        sched0, ticks0, t0 = (
+            loop_thread_sched(agent.pid),
+            list(psutil.cpu_times()),
+            time.monotonic(),
+        )
         workload = Workload("profile", "profile", rw, bs, iodepth, "iops")
         try:
             fio = run_fio(
@@ -132,7 +124,7 @@ def profile(
             if stop_ps:
                 ps.send_signal(signal.SIGCONT)
         wall = time.monotonic() - t0
-        sched1, ticks1 = loop_thread_sched(agent.pid), machine_ticks()
+        sched1, ticks1 = loop_thread_sched(agent.pid), list(psutil.cpu_times())
         cpu1 = (thread_cpu(agent.pid), thread_cpu(ps.pid))
         drain_start = time.monotonic()
         drained = wait_applied(dep, DISK, 300)
@@ -140,7 +132,7 @@ def profile(
         cpu2 = (thread_cpu(agent.pid), thread_cpu(ps.pid))
     # user nice system idle iowait irq softirq steal (guest time is inside user already)
     ticks = [b - a for a, b in zip(ticks0[:8], ticks1[:8], strict=True)]
-    total = sum(ticks) or 1
+    total = sum(ticks) or 1.0
     ios = max(fio["ios"], 1)
     agent_cpu, ps_cpu = _cpu_delta(cpu0[0], cpu1[0]), _cpu_delta(cpu0[1], cpu1[1])
     return {

@@ -259,7 +259,7 @@ class OverlayDisk:
             raise DiskError(28, "write beyond the end of the disk")
 
     async def write(
-        self, offset: int, data: bytes, *, fua: bool = False, also: object = ()
+        self, offset: int, data: bytes, *, fua: bool = False, also: Sequence[tuple[int, int]] = ()
     ) -> None:
         """``also`` (writes about to follow) is a hint for the agent's activity log: unused."""
         async with self._turn():
