@@ -480,11 +480,12 @@ class ProtectedDisk:
         return al is None or al.covers(offset, length)
 
     def write_admitted(
-        self, writes: Sequence[tuple[int, bytes | memoryview]]
+        self, writes: Sequence[tuple[int, bytes | memoryview]], *, owned: bool = False
     ) -> list[int | DiskError]:
         """Journal writes admitted in this loop step (:meth:`admit_nowait`) with one system
         call, then write each into the image, in order; returns each write's seq, or the
-        DiskError it failed with. Whatever cannot go the one-call way (one write, a write
+        DiskError it failed with. ``owned``: the caller hands its buffers over (see
+        ``Journal.append_writes``). Whatever cannot go the one-call way (one write, a write
         larger than a journal record, a journal that is full or overflowed, a journal write
         that failed: nothing of it is kept) goes write by write, as :meth:`write` does."""
         payload = sum(len(data) for _, data in writes)
@@ -494,12 +495,12 @@ class ProtectedDisk:
             or any(len(data) > RECORD_MAX for _, data in writes)
             or not self.journal.fits(payload + 64 * len(writes))
         ):
-            return [self._record_or_error(offset, data) for offset, data in writes]
+            return [self._record_or_error(offset, data, owned) for offset, data in writes]
         now = time.time_ns()
         try:
-            last = self.journal.append_writes(writes, now)
+            last = self.journal.append_writes(writes, now, owned=owned)
         except OSError:  # rolled back: the one-by-one path tells a full journal from a broken one
-            return [self._record_or_error(offset, data) for offset, data in writes]
+            return [self._record_or_error(offset, data, owned) for offset, data in writes]
         results: list[int | DiskError] = []
         for seq, (offset, data) in enumerate(writes, last - len(writes) + 1):
             self._pending.add(seq, len(data), now)
@@ -514,9 +515,11 @@ class ProtectedDisk:
         self.write_seq = last
         return results
 
-    def _record_or_error(self, offset: int, data: bytes | memoryview) -> int | DiskError:
+    def _record_or_error(
+        self, offset: int, data: bytes | memoryview, owned: bool
+    ) -> int | DiskError:
         try:
-            return self._record(offset, len(data), data, may_trim=False)
+            return self._record(offset, len(data), data, may_trim=False, owned=owned)
         except DiskError as exc:
             return exc
 
@@ -590,9 +593,16 @@ class ProtectedDisk:
         return await self.write_zeroes(offset, length, fua=fua, may_trim=True)
 
     def _record(
-        self, offset: int, length: int, data: bytes | memoryview | None, *, may_trim: bool
+        self,
+        offset: int,
+        length: int,
+        data: bytes | memoryview | None,
+        *,
+        may_trim: bool,
+        owned: bool = False,
     ) -> int:
-        """Journal then apply one write, synchronously (one event-loop step)."""
+        """Journal then apply one write, synchronously (one event-loop step). ``owned``: see
+        ``Journal.append_writes``."""
         now = time.time_ns()
         seq = 0
         payload = length if data is not None else 0
@@ -606,7 +616,7 @@ class ProtectedDisk:
                     view = memoryview(data)
                     for pos in range(0, length, RECORD_MAX):
                         seq = self.journal_bytes(
-                            offset + pos, view[pos : pos + RECORD_MAX], now=now
+                            offset + pos, view[pos : pos + RECORD_MAX], now=now, owned=owned
                         )
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -757,12 +767,14 @@ class ProtectedDisk:
         """Read the image directly (synchronous: callers rely on it happening in one loop step)."""
         return pread_exact(self._fd, length, offset)
 
-    def journal_bytes(self, offset: int, data: bytes | memoryview, *, now: int = 0) -> int:
+    def journal_bytes(
+        self, offset: int, data: bytes | memoryview, *, now: int = 0, owned: bool = False
+    ) -> int:
         """Journal one data record and hand it to the shipper (no image write). The write path
         uses it before writing the image; resync uses it for bytes the image already holds, in
         the same loop step as their read, so they are ordered with every write around them."""
         now = now or time.time_ns()
-        seq = self.journal.append_write(offset, data, now)
+        seq = self.journal.append_write(offset, data, now, owned=owned)
         self._pending.add(seq, len(data), now)
         self.new_records.set()
         return seq

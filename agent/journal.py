@@ -129,13 +129,23 @@ class Journal:
         """Would a record with this payload stay within the quota?"""
         return self.log.bytes_used + self.log.record_size(payload_len) + 64 <= self.quota
 
-    def append_write(self, offset: int, data: bytes | memoryview, time_ns: int) -> int:
-        return self.append_writes(((offset, data),), time_ns)
+    def append_write(
+        self, offset: int, data: bytes | memoryview, time_ns: int, *, owned: bool = False
+    ) -> int:
+        return self.append_writes(((offset, data),), time_ns, owned=owned)
 
-    def append_writes(self, writes: Sequence[tuple[int, bytes | memoryview]], time_ns: int) -> int:
+    def append_writes(
+        self,
+        writes: Sequence[tuple[int, bytes | memoryview]],
+        time_ns: int,
+        *,
+        owned: bool = False,
+    ) -> int:
         """Journal several writes ``(offset, data)`` with one system call, one record each
         with consecutive seqs (the NBD front's writes of one event-loop step); returns the
-        last seq. All or none: raises OSError with nothing journaled."""
+        last seq. ``owned``: the caller hands its buffers over (nothing changes them later),
+        so they are kept for the shipper as they are, not copied. All or none: raises OSError
+        with nothing journaled."""
         first = self.log.next_seq
         head = _WRITE_HEAD.pack
         self.log.append_many(
@@ -146,7 +156,9 @@ class Journal:
         )
         failpoint("journal.after_append")
         for seq, (offset, data) in enumerate(writes, first):
-            if not (isinstance(data, bytes) or isinstance(getattr(data, "obj", None), bytes)):
+            if not (
+                owned or isinstance(data, bytes) or isinstance(getattr(data, "obj", None), bytes)
+            ):
                 data = bytes(data)  # a caller's mutable buffer must not change what is shipped
             self._remember(JournalEntry(seq, offset, len(data), time_ns, data), len(data))
         return first + len(writes) - 1

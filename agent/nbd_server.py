@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from agent.nbd_stream import NbdStream
 from common.errors import DiskError
 from protocol import nbd
 
@@ -31,10 +32,8 @@ logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to reach GO / EXPORT_NAME
 CLOSE_TIMEOUT = 10.0  # seconds close() waits for in-flight disk calls before cancelling
-_STREAM_LIMIT = 1 << 20  # StreamReader buffer (reading pauses past twice this)
 _DISCARD_CHUNK = 1 << 16
 _SMALL_REPLY = 1 << 16  # reads up to this size are sent as one joined buffer
-_PAYLOAD_PIECE = 1 << 20  # larger write payloads are read in pieces of this size
 _GROUP_BYTES = 8 << 20  # plain writes of one loop step journaled together, at most this much
 _GROUP_WRITE_MAX = 4 << 20  # and each at most this (one journal record)
 _UNIX_PATH_MAX = 107
@@ -53,20 +52,6 @@ class Endpoint:
         if self.kind == "unix":
             return f"unix:{self.path}"
         return f"tcp:{_bracket(self.host)}:{self.port}"
-
-
-async def _read_payload(reader: asyncio.StreamReader, length: int) -> bytes:
-    """A write's payload. A large one is read in pieces and joined: ``readexactly`` of the
-    whole would first grow the stream's buffer to ``length`` and then copy it out, holding
-    twice the payload for a moment (QD128 of 32 MiB writes measured that in peak RSS)."""
-    if length <= _PAYLOAD_PIECE:
-        return await reader.readexactly(length)
-    pieces = []
-    while length > 0:
-        piece = await reader.readexactly(min(length, _PAYLOAD_PIECE))
-        pieces.append(piece)
-        length -= len(piece)
-    return b"".join(pieces)
 
 
 def _bracket(host: str) -> str:
@@ -123,7 +108,7 @@ class ExportedDisk(Protocol):
     async def write(
         self,
         offset: int,
-        data: bytes,
+        data: bytes | memoryview,
         *,
         fua: bool = False,
         also: Sequence[tuple[int, int]] = (),
@@ -134,9 +119,11 @@ class ExportedDisk(Protocol):
         """May a plain write of this range be done in this loop step? False: the caller
         awaits ``write``. True: it must be passed to ``write_admitted`` in this loop step."""
 
-    def write_admitted(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> Sequence[object]:
+    def write_admitted(
+        self, writes: Sequence[tuple[int, bytes | memoryview]], *, owned: bool = False
+    ) -> Sequence[object]:
         """Do admitted writes now, in order: per write a result, or the DiskError it failed
-        with."""
+        with. ``owned``: the buffers are handed over (nothing changes them later)."""
 
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = True
@@ -208,7 +195,7 @@ class NbdExport:
         self.max_inflight_requests = max_inflight_requests
         self._server: asyncio.Server | None = None
         self._port = self.endpoint.port
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._connections: dict[asyncio.Task[None], NbdStream] = {}
         self._closing = False
 
     @property
@@ -223,6 +210,7 @@ class NbdExport:
         if self._server is not None:
             raise RuntimeError("NBD export already started")
         ep = self.endpoint
+        loop = asyncio.get_running_loop()
         if ep.kind == "unix":
             path = Path(ep.path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,13 +218,13 @@ class NbdExport:
                 if not stat.S_ISSOCK(path.lstat().st_mode):
                     raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
                 path.unlink()  # a stale socket of an earlier run
-            self._server = await asyncio.start_unix_server(
-                self._on_client, path=ep.path, limit=_STREAM_LIMIT
+            self._server = await loop.create_unix_server(
+                lambda: NbdStream(self._on_client), path=ep.path
             )
             os.chmod(ep.path, 0o660)
         else:
-            self._server = await asyncio.start_server(
-                self._on_client, ep.host, ep.port, reuse_address=True, limit=_STREAM_LIMIT
+            self._server = await loop.create_server(
+                lambda: NbdStream(self._on_client), ep.host, ep.port, reuse_address=True
             )
             self._port = self._server.sockets[0].getsockname()[1]
         logger.info("NBD export of %s at %s", self.disk.disk_id, self.address)
@@ -247,8 +235,9 @@ class NbdExport:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for writer in list(self._connections.values()):
-            writer.transport.abort()
+        for stream in list(self._connections.values()):
+            assert stream.transport is not None
+            stream.transport.abort()
         tasks = list(self._connections)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
@@ -269,37 +258,36 @@ class NbdExport:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_client(self, stream: NbdStream) -> None:
         task = asyncio.current_task()
+        assert stream.transport is not None
         if self._closing or task is None:
-            writer.transport.abort()
+            stream.transport.abort()
             return
-        self._connections[task] = writer
+        self._connections[task] = stream
         try:
-            await _Connection(self, reader, writer).run()
+            await _Connection(self, stream).run()
         except Exception:  # the boundary: a bug in one connection must not take the export down
             logger.exception("NBD connection to %s failed", self.disk.disk_id)
         finally:
             del self._connections[task]
             if self._closing:
-                writer.transport.abort()
+                stream.transport.abort()
             else:
-                writer.close()
+                stream.close()
             with contextlib.suppress(OSError):
-                await writer.wait_closed()
+                await stream.wait_closed()
 
 
 class _Connection:
     """One client: the handshake, then the request loop and the per-request tasks."""
 
-    def __init__(
-        self, export: NbdExport, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, export: NbdExport, stream: NbdStream) -> None:
         self.export = export
         self.disk = export.disk
-        self.reader = reader
-        self.writer = writer
-        self.transport = writer.transport
+        self.reader = self.writer = stream
+        assert stream.transport is not None
+        self.transport = stream.transport
         self.structured = False
         self.budget = _Budget(export.max_inflight_requests, export.max_inflight_bytes)
         self._loop = asyncio.get_running_loop()
@@ -307,9 +295,9 @@ class _Connection:
         self._out_bytes = 0
         self._flush_scheduled = False
         self._high_water = self.transport.get_write_buffer_limits()[1]
-        buffer = getattr(reader, "_buffer", None)  # what StreamReader has received, unread
-        self._rbuf: bytearray | None = buffer if isinstance(buffer, bytearray) else None
-        self._group: list[tuple[nbd.Request, bytes, int]] = []  # admitted, not yet written
+        self._group: list[
+            tuple[nbd.Request, bytes | memoryview, int]
+        ] = []  # admitted, not yet written
         self._group_bytes = 0
 
     async def run(self) -> None:
@@ -410,16 +398,13 @@ class _Connection:
             if not budget.try_acquire(cost):
                 await self._finish_group()  # releases what the group holds
                 await budget.acquire(cost)
-            payload = b""
+            payload: bytes | memoryview = b""
             queued: list[tuple[int, int]] = []  # for a write that must wait: see _perform
             if command == nbd.CMD_WRITE:
                 if self._group and self._buffered() < req.length:
                     await self._finish_group()
                 try:
-                    if req.length <= _PAYLOAD_PIECE:  # the common case: no extra coroutine
-                        payload = await reader.readexactly(req.length)
-                    else:
-                        payload = await _read_payload(reader, req.length)
+                    payload = await reader.read_payload(req.length)
                 except BaseException:
                     budget.release(cost)
                     raise
@@ -437,8 +422,8 @@ class _Connection:
                         if self._group_bytes >= _GROUP_BYTES:
                             await self._finish_group()
                         continue
-                    if self._rbuf:
-                        queued = nbd.queued_write_ranges(self._rbuf, disk.size)
+                    if reader.buffered_bytes():
+                        queued = nbd.queued_write_ranges(reader.buffered(), disk.size)
             if self._group:
                 await self._finish_group()  # this connection's requests stay in order
             if command == nbd.CMD_FLUSH or req.fua:
@@ -449,9 +434,8 @@ class _Connection:
                 await self._execute(req, payload, cost, queued)
 
     def _buffered(self) -> int:
-        """Bytes received and not yet read: whether the next read can finish without waiting.
-        (``StreamReader`` keeps them in ``_buffer``; without it, 0: each write goes alone.)"""
-        return len(self._rbuf) if self._rbuf is not None else 0
+        """Bytes received and not yet read: whether the next read can finish without waiting."""
+        return self.reader.buffered_bytes()
 
     async def _finish_group(self) -> None:
         self._write_group()
@@ -462,7 +446,10 @@ class _Connection:
         call), then each written into the image; replies (or errnos) queued."""
         group, self._group = self._group, []
         self._group_bytes = 0
-        results = self.disk.write_admitted([(req.offset, payload) for req, payload, _ in group])
+        # Each payload is a buffer of its own that nothing changes later (NbdStream).
+        results = self.disk.write_admitted(
+            [(req.offset, payload) for req, payload, _ in group], owned=True
+        )
         for (req, _, cost), result in zip(group, results, strict=True):
             if isinstance(result, DiskError):
                 self._write_disk_error(req, result)
@@ -495,7 +482,7 @@ class _Connection:
     async def _execute(
         self,
         req: nbd.Request,
-        payload: bytes,
+        payload: bytes | memoryview,
         cost: int,
         queued: Sequence[tuple[int, int]] = (),
     ) -> None:
@@ -536,7 +523,7 @@ class _Connection:
         )
 
     async def _perform(
-        self, req: nbd.Request, payload: bytes, queued: Sequence[tuple[int, int]] = ()
+        self, req: nbd.Request, payload: bytes | memoryview, queued: Sequence[tuple[int, int]] = ()
     ) -> None:
         disk, command = self.disk, req.command
         if command == nbd.CMD_READ:

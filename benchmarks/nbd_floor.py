@@ -10,6 +10,11 @@ handshake, ``NBD_OPT_GO`` only, simple replies; a WRITE's payload is read and th
   a reply, with nothing else (no checksums, no activity log, no replication, no FLUSH);
 - ``twice-threads``: the same two writes in two worker threads at once.
 
+Each mode reads requests with ``asyncio.StreamReader``; with the suffix ``-inplace``
+(``once-inplace``, ``twice-inplace``) it reads them with the agent's own ``NbdStream``
+(agent/nbd_stream.py: a payload received straight into a buffer of its own), which is how
+docs/nbd.md ("Reading requests") compares the two.
+
 Usage: ``python -m benchmarks.nbd_floor SOCKET MODE IMAGE JOURNAL`` (IMAGE exists, 4 GiB),
 then e.g. ``fio --ioengine=nbd --uri=nbd+unix:///?socket=SOCKET --rw=randwrite --bs=4k
 --iodepth=16 --size=4g --time_based --runtime=10``.
@@ -23,6 +28,7 @@ import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from agent.nbd_stream import NbdStream
 from protocol import nbd
 
 SIZE = 4 << 30
@@ -33,10 +39,15 @@ _OPTION_REPLY = struct.Struct(">QIII")
 _FLAGS = nbd.FLAG_HAS_FLAGS | nbd.FLAG_SEND_FLUSH | nbd.FLAG_SEND_FUA
 
 
+MODES = ("once", "twice", "twice-threads", "once-inplace", "twice-inplace")
+
+
 class FloorServer:
     def __init__(self, mode: str, image: str, journal: str) -> None:
-        if mode not in ("once", "twice", "twice-threads"):
+        if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
+        self.inplace = mode.endswith("-inplace")
+        mode = mode.removesuffix("-inplace")
         self.mode = mode
         self.image = os.open(image, os.O_RDWR)
         self.journal = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
@@ -48,14 +59,14 @@ class FloorServer:
                 os.pwrite(self.journal, block, pos)
             os.fsync(self.journal)
 
-    def append(self, payload: bytes) -> None:
+    def append(self, payload: bytes | memoryview) -> None:
         head = struct.pack(">QQI", 0, 0, len(payload))
         if self.journal_pos + len(head) + len(payload) > JOURNAL_BYTES:
             self.journal_pos = 0
         os.pwritev(self.journal, [head, payload], self.journal_pos)
         self.journal_pos += len(head) + len(payload)
 
-    async def write(self, payload: bytes, offset: int) -> None:
+    async def write(self, payload: bytes | memoryview, offset: int) -> None:
         if self.mode == "once":
             os.pwrite(self.image, payload, offset)
         elif self.mode == "twice":
@@ -68,6 +79,9 @@ class FloorServer:
                 loop.run_in_executor(self.pool, self.append, payload),
                 loop.run_in_executor(self.pool, os.pwrite, self.image, payload, offset),
             )
+
+    async def handle_inplace(self, stream: NbdStream) -> None:
+        await self.handle(stream, stream)  # type: ignore[arg-type]  # the same methods
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, 3))
@@ -95,7 +109,10 @@ class FloorServer:
                 writer.close()
                 return
             if command == nbd.CMD_WRITE:
-                await self.write(await reader.readexactly(length), offset)
+                if isinstance(reader, NbdStream):
+                    await self.write(await reader.read_payload(length), offset)
+                else:
+                    await self.write(await reader.readexactly(length), offset)
             writer.write(nbd.simple_reply(handle))
             if writer.transport.get_write_buffer_size() > 1 << 20:
                 await writer.drain()
@@ -103,7 +120,11 @@ class FloorServer:
 
 async def serve(socket_path: str, mode: str, image: str, journal: str) -> None:
     floor = FloorServer(mode, image, journal)
-    server = await asyncio.start_unix_server(floor.handle, socket_path)
+    if floor.inplace:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: NbdStream(floor.handle_inplace), socket_path)
+    else:
+        server = await asyncio.start_unix_server(floor.handle, socket_path)
     async with server:
         await server.serve_forever()
 

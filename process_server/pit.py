@@ -259,7 +259,12 @@ class OverlayDisk:
             raise DiskError(28, "write beyond the end of the disk")
 
     async def write(
-        self, offset: int, data: bytes, *, fua: bool = False, also: Sequence[tuple[int, int]] = ()
+        self,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        fua: bool = False,
+        also: Sequence[tuple[int, int]] = (),
     ) -> None:
         """``also`` (writes about to follow) is a hint for the agent's activity log: unused."""
         async with self._turn():
@@ -275,7 +280,9 @@ class OverlayDisk:
         write goes through :meth:`write` and its turn (a merge may hold the gate)."""
         return False
 
-    def write_admitted(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> list[object]:
+    def write_admitted(
+        self, writes: Sequence[tuple[int, bytes | memoryview]], *, owned: bool = False
+    ) -> list[object]:
         raise RuntimeError("the failover overlay admits no write without its turn")
 
     async def write_zeroes(

@@ -15,7 +15,9 @@ import pytest
 from tests.bench_helpers import require_tools
 
 
-@pytest.mark.parametrize("mode", ["once", "twice", "twice-threads"])
+@pytest.mark.parametrize(
+    "mode", ["once", "twice", "twice-threads", "once-inplace", "twice-inplace"]
+)
 def test_floor_server_stores_what_nbdcopy_sends(tmp_path: Path, mode: str) -> None:
     require_tools("nbdcopy")
     source, image, sock = tmp_path / "src", tmp_path / "img", tmp_path / "s.sock"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.disk import ProtectedDisk
-from agent.nbd_server import NbdExport, _read_payload, parse_endpoint
+from agent.nbd_server import NbdExport, parse_endpoint
 from protocol import nbd
 
 SIZE = 8 << 20
@@ -710,24 +710,3 @@ async def test_concurrent_fua_writes_on_a_disk_awaiting_resync(tmp_path: Path) -
         assert errors == [0] * 32
     finally:
         await disk.close()
-
-
-@pytest.mark.parametrize("length", [1, 1 << 20, (1 << 20) + 1, (3 << 20) + 5])
-async def test_large_payloads_read_in_pieces_are_exact(length: int) -> None:
-    """A payload over the piece size is read in pieces: the bytes come back whole and in
-    order, and the next request's bytes stay in the stream."""
-    reader = asyncio.StreamReader(limit=1 << 20)
-    data, after = os.urandom(length), b"next request"
-
-    async def feed() -> None:
-        stream = data + after
-        for pos in range(0, len(stream), 100_003):  # pieces that straddle every boundary
-            reader.feed_data(stream[pos : pos + 100_003])
-            await asyncio.sleep(0)
-        reader.feed_eof()
-
-    feeder = asyncio.create_task(feed())
-    got = await _read_payload(reader, length)
-    await feeder
-    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-    assert await reader.read() == after
