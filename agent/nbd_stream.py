@@ -28,14 +28,17 @@ import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from common.aio import ProtocolWaits
+
 CAPACITY = 1 << 20  # the fixed buffer: headers and small payloads
 DIRECT_MIN = 64 << 10  # payloads this large are received into their own buffer
 
 
-class NbdStream(asyncio.BufferedProtocol):
+class NbdStream(ProtocolWaits, asyncio.BufferedProtocol):
     """One connection's reader and writer."""
 
     def __init__(self, on_connect: Callable[[NbdStream], Coroutine[Any, Any, None]]) -> None:
+        super().__init__()
         self._on_connect = on_connect
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray(CAPACITY)
@@ -46,9 +49,6 @@ class NbdStream(asyncio.BufferedProtocol):
         self._eof = False
         self._error: BaseException | None = None
         self._reading_paused = False
-        self._data_waiter: asyncio.Future[None] | None = None
-        self._writing_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -88,22 +88,9 @@ class NbdStream(asyncio.BufferedProtocol):
         if exc is not None:
             self._error = exc
         self._wake()
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_exception(ConnectionResetError("connection lost"))
-        self._drain_waiters.clear()
+        self._fail_writers("connection lost")
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
 
     # ----------------------------------------------------------------- reading
     def buffered(self) -> memoryview:
@@ -176,21 +163,12 @@ class NbdStream(asyncio.BufferedProtocol):
         if self._reading_paused and self.transport is not None and not self._eof:
             self._reading_paused = False
             self.transport.resume_reading()
-        waiter = self._data_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._data_waiter = None
+        await self._await_data()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
-
-    def _wake(self) -> None:
-        waiter = self._data_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # ----------------------------------------------------------------- writing
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -207,11 +185,7 @@ class NbdStream(asyncio.BufferedProtocol):
             await asyncio.sleep(0)  # let connection_lost run
         if self._closed is not None and self._closed.done():
             raise ConnectionResetError("connection lost")
-        if not self._writing_paused:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
+        await self._await_writable()
 
     def close(self) -> None:
         if self.transport is not None:

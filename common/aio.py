@@ -68,3 +68,50 @@ async def to_thread_outliving_cancel(
         if on_abandoned is not None and not work.cancelled() and work.exception() is None:
             on_abandoned(work.result())
         raise
+
+
+class ProtocolWaits:
+    """The waiting half of an asyncio protocol, for the coroutines that use it: one reader
+    waiting for data (``_await_data``, woken by ``_wake``) and writers waiting while the
+    transport is over its high-water mark (``_await_writable``, woken by the transport's
+    ``resume_writing``, failed by ``_fail_writers`` when the connection is lost)."""
+
+    def __init__(self) -> None:
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _fail_writers(self, message: str) -> None:
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError(message))
+        self._drain_waiters.clear()
+
+    async def _await_writable(self) -> None:
+        if not self._writing_paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake(self) -> None:
+        waiter = self._data_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _await_data(self) -> None:
+        waiter = self._data_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._data_waiter = None

@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from common.aio import ProtocolWaits
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import (
     EOF,
@@ -39,10 +40,11 @@ SMALL_WRITE = 64 << 10  # frames smaller than this are joined into one write
 TLS_RECORD = 16 << 10  # the largest TLS record's plaintext
 
 
-class _FrameProtocol(asyncio.BufferedProtocol):
+class _FrameProtocol(ProtocolWaits, asyncio.BufferedProtocol):
     """Transport callbacks for one connection: received bytes go into the decoder in place."""
 
     def __init__(self, conn: Connection, on_ready: Callable[[FramedStream], None] | None) -> None:
+        super().__init__()
         self.conn = conn
         self.transport: asyncio.Transport | None = None
         self.bytes_in = 0
@@ -50,9 +52,6 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self.eof = False
         self.lost: BaseException | None = None
         self.reading_paused = False
-        self._data_waiter: asyncio.Future[None] | None = None
-        self._writing_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._on_ready = on_ready
 
     # ----------------------------------------------------------------- transport events
@@ -89,20 +88,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self.eof = True  # a clean close: what was received is read to its end
         self.lost = exc if exc is not None else ConnectionResetError("connection closed")
         self._wake()
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_exception(ConnectionResetError("connection lost while sending"))
-        self._drain_waiters.clear()
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
+        self._fail_writers("connection lost while sending")
 
     # ----------------------------------------------------------------- for FramedStream
     def _pause_reading(self) -> None:
@@ -115,28 +101,15 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def _wake(self) -> None:
-        waiter = self._data_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     async def wait_data(self) -> None:
         """Until more bytes, EOF or the connection's end arrive."""
         self.resume_reading()
-        waiter = self._data_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._data_waiter = None
+        await self._await_data()
 
     async def drain(self) -> None:
         if self.lost is not None:
             raise ConnectionResetError("connection lost")
-        if not self._writing_paused:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
+        await self._await_writable()
 
 
 class FramedStream:
