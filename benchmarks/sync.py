@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -460,17 +461,33 @@ def _check_paths(dep: Deployment) -> str | None:
     return None
 
 
+Wait = Callable[[Deployment, str, float], tuple[dict[str, Any], dict[str, Any]]]
+
+
 def tidemark_initial(
-    root: Path, image: Path, disk: str, pids: dict[str, int], timeout: float
+    root: Path,
+    image: Path,
+    disk: str,
+    pids: dict[str, int],
+    timeout: float,
+    *,
+    options: dict[str, Any] | None = None,
+    wait: Wait = wait_level,
 ) -> tuple[Deployment, CountingProxy, dict[str, Any]]:
-    """A fresh deployment; time from starting the agent until ``image`` is level."""
+    """A fresh deployment; time from starting the agent until ``image`` is level.
+    ``options``: more agent settings; ``wait``: how to wait for level (``wait_level``, or a
+    diagnostic that samples on the way, benchmarks/sync_timeline.py)."""
     dep = Deployment(root)
     if (err := _check_paths(dep)) is not None:
         raise RuntimeError(err)
     dep.init_pki()
     proxy = CountingProxy(dep.port)
     try:
-        dep.add_agent(AGENT, {disk: image}, options={"process_server": f"127.0.0.1:{proxy.port}"})
+        dep.add_agent(
+            AGENT,
+            {disk: image},
+            options={**(options or {}), "process_server": f"127.0.0.1:{proxy.port}"},
+        )
         pids[f"ps-{disk}"] = dep.start_ps().pid
         cache = warm(image)
         proxy.reset()
@@ -480,7 +497,7 @@ def tidemark_initial(
         prof = PySpy(f"initial-{disk}", {"agent": agent.pid, "ps": pids[f"ps-{disk}"]})
         sampler = ProcessSampler({"agent": agent.pid, "ps": pids[f"ps-{disk}"]}).start()
         try:
-            row, ps_row = wait_level(dep, disk, timeout)
+            row, ps_row = wait(dep, disk, timeout)
         finally:
             stats = sampler.stop()
             profiles = prof.stop()

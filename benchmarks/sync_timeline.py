@@ -1,0 +1,194 @@
+"""Where an initial sync's time goes, as a timeline (a diagnostic, like ``nbd_profile``).
+
+Not a scenario with targets: the tool behind the initial-sync timelines in
+``docs/benchmarks.md`` (``sync``). The ``sync`` scenario's initial-sync step
+(``benchmarks.sync.tidemark_initial``: a fresh deployment, an image of half holes and half
+2:1-compressible data, the agent started and timed until the replica is level and applied),
+sampled every ``--interval`` seconds on the way:
+
+- the agent's state, its resync progress (bytes done), journaled and acknowledged seqs;
+- the process server's cached and applied seqs and its cache bytes;
+- the bytes the device holding the deployment wrote and its busy time (``/proc/diskstats``).
+
+One seq is one journal record (resync references are at most 1 MiB), so the distance
+between two columns is the work queued between two stages: which stage sets the pace.
+``--option KEY=VALUE`` adds agent settings (an experiment: ``compression_level=0``).
+
+    python -m benchmarks.sync_timeline [--size-gib 4] [--interval 0.1] [--option K=V ...]
+                                       [--tmpdir DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from benchmarks.deploy import Deployment
+from benchmarks.sync import AGENT, _row, _status, make_half_holes, tidemark_initial
+
+COLUMNS = (
+    "t",
+    "state",
+    "done_mib",
+    "journaled",
+    "acked",
+    "cached",
+    "applied",
+    "cache_mib",
+    "dev_written_mib",
+    "dev_busy_ms",
+)
+
+
+def device_counters(path: Path) -> tuple[int, int]:
+    """(MiB written, ms busy) so far of the block device holding ``path`` (0, 0 if unknown)."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if int(fields[0]) == major and int(fields[1]) == minor:
+                return int(fields[9]) * 512 >> 20, int(fields[12])
+    return 0, 0
+
+
+class Sampler:
+    """A ``wait`` for :func:`tidemark_initial`: waits as ``wait_level`` does, sampling."""
+
+    def __init__(self, root: Path, interval: float) -> None:
+        self.root = root
+        self.interval = interval
+        self.samples: list[dict[str, Any]] = []
+
+    def __call__(
+        self, dep: Deployment, disk: str, timeout: float
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        t0, (written0, busy0) = time.monotonic(), device_counters(self.root)
+        deadline = t0 + timeout
+        agent_sock = dep.agents[AGENT].state_dir / "admin.sock"
+        while True:
+            try:
+                agent = _row(_status(agent_sock), disk)
+                ps = _row(_status(dep.ps_state / "admin.sock"), disk)
+            except (OSError, RuntimeError):  # not up or not registered yet
+                agent = ps = {}
+            if agent and ps:
+                written, busy = device_counters(self.root)
+                self.samples.append(
+                    dict(
+                        zip(
+                            COLUMNS,
+                            (
+                                round(time.monotonic() - t0, 2),
+                                agent["state"],
+                                int((agent.get("resync") or {}).get("done_bytes", 0)) >> 20,
+                                int(agent["journaled_seq"]),
+                                int(agent["acked_seq"]),
+                                int(ps["cached_seq"]),
+                                int(ps["applied_seq"]),
+                                int(ps.get("cache_bytes", 0)) >> 20,
+                                written - written0,
+                                busy - busy0,
+                            ),
+                            strict=True,
+                        )
+                    )
+                )
+                if (
+                    agent["state"] == "replicating"
+                    and agent["acked_seq"] >= agent["journaled_seq"]
+                    and int(ps["applied_seq"]) >= int(agent["journaled_seq"])
+                ):
+                    return agent, ps
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{disk} not level and applied within {timeout:.0f}s")
+            time.sleep(self.interval)
+
+
+def timeline(
+    root: Path,
+    *,
+    size_gib: int = 4,
+    interval: float = 0.1,
+    options: dict[str, Any] | None = None,
+    seed: int = 11,
+) -> dict[str, Any]:
+    """One initial sync of a fresh half-holes image, sampled; the replica is compared with
+    the source afterwards (``equal``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    image = root / "src.img"
+    data = make_half_holes(image, size_gib << 30, seed)
+    sampler = Sampler(root, interval)
+    dep, proxy, out = tidemark_initial(
+        root / "d", image, "init0", {}, 600, options=options, wait=sampler
+    )
+    try:
+        replica = dep.replica_path("init0")
+    finally:
+        dep.stop_all()
+        proxy.close()
+    return {
+        "params": {"size_gib": size_gib, "interval": interval, "options": options or {}},
+        "data_bytes": data,
+        "seconds": out["seconds"],
+        "wire_bytes": out["wire_bytes"],
+        "cpu_seconds": {k: v.get("cpu_seconds") for k, v in out["processes"].items()},
+        "replica": str(replica),
+        "source": str(image),
+        "samples": sampler.samples,
+    }
+
+
+def render(result: dict[str, Any], every: int = 1) -> str:
+    lines = [
+        f"initial sync of {result['params']['size_gib']} GiB (data {result['data_bytes'] >> 20}"
+        f" MiB): {result['seconds']} s, wire {result['wire_bytes'] >> 20} MiB, CPU-s "
+        + ", ".join(f"{k} {v}" for k, v in result["cpu_seconds"].items()),
+        "  ".join(f"{c:>9}" for c in COLUMNS),
+    ]
+    samples = result["samples"]
+    for i, row in enumerate(samples):
+        if i % every == 0 or i == len(samples) - 1:
+            lines.append("  ".join(f"{row[c]!s:>9}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value  # a bare string
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sync_timeline", description=__doc__)
+    ap.add_argument("--size-gib", type=int, default=4)
+    ap.add_argument("--interval", type=float, default=0.1)
+    ap.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--tmpdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, help="write the result here")
+    args = ap.parse_args(argv)
+    if args.size_gib < 1 or args.interval <= 0:
+        ap.error("--size-gib must be at least 1 and --interval positive")
+    with tempfile.TemporaryDirectory(prefix="tl-", dir=args.tmpdir) as tmp:
+        result = timeline(
+            Path(tmp), size_gib=args.size_gib, interval=args.interval, options=dict(args.option)
+        )
+    print(render(result, every=max(1, int(0.5 / args.interval))))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
