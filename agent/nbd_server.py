@@ -285,7 +285,7 @@ class _Connection:
     def __init__(self, export: NbdExport, stream: NbdStream) -> None:
         self.export = export
         self.disk = export.disk
-        self.reader = self.writer = stream
+        self.stream = stream  # reads requests and writes replies
         assert stream.transport is not None
         self.transport = stream.transport
         self.structured = False
@@ -333,26 +333,26 @@ class _Connection:
             max_payload=self.export.max_payload,
         )
         hs = nbd.ServerHandshake(info)
-        self.writer.write(hs.data_to_send())
+        self.stream.write(hs.data_to_send())
         while True:
             event = hs.next_event()
             out = hs.data_to_send()
             if out:
-                self.writer.write(out)
+                self.stream.write(out)
             if event is nbd.NEED_DATA:
-                await self.writer.drain()
+                await self.stream.drain()
                 try:
-                    data = await self.reader.readexactly(hs.bytes_wanted)
+                    data = await self.stream.readexactly(hs.bytes_wanted)
                 except asyncio.IncompleteReadError as exc:
                     hs.receive_data(exc.partial)
                     hs.receive_data(b"")
                 else:
                     hs.receive_data(data)
             elif isinstance(event, nbd.Ready):
-                await self.writer.drain()
+                await self.stream.drain()
                 return event
             elif isinstance(event, nbd.Aborted | nbd.Closed):
-                await self.writer.drain()
+                await self.stream.drain()
                 return None
 
     async def _serve(self, tasks: asyncio.TaskGroup) -> None:
@@ -365,12 +365,12 @@ class _Connection:
                 self._write_group()
 
     async def _serve_requests(self, tasks: asyncio.TaskGroup) -> None:
-        reader, disk, budget = self.reader, self.disk, self.budget
+        stream, disk, budget = self.stream, self.disk, self.budget
         size, max_payload = disk.size, self.export.max_payload
         while True:
             if self._group and self._buffered() < nbd.REQUEST_SIZE:
                 await self._finish_group()  # the next request is not here yet: do the group
-            header = await reader.readexactly(nbd.REQUEST_SIZE)
+            header = await stream.readexactly(nbd.REQUEST_SIZE)
             try:
                 req = nbd.parse_request(
                     header, size=size, read_only=disk.read_only, max_payload=max_payload
@@ -404,7 +404,7 @@ class _Connection:
                 if self._group and self._buffered() < req.length:
                     await self._finish_group()
                 try:
-                    payload = await reader.read_payload(req.length)
+                    payload = await stream.read_payload(req.length)
                 except BaseException:
                     budget.release(cost)
                     raise
@@ -422,8 +422,8 @@ class _Connection:
                         if self._group_bytes >= _GROUP_BYTES:
                             await self._finish_group()
                         continue
-                    if reader.buffered_bytes():
-                        queued = nbd.queued_write_ranges(reader.buffered(), disk.size)
+                    if stream.buffered_bytes():
+                        queued = nbd.queued_write_ranges(stream.buffered(), disk.size)
             if self._group:
                 await self._finish_group()  # this connection's requests stay in order
             if command == nbd.CMD_FLUSH or req.fua:
@@ -435,7 +435,7 @@ class _Connection:
 
     def _buffered(self) -> int:
         """Bytes received and not yet read: whether the next read can finish without waiting."""
-        return self.reader.buffered_bytes()
+        return self.stream.buffered_bytes()
 
     async def _finish_group(self) -> None:
         self._write_group()
@@ -459,7 +459,7 @@ class _Connection:
 
     async def _discard(self, length: int) -> None:
         while length > 0:
-            chunk = await self.reader.readexactly(min(length, _DISCARD_CHUNK))
+            chunk = await self.stream.readexactly(min(length, _DISCARD_CHUNK))
             length -= len(chunk)
 
     def _write(self, data: bytes) -> None:
@@ -509,7 +509,7 @@ class _Connection:
         self._flush_out()  # queued replies count against the bound too
         if self.transport.get_write_buffer_size() > self._high_water:
             with contextlib.suppress(ConnectionError):
-                await self.writer.drain()
+                await self.stream.drain()
 
     def _write_disk_error(self, req: nbd.Request, exc: DiskError) -> None:
         self._write(

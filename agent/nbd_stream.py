@@ -50,7 +50,7 @@ class NbdStream(ProtocolWaits, asyncio.BufferedProtocol):
         self._error: BaseException | None = None
         self._reading_paused = False
         self._closed: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
 
     # ----------------------------------------------------------------- transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -404,29 +404,53 @@ def _row(status: dict[str, Any], disk: str) -> dict[str, Any]:
     raise RuntimeError(f"{disk} missing from status: {status}")
 
 
+OnSample = Callable[[dict[str, Any], dict[str, Any] | None], None]
+
+
 def wait_level(
-    dep: Deployment, disk: str, timeout: float, poll: float = 0.05
+    dep: Deployment,
+    disk: str,
+    timeout: float,
+    poll: float = 0.05,
+    on_sample: OnSample | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Until the agent is ``replicating`` with everything acknowledged, then until the
-    process server applied everything journaled. Returns the agent and PS status rows."""
+    process server applied everything journaled. Returns the agent and PS status rows.
+    ``on_sample(agent_row, ps_row)``, if given, sees both at every poll (``ps_row`` None
+    until the disk is registered there; benchmarks/sync_timeline.py)."""
     spec = dep.agents[AGENT]
     deadline = time.monotonic() + timeout
     row: dict[str, Any] = {}
+    ps_row: dict[str, Any] | None = None
     while True:
         row = _row(_status(spec.state_dir / "admin.sock"), disk)
+        if on_sample is not None:
+            ps_row = _ps_row(dep, disk)
+            on_sample(row, ps_row)
         if row["state"] == "replicating" and row["acked_seq"] >= row["journaled_seq"]:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"{disk} not level within {timeout:.0f}s: {row}")
         time.sleep(poll)
     seq = int(row["journaled_seq"])
+    if ps_row is not None and (ps_row.get("applied_seq") or 0) >= seq:
+        return row, ps_row  # the last sample already shows it applied
     while True:
         ps_row = _row(_status(dep.ps_state / "admin.sock"), disk)
+        if on_sample is not None:
+            on_sample(row, ps_row)
         if (ps_row.get("applied_seq") or 0) >= seq:
             return row, ps_row
         if time.monotonic() > deadline:
             raise TimeoutError(f"{disk} applied_seq did not reach {seq}: {ps_row}")
         time.sleep(poll)
+
+
+def _ps_row(dep: Deployment, disk: str) -> dict[str, Any] | None:
+    try:
+        return _row(_status(dep.ps_state / "admin.sock"), disk)
+    except RuntimeError:  # not registered yet
+        return None
 
 
 def _resync_command(config: Path, disk: str) -> list[str]:
@@ -461,9 +485,6 @@ def _check_paths(dep: Deployment) -> str | None:
     return None
 
 
-Wait = Callable[[Deployment, str, float], tuple[dict[str, Any], dict[str, Any]]]
-
-
 def tidemark_initial(
     root: Path,
     image: Path,
@@ -472,11 +493,11 @@ def tidemark_initial(
     timeout: float,
     *,
     options: dict[str, Any] | None = None,
-    wait: Wait = wait_level,
+    poll: float = 0.05,
+    on_sample: OnSample | None = None,
 ) -> tuple[Deployment, CountingProxy, dict[str, Any]]:
     """A fresh deployment; time from starting the agent until ``image`` is level.
-    ``options``: more agent settings; ``wait``: how to wait for level (``wait_level``, or a
-    diagnostic that samples on the way, benchmarks/sync_timeline.py)."""
+    ``options``: more agent settings; ``poll`` and ``on_sample``: as :func:`wait_level`."""
     dep = Deployment(root)
     if (err := _check_paths(dep)) is not None:
         raise RuntimeError(err)
@@ -497,7 +518,7 @@ def tidemark_initial(
         prof = PySpy(f"initial-{disk}", {"agent": agent.pid, "ps": pids[f"ps-{disk}"]})
         sampler = ProcessSampler({"agent": agent.pid, "ps": pids[f"ps-{disk}"]}).start()
         try:
-            row, ps_row = wait(dep, disk, timeout)
+            row, ps_row = wait_level(dep, disk, timeout, poll, on_sample)
         finally:
             stats = sampler.stop()
             profiles = prof.stop()

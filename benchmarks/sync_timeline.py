@@ -30,8 +30,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from benchmarks.deploy import Deployment
-from benchmarks.sync import AGENT, _row, _status, make_half_holes, tidemark_initial
+from benchmarks.sync import make_half_holes, tidemark_initial
 
 COLUMNS = (
     "t",
@@ -60,56 +59,33 @@ def device_counters(path: Path) -> tuple[int, int]:
 
 
 class Sampler:
-    """A ``wait`` for :func:`tidemark_initial`: waits as ``wait_level`` does, sampling."""
+    """``wait_level``'s ``on_sample`` for :func:`tidemark_initial`: one row per poll."""
 
-    def __init__(self, root: Path, interval: float) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.interval = interval
         self.samples: list[dict[str, Any]] = []
+        self._start: tuple[float, int, int] | None = None
 
-    def __call__(
-        self, dep: Deployment, disk: str, timeout: float
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        t0, (written0, busy0) = time.monotonic(), device_counters(self.root)
-        deadline = t0 + timeout
-        agent_sock = dep.agents[AGENT].state_dir / "admin.sock"
-        while True:
-            try:
-                agent = _row(_status(agent_sock), disk)
-                ps = _row(_status(dep.ps_state / "admin.sock"), disk)
-            except (OSError, RuntimeError):  # not up or not registered yet
-                agent = ps = {}
-            if agent and ps:
-                written, busy = device_counters(self.root)
-                self.samples.append(
-                    dict(
-                        zip(
-                            COLUMNS,
-                            (
-                                round(time.monotonic() - t0, 2),
-                                agent["state"],
-                                int((agent.get("resync") or {}).get("done_bytes", 0)) >> 20,
-                                int(agent["journaled_seq"]),
-                                int(agent["acked_seq"]),
-                                int(ps["cached_seq"]),
-                                int(ps["applied_seq"]),
-                                int(ps.get("cache_bytes", 0)) >> 20,
-                                written - written0,
-                                busy - busy0,
-                            ),
-                            strict=True,
-                        )
-                    )
-                )
-                if (
-                    agent["state"] == "replicating"
-                    and agent["acked_seq"] >= agent["journaled_seq"]
-                    and int(ps["applied_seq"]) >= int(agent["journaled_seq"])
-                ):
-                    return agent, ps
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{disk} not level and applied within {timeout:.0f}s")
-            time.sleep(self.interval)
+    def __call__(self, agent: dict[str, Any], ps: dict[str, Any] | None) -> None:
+        written, busy = device_counters(self.root)
+        if self._start is None:
+            self._start = (time.monotonic(), written, busy)
+        t0, written0, busy0 = self._start
+        if ps is None:  # the disk is not registered at the process server yet
+            return
+        values = (
+            round(time.monotonic() - t0, 2),
+            agent["state"],
+            int((agent.get("resync") or {}).get("done_bytes", 0)) >> 20,
+            int(agent["journaled_seq"]),
+            int(agent["acked_seq"]),
+            int(ps["cached_seq"]),
+            int(ps["applied_seq"]),
+            int(ps.get("cache_bytes", 0)) >> 20,
+            written - written0,
+            busy - busy0,
+        )
+        self.samples.append(dict(zip(COLUMNS, values, strict=True)))
 
 
 def timeline(
@@ -125,9 +101,9 @@ def timeline(
     root.mkdir(parents=True, exist_ok=True)
     image = root / "src.img"
     data = make_half_holes(image, size_gib << 30, seed)
-    sampler = Sampler(root, interval)
+    sampler = Sampler(root)
     dep, proxy, out = tidemark_initial(
-        root / "d", image, "init0", {}, 600, options=options, wait=sampler
+        root / "d", image, "init0", {}, 600, options=options, poll=interval, on_sample=sampler
     )
     try:
         replica = dep.replica_path("init0")

@@ -14,11 +14,8 @@ from benchmarks.sync_timeline import COLUMNS, _option, main, render, timeline
 
 
 def _digest(path: str) -> bytes:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.digest()
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 @pytest.mark.timeout(300)
