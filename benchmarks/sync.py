@@ -76,12 +76,22 @@ AGENT = "sync"
 INIT_DISK = "init0"
 RESYNC_DISK = "resync0"
 QUICK_SIZE = 256 * MIB
-# The initial sync's floors (tls_floor): JSON key, label, zstd level, O_DIRECT writes.
+# The initial sync's floors (tls_floor): JSON key, label, zstd level, O_DIRECT writes,
+# threads per side (0: one block after another; N: pipelined, tls_copy --threads).
+PIPELINE_THREADS = 2
 FLOORS = (
-    ("tls_floor", "plain", None, False),
-    ("tls_zstd_floor", "zstd 1", 1, False),
-    ("tls_direct_floor", "plain, O_DIRECT", None, True),
-    ("tls_zstd_direct_floor", "zstd 1, O_DIRECT", 1, True),
+    ("tls_floor", "plain", None, False, 0),
+    ("tls_zstd_floor", "zstd 1", 1, False, 0),
+    ("tls_direct_floor", "plain, O_DIRECT", None, True, 0),
+    ("tls_zstd_direct_floor", "zstd 1, O_DIRECT", 1, True, 0),
+    ("tls_direct_pipelined_floor", "plain, O_DIRECT, pipelined", None, True, PIPELINE_THREADS),
+    (
+        "tls_zstd_direct_pipelined_floor",
+        "zstd 1, O_DIRECT, pipelined",
+        1,
+        True,
+        PIPELINE_THREADS,
+    ),
 )
 BLOCK = 4096
 CHANGE_FRACTION = 0.01
@@ -572,14 +582,20 @@ def phase_initial(
         proxy.close()
     out["tidemark"] = tm
     out["source_allocated_bytes"] = allocated(image)
-    for name, _, level, direct in FLOORS:
-        out[name] = tls_floor(dep, root, size, data, level, direct)
+    for name, _, level, direct, threads in FLOORS:
+        out[name] = tls_floor(dep, root, size, data, level, direct, threads)
         for side in ("client", "server"):
             pids[f"{name}-{side}"] = out[name]["processes"][side]["pid"]
 
 
 def tls_floor(
-    dep: Deployment, root: Path, size: int, data: int, level: int | None, direct: bool
+    dep: Deployment,
+    root: Path,
+    size: int,
+    data: int,
+    level: int | None,
+    direct: bool,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """What the simplest TLS copy of the image's data bytes costs on this machine, with the
     deployment's PKI and TLS contexts: ``data`` bytes of the same 2:1 data in 1 MiB blocks,
@@ -587,7 +603,9 @@ def tls_floor(
     not, written into a fresh sparse file (through the page cache as nbdkit does, or with
     ``O_DIRECT`` as the process server writes into holes) and ``fdatasync``ed once at the
     end (as ``nbdcopy --flush`` makes its copy durable). No digests, no journal, no cache,
-    one blocking process per side: a yardstick for the initial sync over the product's
+    one blocking process per side, one block after another or, with ``threads``, pipelined
+    over the cores (compressing, and decompressing and writing, in that many threads while
+    one thread sends and one receives): a yardstick for the initial sync over the product's
     link, not a proof of what is impossible (a cleverer copy may beat it)."""
     settle()
     result = run_baseline(
@@ -602,11 +620,13 @@ def tls_floor(
         nbytes=data,
         zstd=level,
         direct=direct,
+        threads=threads,
     )
     result["command"] = (
         f"python -m benchmarks.tls_copy serve/send --bytes {data} --sync-every 2^62"
         + (f" --zstd {level}" if level is not None else "")
         + (" --direct" if direct else "")
+        + (f" --threads {threads}" if threads else "")
     )
     return result
 
@@ -794,7 +814,7 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
                 "s",
             )
         )
-        floors = [(label, ini[key]["seconds"]) for key, label, _, _ in FLOORS if key in ini]
+        floors = [(label, ini[key]["seconds"]) for key, label, *_ in FLOORS if key in ini]
         for label, seconds in floors:
             figs.append(
                 Figure(

@@ -134,10 +134,12 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     init = _figure(result, "initial sync over TLS")
     assert init["baseline"] == ini["nbdcopy"]["seconds"] > 0 and init["passed"] in (True, False)
     assert _figure(result, "initial sync: replica / nbdkit copy")["passed"] is True
-    # the floors: the same data bytes through a bare TLS copy, plain and with zstd
-    for key, label, _, direct in FLOORS:
+    # the floors: the same data bytes through a bare TLS copy, plain and with zstd, one block
+    # after another and pipelined
+    for key, label, _, direct, threads in FLOORS:
         floor = ini[key]
         assert ("--direct" in floor["command"]) is direct
+        assert floor["threads"] == threads
         assert floor["direct"] is (direct and direct_io_works(private_tmp))
         assert floor["bytes"] == ini["data_bytes"] and floor["seconds"] > 0
         assert floor["tls_version"] == "TLSv1.3"

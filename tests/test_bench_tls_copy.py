@@ -1,7 +1,8 @@
 """The TLS-copy baseline and floors (``benchmarks/tls_copy.py``): ``send --bytes`` sends exactly
 that many bytes (the last block cut short), and ``serve`` writes them where they belong,
 byte for byte, plain or zstd-compressed, through the page cache or with ``O_DIRECT``
-(its unaligned tail through the page cache)."""
+(its unaligned tail through the page cache), one block after another or pipelined over
+threads (``--threads``)."""
 
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return dep.pki, root / "sync.bundle"
 
 
+@pytest.mark.parametrize("threads", [0, 3])
 @pytest.mark.parametrize("zstd", [False, True])
 @pytest.mark.parametrize("direct", [False, True])
 def test_exact_bytes_land_in_place(
-    pki: tuple[Path, Path], tmp_path: Path, zstd: bool, direct: bool
+    pki: tuple[Path, Path], tmp_path: Path, zstd: bool, direct: bool, threads: int
 ) -> None:
     pki_dir, bundle = pki
     out = tmp_path / "copy.img"
-    level = ["--zstd", "1"] if zstd else []
+    level = (["--zstd", "1"] if zstd else []) + (["--threads", str(threads)] if threads else [])
     serve = ["serve", "--pki", str(pki_dir), "--out", str(out), "--size", str(SIZE), *level]
     server = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.tls_copy", *serve, *(["--direct"] if direct else [])],
@@ -65,6 +67,7 @@ def test_exact_bytes_land_in_place(
         if server.stdout is not None:
             server.stdout.close()
     assert result["bytes"] == NBYTES and result["syncs"] >= 1
+    assert result["threads"] == threads
     assert result["direct"] is (direct and direct_io_works(tmp_path))
     # The same blocks the sender made (benchmarks.driver.compressible), the last one cut.
     expected = b"".join(
