@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common import stage_trace
 from common.admin import admin_request
 from common.cli import (
     ProgressBar,
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             from common.ops import configure_service_logging
 
             configure_service_logging()
+            stage_trace.enable("agent")
             return run_loop(_run(args.config))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))

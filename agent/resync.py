@@ -58,6 +58,7 @@ import xxhash
 from common.aio import first_leaf, wait_event
 from common.digests import chunk_digests, zero_digest
 from common.durable import atomic_write
+from common.stage_trace import stamp
 from protocol.errors import ProtocolError
 from protocol.frames import DIGEST_SIZE
 
@@ -262,7 +263,9 @@ class Resyncer:
         # differs wherever the source holds data, so the source's is not needed, and not
         # read (the shipper finds the zero blocks in it anyway). A write made after `seq`
         # only makes its chunk differ, and be sent again.
+        stamp("digests_asked", offset, seq)
         reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)
+        stamp("digests_got", offset, seq)
         replica = reply.split()
         zero_replica = {
             i

@@ -39,6 +39,7 @@ from common.failpoints import failpoint
 from common.framed import FramedStream, open_framed
 from common.rate_limit import limiter_for
 from common.segment_log import Cursor
+from common.stage_trace import stamp
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import Credentials
 from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batch_parts
@@ -316,6 +317,7 @@ class Shipper:
             msg, last, raw = await encode_entries(
                 disk.disk_id, entries, max_batch, link.compression.level, cut, disk.read_image
             )
+            stamp("built", last, raw)
             link.next_seq = last + 1
             link.inflight_bytes += raw
             link_bound = link_bound or queue.full()
@@ -346,6 +348,7 @@ class Shipper:
             await limiter_for(self.cfg).acquire(size)  # bandwidth limit (docs/operations.md)
             link.inflight.append((last, raw))
             await stream.send(msg)
+            stamp("sent", last)
             failpoint("shipper.after_send")
             self.stats.batches_sent += 1
             self.stats.raw_bytes_sent += raw
@@ -360,6 +363,7 @@ class Shipper:
                 link = links.get(msg.disk_id)
                 if link is None:
                     raise ProtocolError(ErrorCode.UNEXPECTED, f"ACK for unknown disk {msg.disk_id}")
+                stamp("acked", msg.durable_seq)
                 while link.inflight and link.inflight[0][0] <= msg.durable_seq:
                     _, raw = link.inflight.popleft()
                     link.inflight_bytes -= raw

@@ -13,9 +13,12 @@ sampled every ``--interval`` seconds on the way:
 One seq is one journal record (resync references are at most 1 MiB), so the distance
 between two columns is the work queued between two stages: which stage sets the pace.
 ``--option KEY=VALUE`` adds agent settings (an experiment: ``compression_level=0``).
+``--trace`` also has both services stamp every batch's stages (``common/stage_trace.py``)
+and prints what ``benchmarks/stage_trace.py`` makes of them: per batch, the time from one
+stage to the next, how busy the applier was, how long digest requests waited.
 
     python -m benchmarks.sync_timeline [--size-gib 4] [--interval 0.1] [--option K=V ...]
-                                       [--tmpdir DIR] [--json FILE]
+                                       [--trace] [--tmpdir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from benchmarks import stage_trace
 from benchmarks.sync import make_half_holes, tidemark_initial
+from common.stage_trace import ENV as TRACE_ENV
 
 COLUMNS = (
     "t",
@@ -95,21 +100,32 @@ def timeline(
     interval: float = 0.1,
     options: dict[str, Any] | None = None,
     seed: int = 11,
+    trace: bool = False,
 ) -> dict[str, Any]:
-    """One initial sync of a fresh half-holes image, sampled; the replica is compared with
-    the source afterwards (``equal``)."""
+    """One initial sync of a fresh half-holes image, sampled (with ``trace``, its stage
+    stamps analysed too: ``trace`` in the result)."""
     root.mkdir(parents=True, exist_ok=True)
     image = root / "src.img"
     data = make_half_holes(image, size_gib << 30, seed)
     sampler = Sampler(root)
-    dep, proxy, out = tidemark_initial(
-        root / "d", image, "init0", {}, 600, options=options, poll=interval, on_sample=sampler
-    )
+    trace_dir = root / "trace"
+    previous = os.environ.pop(TRACE_ENV, None)
+    if trace:  # the services inherit it (benchmarks.deploy.service_env)
+        os.environ[TRACE_ENV] = str(trace_dir)
+    try:
+        dep, proxy, out = tidemark_initial(
+            root / "d", image, "init0", {}, 600, options=options, poll=interval, on_sample=sampler
+        )
+    finally:
+        os.environ.pop(TRACE_ENV, None)
+        if previous is not None:
+            os.environ[TRACE_ENV] = previous
     try:
         replica = dep.replica_path("init0")
     finally:
         dep.stop_all()
         proxy.close()
+    traced = stage_trace.analyse(stage_trace.load(trace_dir)) if trace else None
     return {
         "params": {"size_gib": size_gib, "interval": interval, "options": options or {}},
         "data_bytes": data,
@@ -119,6 +135,7 @@ def timeline(
         "replica": str(replica),
         "source": str(image),
         "samples": sampler.samples,
+        **({"trace": traced} if traced is not None else {}),
     }
 
 
@@ -133,6 +150,8 @@ def render(result: dict[str, Any], every: int = 1) -> str:
     for i, row in enumerate(samples):
         if i % every == 0 or i == len(samples) - 1:
             lines.append("  ".join(f"{row[c]!s:>9}" for c in COLUMNS))
+    if "trace" in result:
+        lines.append(stage_trace.render(result["trace"]))
     return "\n".join(lines)
 
 
@@ -151,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-gib", type=int, default=4)
     ap.add_argument("--interval", type=float, default=0.1)
     ap.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--trace", action="store_true", help="stamp and analyse every batch's stages")
     ap.add_argument("--tmpdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args(argv)
@@ -158,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size-gib must be at least 1 and --interval positive")
     with tempfile.TemporaryDirectory(prefix="tl-", dir=args.tmpdir) as tmp:
         result = timeline(
-            Path(tmp), size_gib=args.size_gib, interval=args.interval, options=dict(args.option)
+            Path(tmp),
+            size_gib=args.size_gib,
+            interval=args.interval,
+            options=dict(args.option),
+            trace=args.trace,
         )
     print(render(result, every=max(1, int(0.5 / args.interval))))
     if args.json:

@@ -11,6 +11,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from common import stage_trace
 from common.cli import print_disk_table, print_json, query_status, run_loop, setup_logging
 from common.config import load_server_config
 from common.errors import TidemarkError
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             from common.ops import configure_service_logging
 
             configure_service_logging()
+            stage_trace.enable("ps")
             return run_loop(_serve(args.config))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))

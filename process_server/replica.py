@@ -38,6 +38,7 @@ from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
 from common.segment_log import Cursor, RecordLocation, SegmentLog
+from common.stage_trace import stamp
 from process_server.extent_map import ExtentMap
 from process_server.pit import PointView
 from process_server.undo import RECORD_MAX, TAG_CUT, UndoLog
@@ -266,6 +267,7 @@ class ReplicaDisk:
         await self.cache.sync()
         if target > self.durable_seq:
             self.durable_seq = target
+            stamp("durable", target)
             self._cache_durable.set()
         return self.durable_seq
 
@@ -294,6 +296,7 @@ class ReplicaDisk:
             if not items:
                 items = self._read_cached(cursor)
             if items:
+                stamp("apply_started", self.applying_seq, len(items))
                 async with self.undo_turn:  # no release rolls the undo log under the thread
                     # Cancelled (a stop), the turn ends only with the thread: the replica and
                     # the O_DIRECT buffer are not closed under it.
@@ -306,6 +309,7 @@ class ReplicaDisk:
                     # Still in the turn: whoever takes it next sees applying_seq match the
                     # replica.
                     self.applying_seq = batches[-1].header.last_seq
+                    stamp("applied", self.applying_seq)
                     self.applier_error = None  # applying again (after a full disk, say)
                     self._applied_event.set()
             background = self._durable_task

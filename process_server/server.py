@@ -29,6 +29,7 @@ from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
 from common.framed import FramedStream, start_framed_server
 from common.rate_limit import cache_pressure_delay
+from common.stage_trace import stamp
 from common.state_lock import StateDirBusy, hold_state_dir, state_dir_held
 from common.tls import peer_identity, server_context
 from process_server.catalog import Catalog
@@ -427,6 +428,7 @@ class ProcessServer:
             raise ProtocolError(
                 ErrorCode.UNEXPECTED, f"disk {header.disk_id} is not registered here"
             )
+        stamp("received", header.last_seq)
         if header.last_seq <= disk.cached_seq:
             session.ack_events[disk.disk_id].set()  # a resend: acknowledge again, store nothing
             return
@@ -450,6 +452,7 @@ class ProcessServer:
             )  # slow the agent as the cache nears its quota (operations.md)
         await disk.wait_for_cache_space(len(msg.data))
         disk.append_batch(msg.data, header, batch)
+        stamp("cached", header.last_seq)
         session.ack_events[disk.disk_id].set()
 
     def _owned(self, session: _Session, disk_id: str) -> ReplicaDisk:

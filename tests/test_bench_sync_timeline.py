@@ -1,6 +1,7 @@
 """``python -m benchmarks.sync_timeline`` (a diagnostic, docs/benchmarks.md): its samples
-describe a real initial sync consistently, and the replica it times equals the source
-(compared here with a digest of both files, outside the code under test)."""
+describe a real initial sync consistently, the replica it times equals the source
+(compared here with a digest of both files, outside the code under test), and with
+``--trace`` every batch is stamped at every stage by both services, in the pipeline's order."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def _digest(path: str) -> bytes:
 
 @pytest.mark.timeout(300)
 def test_timeline_of_a_real_initial_sync(tmp_path: Path) -> None:
-    result = timeline(tmp_path / "t", size_gib=1, interval=0.05, options={"compression_level": 0})
+    result = timeline(
+        tmp_path / "t", size_gib=1, interval=0.05, options={"compression_level": 0}, trace=True
+    )
     samples = result["samples"]
     assert samples and all(set(row) == set(COLUMNS) for row in samples)
     for row in samples:  # each stage is behind the one before it
@@ -37,6 +40,16 @@ def test_timeline_of_a_real_initial_sync(tmp_path: Path) -> None:
     assert result["wire_bytes"] >= result["data_bytes"]
     assert _digest(result["replica"]) == _digest(result["source"])
     assert "applied" in render(result)
+    # The stage stamps of both services: every batch at every stage, in the pipeline's order
+    # (nothing acknowledged or applied before the cache held it durably).
+    trace = result["trace"]
+    assert trace["violations"] == []
+    assert last["journaled"] // 4 <= trace["batches"] <= last["journaled"]  # 4 MiB batches
+    assert all(leg["n"] == trace["batches"] for leg in trace["legs"].values())
+    assert trace["legs"]["built -> applied"]["mean_ms"] > 0
+    assert 0 < trace["applier"]["busy_fraction"] <= 1
+    assert trace["digest_requests"]["n"] >= 64  # 1 GiB in 16 MiB ranges, each asked once
+    assert "rule violations: 0" in render(result)
 
 
 def test_options_parse_as_toml_values() -> None:
