@@ -96,6 +96,22 @@ def _summary(values_ns: list[int]) -> dict[str, float | int]:
     }
 
 
+def _applier_busy(started: list[Stamp], applied: list[Stamp]) -> tuple[int, int, int]:
+    """(ns busy, groups, ns from the first start to the last end): each start paired with
+    the first ``applied`` after it and before the next start (a group that failed has none)."""
+    busy = groups = j = 0
+    for k, (ns, _, _) in enumerate(started):
+        next_start = started[k + 1][0] if k + 1 < len(started) else None
+        while j < len(applied) and applied[j][0] < ns:
+            j += 1
+        if j < len(applied) and (next_start is None or applied[j][0] < next_start):
+            busy += applied[j][0] - ns
+            groups += 1
+            j += 1
+    span = applied[-1][0] - started[0][0] if started and applied else 0
+    return busy, groups, span
+
+
 def analyse(stages: dict[str, list[Stamp]]) -> dict[str, Any]:
     """Latencies between stages, applier busy time, digest waits and rule violations."""
     per_batch = {stage: _first(stages.get(stage, [])) for stage in PER_BATCH}
@@ -124,9 +140,7 @@ def analyse(stages: dict[str, list[Stamp]]) -> dict[str, Any]:
             if done is not None and durable is not None and done < durable:
                 violations.append(f"seq {seq}: {stage} before the cache was durable")
 
-    started, applied = stages.get("apply_started", []), stages.get("applied", [])
-    busy = sum(end[0] - start[0] for start, end in zip(started, applied, strict=False))
-    span = applied[-1][0] - started[0][0] if started and applied else 0
+    busy, groups, span = _applier_busy(stages.get("apply_started", []), stages.get("applied", []))
 
     asked = {}
     waits = []
@@ -139,7 +153,7 @@ def analyse(stages: dict[str, list[Stamp]]) -> dict[str, Any]:
         "batches": len(batches),
         "legs": legs,
         "applier": {
-            "groups": min(len(started), len(applied)),
+            "groups": groups,
             "busy_s": round(busy / 1e9, 3),
             "span_s": round(span / 1e9, 3),
             "busy_fraction": round(busy / span, 3) if span else None,

@@ -136,6 +136,7 @@ class _PipelinedWriter:
     def __init__(
         self, fd: int, direct_fd: int | None, size: int, block: int, zstd: bool, threads: int
     ) -> None:
+        import mmap
         import queue
 
         self.fd = fd
@@ -144,8 +145,6 @@ class _PipelinedWriter:
         self.block = max(block, 1)
         self.zstd = zstd
         self.threads = threads
-        import mmap
-
         self.work: queue.Queue[tuple[Any, int, int] | None] = queue.Queue()
         self.free: queue.Queue[Any] = queue.Queue()
         # Plain blocks written with O_DIRECT are received straight into aligned buffers.
@@ -181,7 +180,9 @@ class _PipelinedWriter:
                     buf = bytearray(n)  # (compressed blocks of incompressible data grow)
                 _recv_exact(conn, memoryview(buf)[:n])
                 size = zstandard.frame_content_size(buf[:18]) if self.zstd else n
-                if size < 0 or size > self.block:
+                if size < 0:
+                    raise ValueError("a zstd frame that does not state its content size")
+                if size > self.block:
                     raise ValueError(f"a block of {size} bytes, over --block {self.block}")
                 if offset + size > self.size:
                     offset = 0
@@ -377,20 +378,20 @@ def send(
         sent = 0
         i = 0
         start = time.monotonic()
-        pipelined = bool(threads) and zstd is not None  # (plain blocks: sending is all there is)
-        if threads and zstd is not None:
+        if threads and zstd is not None:  # (plain blocks: sending is all there is to do)
             sent = _send_pipelined(conn, plain, block, nbytes, seconds, zstd, threads)
-        while not pipelined and (sent < nbytes if nbytes else time.monotonic() - start < seconds):
-            n = min(block, nbytes - sent) if nbytes else block
-            if compressor is not None:
-                packed = compressor.compress(plain[i % 16][:n])
-                conn.sendall(len(packed).to_bytes(4, "big") + packed)
-            elif n == block:
-                conn.sendall(blocks[i % 16])
-            else:
-                conn.sendall(n.to_bytes(4, "big") + plain[i % 16][:n])
-            sent += n
-            i += 1
+        else:
+            while sent < nbytes if nbytes else time.monotonic() - start < seconds:
+                n = min(block, nbytes - sent) if nbytes else block
+                if compressor is not None:
+                    packed = compressor.compress(plain[i % 16][:n])
+                    conn.sendall(len(packed).to_bytes(4, "big") + packed)
+                elif n == block:
+                    conn.sendall(blocks[i % 16])
+                else:
+                    conn.sendall(n.to_bytes(4, "big") + plain[i % 16][:n])
+                sent += n
+                i += 1
         conn.sendall(b"\0\0\0\0")
         send_done = time.monotonic()
         ack = memoryview(bytearray(8))

@@ -154,3 +154,10 @@ def test_any_text_parses_or_is_refused_with_value_error(lines: list[str]) -> Non
         except ValueError:
             return
         analysis.render(analysis.analyse(stages))  # whatever parsed can be analysed
+
+
+def test_a_group_that_never_finished_is_not_counted_as_busy() -> None:
+    # starts at 0, 10 (that group failed: no `applied` before the next start) and 20
+    started = [(0, 0, 1), (10, 1, 1), (20, 1, 1)]
+    applied = [(5, 1, 0), (25, 2, 0)]
+    assert analysis._applier_busy(started, applied) == (10, 2, 25)
