@@ -295,9 +295,8 @@ class _Connection:
         self._out_bytes = 0
         self._flush_scheduled = False
         self._high_water = self.transport.get_write_buffer_limits()[1]
-        self._group: list[
-            tuple[nbd.Request, bytes | memoryview, int]
-        ] = []  # admitted, not yet written
+        # Admitted writes not yet written: (request, payload, budget cost).
+        self._group: list[tuple[nbd.Request, bytes | memoryview, int]] = []
         self._group_bytes = 0
 
     async def run(self) -> None:
@@ -368,7 +367,7 @@ class _Connection:
         stream, disk, budget = self.stream, self.disk, self.budget
         size, max_payload = disk.size, self.export.max_payload
         while True:
-            if self._group and self._buffered() < nbd.REQUEST_SIZE:
+            if self._group and stream.buffered_bytes() < nbd.REQUEST_SIZE:
                 await self._finish_group()  # the next request is not here yet: do the group
             header = await stream.readexactly(nbd.REQUEST_SIZE)
             try:
@@ -401,7 +400,7 @@ class _Connection:
             payload: bytes | memoryview = b""
             queued: list[tuple[int, int]] = []  # for a write that must wait: see _perform
             if command == nbd.CMD_WRITE:
-                if self._group and self._buffered() < req.length:
+                if self._group and stream.buffered_bytes() < req.length:
                     await self._finish_group()
                 try:
                     payload = await stream.read_payload(req.length)
@@ -432,10 +431,6 @@ class _Connection:
                 # Reads, writes, trims and zeroes complete without waiting for the disk (page
                 # cache), so they run inline: no task per request, and request order is kept.
                 await self._execute(req, payload, cost, queued)
-
-    def _buffered(self) -> int:
-        """Bytes received and not yet read: whether the next read can finish without waiting."""
-        return self.stream.buffered_bytes()
 
     async def _finish_group(self) -> None:
         self._write_group()

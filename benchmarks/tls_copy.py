@@ -305,6 +305,11 @@ def serve(
     return 0
 
 
+def _more(sent: int, nbytes: int, start: float, seconds: float) -> bool:
+    """Is there more to send: ``nbytes`` in all when given, else for ``seconds``?"""
+    return sent < nbytes if nbytes else time.monotonic() - start < seconds
+
+
 def _send_pipelined(
     conn: Any,
     plain: list[bytes],
@@ -336,13 +341,11 @@ def _send_pipelined(
     pending: deque[Future[bytes]] = deque()
     with ThreadPoolExecutor(threads) as pool:
         while True:
-            more = sent < nbytes if nbytes else time.monotonic() - start < seconds
-            while more and len(pending) < 2 * threads:
+            while _more(sent, nbytes, start, seconds) and len(pending) < 2 * threads:
                 n = min(block, nbytes - sent) if nbytes else block
                 pending.append(pool.submit(pack, plain[i % 16][:n]))
                 sent += n
                 i += 1
-                more = sent < nbytes if nbytes else time.monotonic() - start < seconds
             if not pending:
                 return sent
             conn.sendall(pending.popleft().result())
@@ -381,7 +384,7 @@ def send(
         if threads and zstd is not None:  # (plain blocks: sending is all there is to do)
             sent = _send_pipelined(conn, plain, block, nbytes, seconds, zstd, threads)
         else:
-            while sent < nbytes if nbytes else time.monotonic() - start < seconds:
+            while _more(sent, nbytes, start, seconds):
                 n = min(block, nbytes - sent) if nbytes else block
                 if compressor is not None:
                     packed = compressor.compress(plain[i % 16][:n])
