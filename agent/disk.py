@@ -154,6 +154,7 @@ class ProtectedDisk:
         self.unclean_regions: list[tuple[int, int]] = []
         self.resync_progress: dict[str, Any] | None = None
         self.scan_only = False  # scan mode: the agent is not in the write path
+        self.copy_in_bulk = True  # agent.initial_copy = "bulk" (agent/bulk_copy.py)
         self.state_listener: asyncio.Event | None = None  # set on every state change (heartbeats)
         # Recovery points: a hold stops new writes at the gate; writers already past it finish.
         self.frozen = False  # a planned failover: writes refused until unfrozen
@@ -237,6 +238,9 @@ class ProtectedDisk:
                 "resync_required": True,
                 "resync_reason": "initial",
                 "initially_empty": _image_is_all_holes(fd, size),
+                # The first sync may copy the image outside the journal (agent/bulk_copy.py)
+                # until anything but that sync marks the bitmap.
+                "bulk_copy": True,
             }
         journal = Journal(state_dir / "journal", quota=quota, segment_bytes=segment_bytes)
         disk = cls(disk_id, image_path, state_dir, fd, size, journal, state)
@@ -263,6 +267,9 @@ class ProtectedDisk:
             if not clean and disk.overflowed:
                 disk.bitmap.mark_all()  # writes of the last run went to an in-memory bitmap: lost
         if not clean:
+            # Writes of the last run may be in the image and not in the journal: a copy from
+            # now on could land after older journaled writes of their regions.
+            state["bulk_copy"] = False
             # The host may have lost journal records the process server already holds. Until
             # a registration proves otherwise, a server ahead of this seq means reuse: rebase.
             state["unclean_floor"] = journal.last_seq
@@ -678,6 +685,7 @@ class ProtectedDisk:
             "resync_required": True,
             "resync_reason": "journal-overflow",
             "overflow_at_seq": self.journal.last_seq,
+            "bulk_copy": False,  # the overflow's writes are in the image only
         }
         try:
             self.bitmap.save(self.state_dir / BITMAP_FILE)
@@ -762,6 +770,25 @@ class ProtectedDisk:
             raise
         self._state.update(overflowed=False, redo_from=redo_from)
         log.info("disk=%s event=journal_resumed after overflow", self.disk_id)
+
+    @property
+    def bulk_copy_allowed(self) -> bool:
+        """The sync may copy the image outside the journal (agent/bulk_copy.py): the bitmap
+        holds only what the first sync has still to send."""
+        return bool(self._state.get("bulk_copy")) and not self.scan_only and self.copy_in_bulk
+
+    @property
+    def bulk_open(self) -> bool:
+        """The process server may be holding this disk's batches for a copy."""
+        return bool(self._state.get("bulk_open"))
+
+    def set_bulk_open(self, value: bool) -> None:
+        """Saved before a copy begins and after it ends: a restart knows to end it. (In the
+        loop, like the overflow's save: a snapshot saved from a thread could land after, and
+        undo, a newer state.)"""
+        if self.bulk_open != value:
+            self._state["bulk_open"] = value
+            self._save_state()
 
     def read_image(self, offset: int, length: int) -> bytes:
         """Read the image directly (synchronous: callers rely on it happening in one loop step)."""
@@ -849,6 +876,7 @@ class ProtectedDisk:
         self.unclean_regions = []
         self._state["resync_required"] = False
         self._state["resync_reason"] = None
+        self._state["bulk_copy"] = False  # only the first sync copies in bulk
         self._state["overflowed"] = False
         await asyncio.to_thread(self._save_state, dict(self._state))
         if self.bitmap is not None:
@@ -870,6 +898,7 @@ class ProtectedDisk:
             self.bitmap.mark(offset, length)
         self._state["resync_required"] = True
         self._state["resync_reason"] = reason
+        self._state["bulk_copy"] = False
         self._save_state()
         self.bitmap.save(self.state_dir / BITMAP_FILE)
         self.new_records.set()
@@ -888,7 +917,9 @@ class ProtectedDisk:
         self.bitmap.mark_all()
         self._pending_clears = []
         await asyncio.to_thread(self.bitmap.save, self.state_dir / BITMAP_FILE)
-        self._state.update(resync_required=True, resync_reason=reason, unclean_floor=None)
+        self._state.update(
+            resync_required=True, resync_reason=reason, unclean_floor=None, bulk_copy=False
+        )
         await asyncio.to_thread(self._save_state)
         directory = self.journal.log.directory
         quota, segment = self.journal.quota, self.journal.log.segment_bytes

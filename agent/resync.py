@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from agent.bulk_copy import BulkCopier
 from common.aio import first_leaf, wait_event
 from common.digests import chunk_digests, zero_digest
 from common.durable import atomic_write
@@ -131,12 +133,16 @@ class Resyncer:
         self.shipper = shipper
         self.totals = SyncStats()  # over the life of the process (tests read these)
         self.wake = asyncio.Event()
+        self.bulk = BulkCopier(disk, shipper)  # the first sync's copy (agent/bulk_copy.py)
 
     # ----------------------------------------------------------------- background loop
     async def run(self) -> None:
         """Resync whenever the disk needs it and the link is up (until cancelled)."""
         disk = self.disk
         while True:
+            if disk.bulk_open and disk.bitmap is None and disk.disk_id in self.shipper.linked:
+                with contextlib.suppress(ConnectionError, TimeoutError, OSError, ProtocolError):
+                    await self.bulk.end()  # a copy whose end a restart did not see
             if disk.bitmap is None:
                 self.wake.clear()
                 await wait_event(self.wake, 1.0)  # overflow or rebase may mark it anytime
@@ -166,6 +172,22 @@ class Resyncer:
         regions = disk.bitmap.regions()
         stats.total_bytes = sum(length for _, length in regions)
         log.info("disk=%s event=resync_started bytes=%d", disk.disk_id, stats.total_bytes)
+        if disk.bulk_open and not disk.bulk_copy_allowed:
+            await self.bulk.end()  # the held writes go first: the rest is in journal order
+        if disk.bulk_copy_allowed and regions:
+            try:
+                copied = await self.bulk.copy(regions, stats)
+            finally:
+                self._add_totals(stats)
+            if disk.overflowed or disk.bitmap is None:
+                return stats
+            if copied:
+                stats = SyncStats(started=time.monotonic())  # (counted already)
+                regions = []
+            else:  # what is left goes in journal order
+                regions = disk.bitmap.regions()
+                stats = SyncStats(started=time.monotonic())
+                stats.total_bytes = sum(length for _, length in regions)
         checkpoint = {"time": time.monotonic(), "bytes": 0}
         checkpoint_lock = asyncio.Lock()
         gate = asyncio.Semaphore(PIPELINE)

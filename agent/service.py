@@ -83,6 +83,7 @@ class Agent:
                     activity_extents=self.cfg.activity_log_extents,
                     scan_only=dc.mode == "scan",  # before open() decides on a journal redo
                 )
+                disk.copy_in_bulk = self.cfg.initial_copy == "bulk"
                 self.disks[dc.id] = disk
             self.shipper = Shipper(self.cfg, creds, self.disks)
             self.shipper.on_verify_request = self.verify
@@ -175,6 +176,14 @@ class Agent:
             resyncer = self.resyncers.get(disk.disk_id)
             if resyncer is not None:
                 row["resync_totals"] = dataclasses.asdict(resyncer.totals)
+                bulk = resyncer.bulk
+                row["bulk_copy"] = {
+                    "allowed": disk.bulk_copy_allowed,
+                    "open": disk.bulk_open,
+                    "copies": bulk.copies,
+                    "fallbacks": bulk.fallbacks,
+                    "sent_bytes": bulk.sent_bytes_total,
+                }
             row["unclean_regions"] = [list(r) for r in disk.unclean_regions]
             row["frozen"] = disk.frozen
             if self.points is not None:

@@ -43,12 +43,13 @@ from common.stage_trace import stamp
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import Credentials
 from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batch_parts
-from protocol.control import ControlBody, decode_control, encode_control
+from protocol.control import BulkState, ControlBody, decode_control, encode_control
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import (
     MAX_DIGEST_REQUESTS,
     Ack,
     BatchMsg,
+    BulkData,
     Connection,
     Control,
     DigestReply,
@@ -116,6 +117,11 @@ class Shipper:
         self._stream: FramedStream | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._requests: dict[int, asyncio.Future[DigestReply]] = {}
+        self._bulk_replies: dict[int, asyncio.Future[BulkState]] = {}
+        # An initial sync's copy (agent/bulk_copy.py): the newest bulk-state of each disk,
+        # asked for or reported unasked as pieces are written; ``bulk_event`` on each.
+        self.bulk_states: dict[str, BulkState] = {}
+        self.bulk_event = asyncio.Event()
         self._digest_slots = asyncio.Semaphore(MAX_DIGEST_REQUESTS)
         self._next_request = 0
         self.connected = asyncio.Event()
@@ -381,6 +387,13 @@ class Shipper:
                 self._tg.create_task(self._answer_verify(stream, msg))
             elif isinstance(msg, Control):
                 body = decode_control(msg)
+                if isinstance(body, BulkState):
+                    self.bulk_states[body.disk] = body
+                    self.bulk_event.set()
+                    reply = self._bulk_replies.pop(msg.request_id, None) if msg.request_id else None
+                    if reply is not None and not reply.done():
+                        reply.set_result(body)
+                    continue
                 if self.on_control is None:
                     raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected control {msg.name}")
                 assert self._tg is not None
@@ -392,10 +405,12 @@ class Shipper:
         self.connected.clear()
         self.linked = set()
         self._stream, self._tg = None, None
-        for future in self._requests.values():
-            if not future.done():
-                future.set_exception(ConnectionResetError("replication link lost"))
-        self._requests.clear()
+        for waiters in (self._requests, self._bulk_replies):
+            for future in waiters.values():
+                if not future.done():
+                    future.set_exception(ConnectionResetError("replication link lost"))
+            waiters.clear()
+        self.bulk_event.set()  # a copy waiting for its window learns the link is gone
 
     async def request_digests(
         self,
@@ -440,6 +455,36 @@ class Shipper:
                     return await future
             finally:
                 self._requests.pop(request_id, None)
+
+    def _linked_stream(self, disk_id: str) -> FramedStream:
+        stream = self._stream
+        if stream is None or disk_id not in self.linked:
+            raise ConnectionResetError("replication link is down")
+        return stream
+
+    async def ask_bulk(self, body: ControlBody, disk_id: str, timeout: float = 600) -> BulkState:
+        """Send a bulk-begin / bulk-sync and wait for its bulk-state. Raises ConnectionError
+        when the link is down or drops, TimeoutError."""
+        stream = self._linked_stream(disk_id)
+        self._next_request = self._next_request % ((1 << 32) - 1) + 1  # never 0 (unasked)
+        request_id = self._next_request
+        future: asyncio.Future[BulkState] = asyncio.get_running_loop().create_future()
+        self._bulk_replies[request_id] = future
+        try:
+            await stream.send(encode_control(body, request_id))
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._bulk_replies.pop(request_id, None)
+
+    async def send_bulk(self, msg: BulkData) -> None:
+        """Send one piece of a copy (within the bandwidth limit, as batches are)."""
+        stream = self._linked_stream(msg.disk_id)
+        size = len(msg.data)
+        await limiter_for(self.cfg).acquire(size)
+        await stream.send(msg)
+        self.stats.raw_bytes_sent += msg.length if msg.data else 0
+        self.stats.wire_bytes_sent += size
 
     async def send_control(self, body: ControlBody, request_id: int = 0) -> None:
         """Send a control body on the current connection. Raises ConnectionError when down."""

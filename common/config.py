@@ -66,6 +66,9 @@ class AgentConfig:
     batch_delay: float = 0.0
     compression_level: int = 1
     compression_fast_level: int = -5  # agent/compression_level.py
+    # A disk's first sync: "bulk" copies the image outside the journal while writes are held
+    # (agent/bulk_copy.py); "journal" sends it as journal references, in seq order.
+    initial_copy: str = "bulk"
     heartbeat_interval: float = 1.0
     reconnect_min: float = 0.1
     reconnect_max: float = 10.0
@@ -274,6 +277,13 @@ def _mode(value: Any) -> str:
     return text
 
 
+def _initial_copy(value: Any) -> str:
+    text = _str(value)
+    if text not in ("bulk", "journal"):
+        raise ValueError(f'expected "bulk" or "journal", got {text!r}')
+    return text
+
+
 def _argv(value: Any) -> tuple[str, ...]:
     """A hook command: a string (split like a shell would, but never run by one) or a list."""
     if isinstance(value, str):
@@ -365,6 +375,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         "batch_delay": _duration_range(0, 10),
         "compression_level": _int_range(-5, 19),
         "compression_fast_level": _int_range(-5, 19),
+        "initial_copy": _initial_copy,
         "heartbeat_interval": _duration_range(0.05, 3600),
         "reconnect_min": _duration_range(0.01, 3600),
         "reconnect_max": _duration_range(0.01, 3600),

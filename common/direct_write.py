@@ -59,16 +59,21 @@ class DirectWriter:
     def enabled(self) -> bool:
         return self._fd is not None
 
-    def try_write(self, file_fd: int, data: bytes | memoryview, offset: int) -> bool:
+    def try_write(
+        self, file_fd: int, data: bytes | memoryview, offset: int, *, holes_only: bool = True
+    ) -> bool:
         """Write ``data`` at ``offset`` directly if it qualifies (module comment); False:
-        the caller writes it through the page cache. Raises OSError on an I/O error."""
+        the caller writes it through the page cache. ``holes_only`` False: anywhere (an
+        initial sync's copy, which nothing else writes or reads from the page cache meanwhile:
+        the kernel writes back and drops cached pages a direct write covers). Raises OSError
+        on an I/O error."""
         length = len(data)
         if (
             self._fd is None
             or length < DIRECT_MIN
             or offset % ALIGN
             or length % ALIGN
-            or not in_hole(file_fd, offset, offset + length)
+            or (holes_only and not in_hole(file_fd, offset, offset + length))
         ):
             return False
         assert self._buffer is not None

@@ -25,11 +25,17 @@ FAILPOINTS: dict[str, str] = {
     "journal.after_sync": "agent/journal.py: journal fdatasync'ed, FLUSH not yet acknowledged",
     "shipper.after_send": "agent/shipper.py: a batch sent, its ACK not yet received",
     "shipper.after_ack": "agent/shipper.py: ACK received, journal not yet released",
+    "bulk.after_begin": "agent/bulk_copy.py: the process server holds the disk's batches for "
+    "a copy, nothing copied yet",
     # process server (and master target: same receiver and applier)
     "cache.after_durable": "process_server/server.py: cache fdatasync'ed, ACK not yet sent",
     "undo.after_record": "process_server/undo.py: undo record appended, not yet fdatasync'ed",
     "applier.after_undo_sync": "process_server/replica.py: undo durable, replica not written",
     "applier.after_replica_write": "process_server/replica.py: replica written (page cache)",
+    "bulk.after_sync": "process_server/bulk.py: copied pieces fdatasync'ed, bulk-state not "
+    "yet sent",
+    "bulk.before_fence_lifted": "process_server/bulk.py: the copy's last pieces durable, the "
+    "fence still saved",
     "applier.before_applied_saved": "process_server/replica.py: replica fdatasync'ed, "
     "applied_seq not yet saved",
     "points.before_insert": "process_server/points.py: marker checked, catalog row not written",

@@ -124,6 +124,11 @@ class FailoverManager:
     # ----------------------------------------------------------------- choosing the point
     async def resolve(self, disk: ReplicaDisk, spec: str, *, fence: bool) -> Point:
         """The point ``spec`` names on ``disk``; with ``fence`` the applier stops there."""
+        if disk.bulk_fence:
+            raise FailoverError(
+                f"disk {disk.disk_id}: its initial sync is still copying; the replica is not "
+                "consistent and has no recovery point yet"
+            )
         catalog = self.server.points.catalog
         now = time.time_ns()
         if spec == "latest":

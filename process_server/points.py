@@ -66,6 +66,8 @@ class PointsService:
             raise PointError(f"marker of {mark.disk} on disk {disk.disk_id}")
         if disk.fenced:
             raise PointError(f"disk {disk.disk_id} is failed over: no new points")
+        if disk.bulk_fence:
+            raise PointError(f"disk {disk.disk_id}: its initial sync is still copying")
         if mark.seq > disk.durable_seq:
             raise PointError(f"point at seq {mark.seq} beyond the cache ({disk.durable_seq})")
         if not disk.is_boundary(mark.seq):

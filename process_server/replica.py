@@ -120,6 +120,9 @@ class ReplicaDisk:
         self.undo_turn = asyncio.Lock()
         self.fenced: str | None = None  # why nothing more is applied (a failover owns the disk)
         self.apply_limit: int | None = None  # the applier stops at this seq while fenced
+        # An initial sync's copy writes the replica (process_server/bulk.py): nothing cached
+        # is applied until it ends. Saved in the state file: a restart keeps it.
+        self.bulk_fence = bool(state.get("bulk_copy"))
         self.on_written: Callable[[int, int], None] | None = None  # after each replica write
         # Aligned extents into holes bypass the page cache (common/direct_write.py).
         self.direct = DirectWriter(self.replica_path, self.disk_id)
@@ -327,6 +330,8 @@ class ReplicaDisk:
                 self._durable_task = asyncio.ensure_future(self.make_applied_durable())
 
     def _apply_target(self) -> int:
+        if self.bulk_fence:
+            return self.applying_seq
         if self.apply_limit is None:
             return self.durable_seq
         return min(self.durable_seq, self.apply_limit)
@@ -348,6 +353,21 @@ class ReplicaDisk:
         self.apply_limit = None
         self._cache_durable.set()
         self._space_freed.set()
+
+    async def set_bulk_fence(self, on: bool) -> None:
+        """Fence (or free) the applier for an initial sync's copy, durably: on, it returns
+        once the group in flight is written (the copy's writes never race the applier's);
+        off, it is saved before anything more is applied."""
+        if on:
+            self.bulk_fence = True
+            await self.wait_still()
+        async with self._durable_lock:  # make_applied_durable replaces the state file too
+            state = dict(self._state, bulk_copy=on)
+            await asyncio.to_thread(atomic_write_json, self.directory / STATE_FILE, state)
+            self._state = state
+        if not on:
+            self.bulk_fence = False
+            self._cache_durable.set()
 
     @property
     def replica_fd(self) -> int:
@@ -641,6 +661,7 @@ class ReplicaDisk:
             "received_bytes": self.received_bytes,
             "applied_bytes": self.applied_bytes,
             "direct_written_bytes": self.direct.written_bytes,
+            "bulk_copy": self.bulk_fence,
             "replica_path": str(self.replica_path),
             "digest_bytes_read": self.digest_bytes_read,
             "error": self.applier_error,

@@ -32,6 +32,7 @@ from common.rate_limit import cache_pressure_delay
 from common.stage_trace import stamp
 from common.state_lock import StateDirBusy, hold_state_dir, state_dir_held
 from common.tls import peer_identity, server_context
+from process_server.bulk import BulkDigestError, BulkError, BulkReceiver
 from process_server.catalog import Catalog
 from process_server.failback import FailbackError, FailbackManager
 from process_server.failover import FailoverError, FailoverManager
@@ -40,6 +41,9 @@ from process_server.points import PointError, PointsService
 from process_server.replica import ReplicaDisk, ReplicaError, check_disk_size
 from protocol.batch import Limits, decode_batch, validate_disk_id
 from protocol.control import (
+    BulkBegin,
+    BulkState,
+    BulkSync,
     ControlBody,
     Frozen,
     PointHeld,
@@ -53,6 +57,7 @@ from protocol.frames import (
     MAX_DIGEST_REQUESTS,
     Ack,
     BatchMsg,
+    BulkData,
     Connection,
     Control,
     DigestReply,
@@ -91,6 +96,7 @@ class _Session:
         self.digest_requests = 0
         self.started = time.monotonic()
         self.control_waiters: dict[int, asyncio.Future[ControlBody]] = {}
+        self.bulk_notifiers: set[str] = set()  # disks whose copy reports progress here
 
 
 class ProcessServer:
@@ -104,6 +110,7 @@ class ProcessServer:
         )
         self.disks_dir = cfg.state_dir / "disks"
         self.disks: dict[str, ReplicaDisk] = {}
+        self.bulk: dict[str, BulkReceiver] = {}  # initial syncs' copies (process_server/bulk.py)
         self.sessions: set[_Session] = set()
         self._server: asyncio.AbstractServer | None = None
         self._admin = AdminServer(
@@ -184,6 +191,8 @@ class ProcessServer:
             await self._admin.close()
             await self.failbacks.close()
             await self.failovers.close()
+            for receiver in self.bulk.values():
+                await receiver.drain(reraise=False)  # no copy thread writes a closed replica
             for disk in self.disks.values():
                 with contextlib.suppress(OSError):
                     await disk.make_applied_durable()
@@ -356,6 +365,8 @@ class ProcessServer:
                     msg = await stream.recv()
                 if isinstance(msg, BatchMsg):
                     await self._on_batch(session, msg)
+                elif isinstance(msg, BulkData):
+                    await self._on_bulk(session, msg)
                 elif isinstance(msg, Register):
                     await self._on_register(session, msg, tg)
                 elif isinstance(msg, Heartbeat):
@@ -374,7 +385,7 @@ class ProcessServer:
                     if future is not None and not future.done():
                         future.set_result(msg.report)
                 elif isinstance(msg, Control):
-                    await self._on_control(session, msg)
+                    await self._on_control(session, msg, tg)
                 else:
                     raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(msg).__name__}")
 
@@ -445,6 +456,16 @@ class ProcessServer:
                     raise ProtocolError(
                         ErrorCode.BAD_MESSAGE, f"extent past the end of disk {disk.disk_id}"
                     )
+        receiver = self.bulk.get(disk.disk_id)
+        if (
+            receiver is not None
+            and receiver.active
+            and disk.cache.bytes_used + len(msg.data) > disk.cache_quota // 2
+        ):
+            # Nothing is applied during the copy: the writes it holds would fill the cache and
+            # stop the connection. The rest of the sync goes in journal order.
+            await receiver.end("the cache is half full of writes held during the copy")
+            await session.stream.send(encode_control(receiver.state()))
         delay = cache_pressure_delay(disk.cache.bytes_used, disk.cache_quota)
         if delay:
             await asyncio.sleep(
@@ -454,6 +475,70 @@ class ProcessServer:
         disk.append_batch(msg.data, header, batch)
         stamp("cached", header.last_seq)
         session.ack_events[disk.disk_id].set()
+
+    async def _on_bulk(self, session: _Session, msg: BulkData) -> None:
+        disk = self._owned(session, msg.disk_id)
+        try:
+            await self._bulk_of(disk).receive(msg)
+        except BulkError as exc:
+            raise _bulk_protocol_error(disk.disk_id, exc) from None
+
+    def _bulk_of(self, disk: ReplicaDisk) -> BulkReceiver:
+        receiver = self.bulk.get(disk.disk_id)
+        if receiver is None:
+            receiver = self.bulk[disk.disk_id] = BulkReceiver(disk)
+        return receiver
+
+    async def _on_bulk_control(
+        self, session: _Session, request_id: int, body: BulkBegin | BulkSync, tg: asyncio.TaskGroup
+    ) -> None:
+        """``bulk-begin`` inline (pieces after it find the fence up); ``bulk-sync`` in a task
+        (pieces go on being received while it waits for the writes and the fdatasync)."""
+        disk = self._owned(session, body.disk)
+        receiver = self._bulk_of(disk)
+        if isinstance(body, BulkSync):
+            tg.create_task(self._answer_bulk_sync(session, request_id, receiver, body))
+            return
+        refusal = self._bulk_refusal(disk)
+        if refusal:
+            state = BulkState(disk.disk_id, False, error=refusal)
+        else:
+            state = await receiver.begin()
+            if disk.disk_id not in session.bulk_notifiers:
+                session.bulk_notifiers.add(disk.disk_id)
+                tg.create_task(self._bulk_progress(session, receiver))
+        await session.stream.send(encode_control(state, request_id))
+
+    def _bulk_refusal(self, disk: ReplicaDisk) -> str:
+        """Why a copy may not start on ``disk`` ('' when it may)."""
+        if disk.fenced:
+            return f"disk {disk.disk_id} is failed over"
+        assert self.catalog is not None
+        if self.catalog.newest(disk.disk_id) is not None:
+            return f"disk {disk.disk_id} has recovery points: a copy would break them"
+        if disk.cache.bytes_used > disk.cache_quota // 4:
+            return f"disk {disk.disk_id}: the cache holds too much to hold back during a copy"
+        return ""
+
+    async def _answer_bulk_sync(
+        self, session: _Session, request_id: int, receiver: BulkReceiver, body: BulkSync
+    ) -> None:
+        try:
+            state = await receiver.sync(body.through, end=body.end)
+        except BulkError as exc:
+            raise _bulk_protocol_error(body.disk, exc) from None
+        await session.stream.send(encode_control(state, request_id))
+
+    async def _bulk_progress(self, session: _Session, receiver: BulkReceiver) -> None:
+        """Unasked ``bulk-state`` reports as pieces are written (the agent's send window)."""
+        while True:
+            await receiver.progress.wait()
+            receiver.progress.clear()
+            try:
+                receiver.check()  # a bad piece ends the connection as soon as it is found
+            except BulkError as exc:
+                raise _bulk_protocol_error(receiver.disk.disk_id, exc) from None
+            await session.stream.send(encode_control(receiver.state()))
 
     def _owned(self, session: _Session, disk_id: str) -> ReplicaDisk:
         disk = self.disks.get(disk_id)
@@ -506,9 +591,11 @@ class ProcessServer:
         return {"ok": True, "report": json.loads(report)}
 
     # ----------------------------------------------------------------- control exchanges
-    async def _on_control(self, session: _Session, msg: Control) -> None:
+    async def _on_control(self, session: _Session, msg: Control, tg: asyncio.TaskGroup) -> None:
         body = decode_control(msg)
-        if isinstance(body, PointMark):
+        if isinstance(body, BulkBegin | BulkSync):
+            await self._on_bulk_control(session, msg.request_id, body, tg)
+        elif isinstance(body, PointMark):
             disk = self._owned(session, body.disk)
             try:
                 self.points.record_mark(disk, body)
@@ -711,6 +798,11 @@ class ProcessServer:
             return {"ok": False, "error": f"verify failed: {exc}"}
 
 
+def _bulk_protocol_error(disk_id: str, exc: BulkError) -> ProtocolError:
+    code = ErrorCode.DIGEST if isinstance(exc, BulkDigestError) else ErrorCode.BAD_MESSAGE
+    return ProtocolError(code, f"disk {disk_id}: {exc}")
+
+
 class _Stopped(Exception):
     """Raised inside the task group to end :meth:`ProcessServer.run` cleanly."""
 
@@ -725,6 +817,8 @@ async def serve(
     except* _Stopped:
         pass
     finally:
+        for receiver in ps.bulk.values():
+            receiver.close()
         for disk in ps.disks.values():
             disk.close()
         if ps.catalog is not None:

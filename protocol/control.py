@@ -13,6 +13,11 @@ Exchanges (agent "A", process server "P"):
   ``hold_timeout`` whatever happens.
 - ``freeze`` P→A: stop accepting writes on ``disk`` and drain; A answers ``frozen`` with the
   final seq. ``unfreeze`` P→A undoes it.
+- ``bulk-begin`` A→P: an initial sync's copy of ``disk`` starts on this connection
+  (``agent/bulk_copy.py``): P stops applying the disk's batches and answers ``bulk-state``.
+  ``bulk-sync`` A→P: P waits until the ``BulkData`` up to ``through`` are written, makes the
+  replica durable and answers ``bulk-state``; with ``end`` it also ends the copy (applying
+  resumes). P also sends ``bulk-state`` unasked (request 0) as pieces are written.
 """
 
 from __future__ import annotations
@@ -221,6 +226,56 @@ class Unfreeze:
         return cls(validate_disk_id(b.get("disk")))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True, slots=True)
+class BulkBegin:
+    NAME: ClassVar[str] = "bulk-begin"
+    disk: str
+
+    @classmethod
+    def parse(cls, b: dict[str, Any]) -> BulkBegin:
+        return cls(validate_disk_id(b.get("disk")))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class BulkSync:
+    NAME: ClassVar[str] = "bulk-sync"
+    disk: str
+    through: int
+    end: bool = False
+
+    @classmethod
+    def parse(cls, b: dict[str, Any]) -> BulkSync:
+        return cls(
+            validate_disk_id(b.get("disk")),  # type: ignore[arg-type]
+            _uint(b, "through"),
+            _bool(b, "end"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BulkState:
+    """``active``: the copy goes on (pieces are written); ``written``: every piece up to it is
+    in the replica; ``synced``: ... and durable; ``error``: why the copy is not (or no
+    longer) active."""
+
+    NAME: ClassVar[str] = "bulk-state"
+    disk: str
+    active: bool
+    written: int = 0
+    synced: int = 0
+    error: str = ""
+
+    @classmethod
+    def parse(cls, b: dict[str, Any]) -> BulkState:
+        return cls(
+            validate_disk_id(b.get("disk")),  # type: ignore[arg-type]
+            _bool(b, "active"),
+            _uint(b, "written"),
+            _uint(b, "synced"),
+            _text(b, "error"),
+        )
+
+
 MAX_RANGES = 2048  # per failback-ranges message (send several)
 MAX_DIGEST_HEX = 48 << 10
 
@@ -353,6 +408,9 @@ ControlBody = (
     | FailbackDigests
     | FailbackVerify
     | FailbackDone
+    | BulkBegin
+    | BulkSync
+    | BulkState
 )
 _TYPES: dict[str, Any] = {
     cls.NAME: cls
@@ -369,6 +427,9 @@ _TYPES: dict[str, Any] = {
         FailbackDigests,
         FailbackVerify,
         FailbackDone,
+        BulkBegin,
+        BulkSync,
+        BulkState,
     )
 }
 
@@ -406,6 +467,9 @@ def decode_control(msg: Control) -> ControlBody:
 
 __all__ = [
     "POINT_KINDS",
+    "BulkBegin",
+    "BulkState",
+    "BulkSync",
     "ControlBody",
     "FailbackDigests",
     "FailbackDone",

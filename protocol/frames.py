@@ -32,6 +32,8 @@ from protocol.errors import ErrorCode, ProtocolError
 Buffer: TypeAlias = bytes | bytearray | memoryview  # what frames are read from and sent as
 
 __all__ = [
+    "BULK_CODECS",
+    "BULK_MAX",
     "EOF",
     "EOF_EVENT",
     "HEADER",
@@ -46,6 +48,7 @@ __all__ = [
     "Ack",
     "BatchMsg",
     "Buffer",
+    "BulkData",
     "ConnState",
     "Connection",
     "Control",
@@ -103,6 +106,7 @@ class MsgType(enum.IntEnum):
     VERIFY_REQUEST = 11
     VERIFY_RESULT = 12
     CONTROL = 13
+    BULK = 14
 
 
 def _bad(message: str) -> ProtocolError:
@@ -302,6 +306,74 @@ class BatchMsg:
     @classmethod
     def _decode_payload(cls, payload: bytes | bytearray, limits: Limits) -> BatchMsg:
         return cls.from_data(payload, limits)
+
+
+BULK_MAX = 4 << 20  # raw bytes of one BulkData
+BULK_RAW, BULK_ZSTD, BULK_ZERO = 0, 1, 2
+BULK_CODECS = (BULK_RAW, BULK_ZSTD, BULK_ZERO)
+_BULK = struct.Struct(">QQIBQ")  # bulk_id, offset, length, codec, xxh3_64 of the raw bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BulkData:
+    """One piece of an initial sync's copy (``agent/bulk_copy.py``): ``length`` bytes of the
+    source at ``offset``, raw, zstd-compressed or zeros (no data), and the XXH3-64 of the raw
+    bytes (checked by the receiver after decompressing). ``bulk_id`` numbers a connection's
+    pieces from 1, in the order they are sent."""
+
+    TYPE: ClassVar[MsgType] = MsgType.BULK
+    disk_id: str
+    bulk_id: int
+    offset: int
+    length: int
+    codec: int
+    digest: int
+    data: bytes | bytearray | memoryview = b""
+
+    def __post_init__(self) -> None:
+        _validate_disk_id(self.disk_id)
+        _check_uint("bulk_id", self.bulk_id, _U64_MAX)
+        _check_uint("offset", self.offset, _U64_MAX - BULK_MAX)
+        if not 0 < self.length <= BULK_MAX:
+            raise _bad(f"bulk length {self.length} outside 1..{BULK_MAX}")
+        _check_uint("digest", self.digest, _U64_MAX)
+        n = len(self.data)
+        if self.codec == BULK_RAW:
+            ok = n == self.length
+        elif self.codec == BULK_ZSTD:
+            ok = 0 < n < self.length
+        elif self.codec == BULK_ZERO:
+            ok = n == 0
+        else:
+            raise _bad(f"unknown bulk codec {self.codec}")
+        if not ok:
+            raise _bad(f"bulk codec {self.codec} with {n} bytes for {self.length}")
+
+    def payload_parts(self) -> tuple[Buffer, ...]:
+        head = _pack_str(self.disk_id) + _BULK.pack(
+            self.bulk_id, self.offset, self.length, self.codec, self.digest
+        )
+        return (head, self.data) if self.data else (head,)
+
+    def _encode(self) -> bytes:
+        return b"".join(self.payload_parts())
+
+    @classmethod
+    def _decode_payload(cls, payload: bytes | bytearray) -> BulkData:
+        """The data stays a view of ``payload`` (received in place: not copied)."""
+        view = memoryview(payload)
+        if len(view) < 2:
+            raise _bad("truncated message")
+        n = _U16.unpack_from(view)[0]
+        end = 2 + n + _BULK.size
+        if len(view) < end:
+            raise _bad("truncated message")
+        try:
+            disk_id = bytes(view[2 : 2 + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad("string is not UTF-8") from None
+        bulk_id, offset, length, codec, digest = _BULK.unpack_from(view, 2 + n)
+        return cls(disk_id, bulk_id, offset, length, codec, digest, view[end:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,6 +750,7 @@ Message: TypeAlias = (
     | VerifyRequest
     | VerifyResult
     | Control
+    | BulkData
 )
 
 _MESSAGE_TYPES = (
@@ -694,6 +767,7 @@ _MESSAGE_TYPES = (
     VerifyRequest,
     VerifyResult,
     Control,
+    BulkData,
 )
 _SMALL_DECODERS: dict[int, Callable[[_Reader, Limits], Message]] = {
     int(cls.TYPE): cls._decode
@@ -729,7 +803,7 @@ def encode_message_parts(msg: Message) -> list[Buffer]:
     if not isinstance(msg, _MESSAGE_TYPES):
         raise _bad(f"not a message: {msg!r}")
     parts: tuple[Buffer, ...]
-    parts = msg.payload_parts() if isinstance(msg, BatchMsg) else (msg._encode(),)
+    parts = msg.payload_parts() if isinstance(msg, BatchMsg | BulkData) else (msg._encode(),)
     length = sum(len(p) for p in parts)
     if length > _U32_MAX:
         raise _bad(f"payload of {length} bytes does not fit a frame")
@@ -747,6 +821,8 @@ def encode_message_parts(msg: Message) -> list[Buffer]:
 def _decode_payload(msg_type: int, payload: bytes | bytearray, limits: Limits) -> Message:
     if msg_type == MsgType.BATCH:
         return BatchMsg._decode_payload(payload, limits)
+    if msg_type == MsgType.BULK:
+        return BulkData._decode_payload(payload)
     decoder = _SMALL_DECODERS.get(msg_type)
     if decoder is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type}")
@@ -1001,6 +1077,7 @@ def _build_transitions() -> dict[tuple[ConnState, Side, type], ConnState]:
         DigestRequest,
         VerifyResult,
         Control,
+        BulkData,
     )
     downstream: tuple[type, ...] = (
         Registered,
@@ -1042,6 +1119,7 @@ def _build_transitions() -> dict[tuple[ConnState, Side, type], ConnState]:
 _TRANSITIONS = _build_transitions()
 _PER_DISK = (
     BatchMsg,
+    BulkData,
     Ack,
     DigestRequest,
     DigestReply,

@@ -31,9 +31,13 @@ from protocol.batch import CODEC_RAW, CODEC_ZSTD, Extent, Limits, decode_batch, 
 from protocol.batch import peek_batch_header as peek
 from protocol.errors import ProtocolError
 from protocol.frames import (
+    BULK_RAW,
+    BULK_ZERO,
+    BULK_ZSTD,
     EOF,
     Ack,
     BatchMsg,
+    BulkData,
     Connection,
     DigestReply,
     DigestRequest,
@@ -199,6 +203,23 @@ messages = st.one_of(
     st.builds(DigestReply, disk_ids, u32, st.just(0), st.just(4096), u64, st.just(bytes(32))),
     st.builds(VerifyRequest, disk_ids, u32, st.booleans()),
     st.builds(VerifyResult, disk_ids, u32, st.just('{"ok": true}')),
+    st.builds(
+        lambda disk, bulk_id, offset, data, codec, zeros: BulkData(
+            disk,
+            bulk_id,
+            offset,
+            zeros if codec == BULK_ZERO else len(data) + (codec == BULK_ZSTD),
+            codec,
+            xxhash.xxh3_64_intdigest(data),
+            b"" if codec == BULK_ZERO else data,
+        ),
+        disk_ids,
+        u64,
+        st.integers(0, 2**40),
+        st.binary(min_size=1, max_size=300),
+        st.sampled_from([BULK_RAW, BULK_ZSTD, BULK_ZERO]),
+        st.integers(1, 4 << 20),
+    ),
 )
 
 

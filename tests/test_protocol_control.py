@@ -10,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.control import (
+    BulkBegin,
+    BulkState,
+    BulkSync,
     FailbackDigests,
     FailbackDone,
     FailbackRanges,
@@ -43,6 +46,11 @@ SAMPLES = [
     FailbackDigests("a", 0, 4 << 20, "00" * 32, True),
     FailbackVerify("a", 4 << 20),
     FailbackDone("a", 17),
+    BulkBegin("web01-root"),
+    BulkSync("a", 0, True),
+    BulkSync("a", 2**64 - 1, False),
+    BulkState("a", True, 12, 10),
+    BulkState("a", False, 3, 3, "the cache is half full"),
 ]
 
 

@@ -32,8 +32,18 @@ from common.admin import admin_request
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
 from process_server.pki import load_bundle
 from protocol.batch import CODEC_RAW, CODEC_ZSTD, Extent, Limits, encode_batch, peek_batch_header
+from protocol.control import (
+    BulkBegin,
+    BulkState,
+    BulkSync,
+    PointMark,
+    PointRecorded,
+    decode_control,
+    encode_control,
+)
 from protocol.errors import ErrorCode
 from protocol.frames import (
+    BULK_RAW,
     EOF,
     HEADER,
     MAGIC,
@@ -41,6 +51,8 @@ from protocol.frames import (
     PROTOCOL_VERSION,
     Ack,
     BatchMsg,
+    BulkData,
+    Control,
     DigestRequest,
     ErrorMsg,
     FrameDecoder,
@@ -808,3 +820,78 @@ async def test_second_register_of_the_same_disk_on_one_connection_is_refused(env
         await closed_with(client, ErrorCode.UNEXPECTED)
     finally:
         await client.close()
+
+
+async def _bulk_ask(client: RawClient, body: Any, request_id: int) -> BulkState:
+    await client.send(encode_control(body, request_id))
+    while True:
+        msg = await client.recv()
+        assert msg is not None, "closed instead of answering"
+        if isinstance(msg, Control) and msg.request_id == request_id:
+            state = decode_control(msg)
+            assert isinstance(state, BulkState), state
+            return state
+
+
+async def test_bulk_piece_with_wrong_digest_writes_nothing(env: Env) -> None:
+    """An initial sync's copy piece whose bytes do not match its digest: the connection is
+    closed with DIGEST and the replica (the hole the piece aimed at) is untouched; pieces
+    out of order and past the end of the disk are refused too. The copy is then ended
+    from a new connection, so mallory's disk applies batches again."""
+    async with Attack(env):
+        data = random.Random(99).randbytes(BLOCK)
+        digest = xxhash.xxh3_64_intdigest(data)
+        flipped = data[:-1] + bytes([data[-1] ^ 1])
+        cases = {
+            "DIGEST": BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_RAW, digest, flipped),
+            "out of order": BulkData(MAL_DISK, 2, 10 * BLOCK, BLOCK, BULK_RAW, digest, data),
+            "past the end": BulkData(
+                MAL_DISK, 1, DISK_SIZE - BLOCK // 2, BLOCK, BULK_RAW, digest, data
+            ),
+        }
+        for words, piece in cases.items():
+            client = await RawClient.connect(env.log_path, env.port, env.mal_bundle)
+            try:
+                await client.hello()
+                await client.register()
+                state = await _bulk_ask(client, BulkBegin(MAL_DISK), 7)
+                assert state.active, state
+                await client.send(piece)
+                if words == "DIGEST":
+                    await closed_with(client, ErrorCode.DIGEST, error_frame=True)
+                else:
+                    await closed_with(client, ErrorCode.BAD_MESSAGE, error_frame=True)
+                await wait_session_closed(env.log_path, client, words)
+            finally:
+                await client.close()
+        client = await RawClient.connect(env.log_path, env.port, env.mal_bundle)
+        try:
+            await client.hello()
+            await client.register()
+            state = await _bulk_ask(client, BulkSync(MAL_DISK, 0, True), 8)
+            assert not state.active and state.written == 0, state
+        finally:
+            await client.close()
+        assert not (await disk_row(env, MAL_DISK))["bulk_copy"]
+
+
+async def test_bulk_copy_is_refused_on_a_disk_with_points(env: Env) -> None:
+    """A copy would rewrite the replica under its recovery points with no undo record: the
+    process server refuses to begin one (and holds nothing back)."""
+    await seed_mal_disk(env)
+    client = await RawClient.connect(env.log_path, env.port, env.mal_bundle)
+    try:
+        await client.hello()
+        cached = await client.register()
+        mark = PointMark(
+            "mal-p1", MAL_DISK, cached, time.time_ns(), "crash-consistent", "", "", 0.0
+        )
+        await client.send(encode_control(mark))
+        while not isinstance(msg := await client.recv(), Control):
+            assert msg is not None, "closed instead of recording the point"
+        assert isinstance(decode_control(msg), PointRecorded), msg
+        state = await _bulk_ask(client, BulkBegin(MAL_DISK), 9)
+        assert not state.active and "recovery points" in state.error, state
+    finally:
+        await client.close()
+    assert not (await disk_row(env, MAL_DISK))["bulk_copy"]

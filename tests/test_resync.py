@@ -138,7 +138,12 @@ def test_agent_killed_with_resync_references_and_writes_in_flight(
     spec = dep.add_agent(
         "a1",
         {"d1": image},
-        options={"bandwidth_limit": "8MiB", "max_batch_bytes": "256KiB", "window_bytes": "1MiB"},
+        options={
+            "bandwidth_limit": "8MiB",
+            "max_batch_bytes": "256KiB",
+            "window_bytes": "1MiB",
+            "initial_copy": "journal",  # the references are what this test is about
+        },
     )
     dep.start_ps()
     driver = Driver(dep, "a1")
@@ -338,7 +343,9 @@ def test_journal_overflow_then_resync_converges(dep: Deployment) -> None:
 def test_lost_agent_state_is_detected_and_healed(dep: Deployment, tmp_path: Path) -> None:
     image = tmp_path / "src.img"
     make_image(image, 32 * MiB, seed=9)
-    spec = dep.add_agent("a1", {"d1": image})
+    # Journaled, the first sync leaves the process server ahead of a fresh journal (a copy
+    # in bulk would leave both at seq 0): the lost state is what must be detected here.
+    spec = dep.add_agent("a1", {"d1": image}, options={"initial_copy": "journal"})
     dep.start_ps()
     dep.start_agent("a1")
     wait_in_sync(dep, "a1", "d1")
