@@ -250,7 +250,9 @@ class BulkCopier:
                     await self._checkpoint_task
                 plan.cancel()  # stopped early, it may wait for room that never comes
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # A read under way finishes first (a few ms): none outlives the copy, or the
+            # image's file descriptor, which a stop closes after it.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     async def end(self) -> None:
         """End a copy the process server may hold (a restart, or a disk that may no longer
@@ -388,6 +390,8 @@ class BulkCopier:
                     if not self._may_go_on():
                         return
                     link_bound = await self._window(window)
+                    if not self._may_go_on():  # ended while it waited (pieces now dropped)
+                        return
                     self._sent_id += 1
                     await self.shipper.send_bulk(
                         BulkData(
@@ -434,6 +438,8 @@ class BulkCopier:
             >= window
         ):
             waited = True
+            if not self._may_go_on():
+                break  # the process server ended the copy: what is in flight is dropped
             self.shipper.bulk_event.clear()
             if self.disk.disk_id not in self.shipper.linked:
                 raise ConnectionResetError("replication link lost")

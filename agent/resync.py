@@ -140,9 +140,16 @@ class Resyncer:
         """Resync whenever the disk needs it and the link is up (until cancelled)."""
         disk = self.disk
         while True:
-            if disk.bulk_open and disk.bitmap is None and disk.disk_id in self.shipper.linked:
+            if (
+                disk.bulk_open
+                and (disk.bitmap is None or not disk.bulk_copy_allowed)
+                and disk.disk_id in self.shipper.linked
+            ):
+                # A copy the process server may still hold, that may not go on (a restart did
+                # not see its end, or the disk may no longer copy): ended first, before any
+                # wait for the journal to drain (the held writes may be what it waits for).
                 with contextlib.suppress(ConnectionError, TimeoutError, OSError, ProtocolError):
-                    await self.bulk.end()  # a copy whose end a restart did not see
+                    await self.bulk.end()
             if disk.bitmap is None:
                 self.wake.clear()
                 await wait_event(self.wake, 1.0)  # overflow or rebase may mark it anytime
@@ -172,7 +179,7 @@ class Resyncer:
         regions = disk.bitmap.regions()
         stats.total_bytes = sum(length for _, length in regions)
         log.info("disk=%s event=resync_started bytes=%d", disk.disk_id, stats.total_bytes)
-        if disk.bulk_open and not disk.bulk_copy_allowed:
+        if disk.bulk_open and (not disk.bulk_copy_allowed or not regions):
             await self.bulk.end()  # the held writes go first: the rest is in journal order
         if disk.bulk_copy_allowed and regions:
             try:

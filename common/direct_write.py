@@ -12,7 +12,10 @@ Measured on the benchmark VM (`docs/resync.md`): the process server's CPU in a 4
 initial sync went from 6.3-7.9 s to 3.4-3.8 s and its peak RSS from ~270 to ~160 MiB.
 
 Everything else (small or unaligned extents, ranges that hold data, zero extents) takes
-the ordinary buffered path. Durability is unchanged: both paths are made durable by the
+the ordinary buffered path. One writer goes further: an initial sync's copy
+(process_server/bulk.py) writes every aligned piece directly, data or hole, since nothing
+else writes the replica or reads it through the page cache meanwhile (the kernel writes back
+and drops any cached page a direct write covers). Durability is unchanged: both paths are made durable by the
 file's ``fdatasync`` (one inode), which also flushes the device's cache. Where ``O_DIRECT``
 cannot be used (some filesystems), or a direct write fails with ``EINVAL``, the writer turns
 itself off and the buffered path carries on.

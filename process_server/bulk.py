@@ -12,8 +12,10 @@ Rules it keeps:
   applied meanwhile) waits for the writes in flight, saves the state, then lifts the fence;
   pieces arriving after the end are dropped (the agent sends those regions again, in order
   with its journal).
-- Memory: at most ``BACKLOG`` bytes of received pieces wait for the writer threads; beyond,
-  the connection is not read (TCP backpressure).
+- Memory: at most ``BACKLOG`` bytes of received pieces (as sent: compressed) wait for the
+  writer threads, each of which decodes one piece of at most ``BULK_MAX`` at a time (a zstd
+  frame must state its size, which must be the piece's); beyond, the connection is not read
+  (TCP backpressure).
 """
 
 from __future__ import annotations
@@ -94,29 +96,35 @@ class BulkReceiver:
         return self.state()
 
     async def end(self, reason: str) -> None:
-        """Stop accepting pieces, write those accepted, then let the applier go on."""
-        if not self.active:
-            return
+        """Stop accepting pieces, write those accepted, then let the applier go on. Keyed on
+        the saved fence, not on ``active``: an end cut short (a dropped connection, an I/O
+        error) is done again by the next one."""
         self.active = False
-        self.ended_reason = reason
+        if not self.disk.bulk_fence:
+            return
+        self.ended_reason = self.ended_reason or reason
         await self.drain(reraise=False)
         await asyncio.to_thread(os.fdatasync, self.disk.replica_fd)
-        self.synced = self.written
+        self.synced = max(self.synced, self.written)
         failpoint("bulk.before_fence_lifted")
         await self.disk.set_bulk_fence(False)
         self._close_writers()
         log.info(
             "disk=%s event=bulk_copy_ended reason=%r written_bytes=%d",
             self.disk.disk_id,
-            reason,
+            self.ended_reason,
             self.written_bytes,
         )
 
     async def sync(self, through: int, *, end: bool) -> BulkState:
         """Every piece up to ``through`` written and durable (reported in ``synced``); pieces
-        received meanwhile go on being written."""
+        received meanwhile go on being written. With ``end`` the copy ends whatever a piece's
+        write did (those not written are not counted in ``synced``)."""
         if through >= self.expected:
             raise BulkError(f"bulk-sync through {through}, but only {self.expected - 1} sent")
+        if end:
+            await self.end("finished")
+            return self.state()
         generation = self.generation
         while self.written < through and self._pending and self._error is None:
             await asyncio.wait({self._pending[0][2]})
@@ -128,8 +136,6 @@ class BulkReceiver:
             failpoint("bulk.after_sync")
             if generation == self.generation:
                 self.synced = max(self.synced, target)
-        if end:
-            await self.end("finished")
         return self.state()
 
     def state(self) -> BulkState:
@@ -157,6 +163,9 @@ class BulkReceiver:
         while self._pending_bytes + len(msg.data) > BACKLOG and self._pending:
             await asyncio.wait({self._pending[0][2]})
             self._raise_error()
+        if not self.active:  # ended while this piece waited for room
+            self.dropped += 1
+            return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "bulk-writer")
         loop = asyncio.get_running_loop()
@@ -204,12 +213,26 @@ class BulkReceiver:
 
     # ----------------------------------------------------------------- writer threads
     def _write(self, msg: BulkData) -> None:
+        """Decode, verify and write one piece (a writer thread). Raises BulkDigestError for
+        bytes that do not decode to the piece's length and digest, OSError."""
+        try:
+            self._write_piece(msg)
+        except (OSError, BulkError):
+            raise
+        except Exception as exc:  # whatever else hostile bytes cause in the decoder
+            raise BulkDigestError(f"bulk piece {msg.bulk_id}: cannot decode: {exc!r}") from None
+
+    def _write_piece(self, msg: BulkData) -> None:
         fd = self.disk.replica_fd
         if msg.codec == BULK_ZERO:
             zero_range(fd, msg.offset, msg.length, punch=True)
             return
         raw: bytes | memoryview
         if msg.codec == BULK_ZSTD:
+            # The frame must state the piece's length: decompress() allocates what a frame
+            # states, whatever max_output_size says (a bomb of a few KiB could ask for GiBs).
+            if zstandard.frame_content_size(msg.data) != msg.length:
+                raise BulkDigestError(f"bulk piece {msg.bulk_id}: zstd frame of another size")
             try:
                 raw = self._decompressor().decompress(msg.data, max_output_size=BULK_MAX)
             except zstandard.ZstdError as exc:

@@ -97,6 +97,7 @@ class _Session:
         self.started = time.monotonic()
         self.control_waiters: dict[int, asyncio.Future[ControlBody]] = {}
         self.bulk_notifiers: set[str] = set()  # disks whose copy reports progress here
+        self.bulk_syncing: set[str] = set()  # disks with a bulk-sync being answered (one each)
 
 
 class ProcessServer:
@@ -456,14 +457,11 @@ class ProcessServer:
                     raise ProtocolError(
                         ErrorCode.BAD_MESSAGE, f"extent past the end of disk {disk.disk_id}"
                     )
-        receiver = self.bulk.get(disk.disk_id)
-        if (
-            receiver is not None
-            and receiver.active
-            and disk.cache.bytes_used + len(msg.data) > disk.cache_quota // 2
-        ):
-            # Nothing is applied during the copy: the writes it holds would fill the cache and
-            # stop the connection. The rest of the sync goes in journal order.
+        if disk.bulk_fence and disk.cache.bytes_used + len(msg.data) > disk.cache_quota // 2:
+            # Nothing is applied during the copy (even one a restart kept, whose agent has not
+            # come back to it): the writes it holds would fill the cache and stop the
+            # connection. The rest of the sync goes in journal order.
+            receiver = self._bulk_of(disk)
             await receiver.end("the cache is half full of writes held during the copy")
             await session.stream.send(encode_control(receiver.state()))
         delay = cache_pressure_delay(disk.cache.bytes_used, disk.cache_quota)
@@ -497,6 +495,9 @@ class ProcessServer:
         disk = self._owned(session, body.disk)
         receiver = self._bulk_of(disk)
         if isinstance(body, BulkSync):
+            if disk.disk_id in session.bulk_syncing:
+                raise ProtocolError(ErrorCode.LIMIT, f"disk {disk.disk_id}: a bulk-sync is running")
+            session.bulk_syncing.add(disk.disk_id)
             tg.create_task(self._answer_bulk_sync(session, request_id, receiver, body))
             return
         refusal = self._bulk_refusal(disk)
@@ -527,6 +528,8 @@ class ProcessServer:
             state = await receiver.sync(body.through, end=body.end)
         except BulkError as exc:
             raise _bulk_protocol_error(body.disk, exc) from None
+        finally:
+            session.bulk_syncing.discard(body.disk)
         await session.stream.send(encode_control(state, request_id))
 
     async def _bulk_progress(self, session: _Session, receiver: BulkReceiver) -> None:

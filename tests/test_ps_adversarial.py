@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import xxhash
+import zstandard
 
 from benchmarks.deploy import Deployment, Driver
 from common.admin import admin_request
@@ -44,6 +45,7 @@ from protocol.control import (
 from protocol.errors import ErrorCode
 from protocol.frames import (
     BULK_RAW,
+    BULK_ZSTD,
     EOF,
     HEADER,
     MAGIC,
@@ -835,21 +837,25 @@ async def _bulk_ask(client: RawClient, body: Any, request_id: int) -> BulkState:
 
 async def test_bulk_piece_with_wrong_digest_writes_nothing(env: Env) -> None:
     """An initial sync's copy piece whose bytes do not match its digest: the connection is
-    closed with DIGEST and the replica (the hole the piece aimed at) is untouched; pieces
-    out of order and past the end of the disk are refused too. The copy is then ended
+    closed with DIGEST and the replica (the hole the piece aimed at) is untouched; so is a
+    zstd frame stating another size than the piece's (a bomb: 64 MiB from a few hundred
+    bytes); pieces out of order and past the end of the disk are refused too. The copy is then ended
     from a new connection, so mallory's disk applies batches again."""
     async with Attack(env):
         data = random.Random(99).randbytes(BLOCK)
         digest = xxhash.xxh3_64_intdigest(data)
         flipped = data[:-1] + bytes([data[-1] ^ 1])
-        cases = {
-            "DIGEST": BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_RAW, digest, flipped),
-            "out of order": BulkData(MAL_DISK, 2, 10 * BLOCK, BLOCK, BULK_RAW, digest, data),
-            "past the end": BulkData(
-                MAL_DISK, 1, DISK_SIZE - BLOCK // 2, BLOCK, BULK_RAW, digest, data
+        bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))  # states 64 MiB
+        cases = [
+            ("DIGEST", BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_RAW, digest, flipped)),
+            ("another size", BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_ZSTD, digest, bomb)),
+            ("out of order", BulkData(MAL_DISK, 2, 10 * BLOCK, BLOCK, BULK_RAW, digest, data)),
+            (
+                "past the end",
+                BulkData(MAL_DISK, 1, DISK_SIZE - BLOCK // 2, BLOCK, BULK_RAW, digest, data),
             ),
-        }
-        for words, piece in cases.items():
+        ]
+        for words, piece in cases:
             client = await RawClient.connect(env.log_path, env.port, env.mal_bundle)
             try:
                 await client.hello()
@@ -857,10 +863,9 @@ async def test_bulk_piece_with_wrong_digest_writes_nothing(env: Env) -> None:
                 state = await _bulk_ask(client, BulkBegin(MAL_DISK), 7)
                 assert state.active, state
                 await client.send(piece)
-                if words == "DIGEST":
-                    await closed_with(client, ErrorCode.DIGEST, error_frame=True)
-                else:
-                    await closed_with(client, ErrorCode.BAD_MESSAGE, error_frame=True)
+                digest_error = piece.codec == BULK_ZSTD or words == "DIGEST"
+                code = ErrorCode.DIGEST if digest_error else ErrorCode.BAD_MESSAGE
+                await closed_with(client, code, error_frame=True)
                 await wait_session_closed(env.log_path, client, words)
             finally:
                 await client.close()
