@@ -44,19 +44,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 import xxhash
-import zstandard
 
 from agent.compression_level import AdaptiveLevel
-from common.digests import chunk_digests, data_ranges, zero_digest
+from agent.resync import BLOCK, CHUNK, RANGE, zero_chunks
+from common.digests import chunk_digests, data_ranges, zero_block_runs
 from common.failpoints import failpoint
+from protocol.batch import zstd_compressor
 from protocol.control import BulkBegin, BulkState, BulkSync
 from protocol.frames import BULK_MAX, BULK_RAW, BULK_ZERO, BULK_ZSTD, BulkData
 
@@ -67,15 +68,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidemark.agent.bulk")
 
-CHUNK = 64 << 10  # compared by digest with the replica (as resync's level 1)
-RANGE = 16 << 20  # one digest request
-BLOCK = 4 << 10  # zero blocks of a filled region are skipped (holes stay holes)
 READERS = 2  # threads reading, compressing and hashing pieces
 READ_AHEAD = 6  # pieces read and not yet sent
 DIGESTS_AHEAD = 4  # ranges whose replica digests are asked for before their turn
 CHECKPOINT_BYTES = 256 << 20
 CHECKPOINT_SECONDS = 2.0
-_ZERO_BLOCK = bytes(BLOCK)
 
 
 _Item: TypeAlias = "asyncio.Future[list[Piece]] | tuple[int, int] | None"
@@ -94,33 +91,11 @@ class Piece:
     payload: bytes | memoryview
 
 
-def block_runs(data: bytes, block: int = BLOCK) -> list[tuple[int, int, bool]]:
-    """``(start, end, zero)`` runs of whole blocks of ``data`` (the last may be short).
-    Data without one zero block costs one search."""
-    n = len(data)
-    first = data.find(_ZERO_BLOCK if block == BLOCK else bytes(block))
-    if first < 0 and n % block == 0:
-        return [(0, n, False)] if n else []
-    runs: list[tuple[int, int, bool]] = []
-    start = (first // block) * block if first >= 0 else (n // block) * block
-    if start:
-        runs.append((0, start, False))
-    for pos in range(start, n, block):
-        size = min(block, n - pos)
-        zero = data.startswith(_ZERO_BLOCK[:size] if block == BLOCK else bytes(size), pos)
-        if runs and runs[-1][2] == zero and runs[-1][1] == pos:
-            runs[-1] = (runs[-1][0], pos + size, zero)
-        else:
-            runs.append((pos, pos + size, zero))
-    return runs
-
-
 class _PieceReader:
     """The threads' side: read a region, split it by zero blocks, compress and hash."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._local = threading.local()
 
     def read(self, start: int, end: int, fill: bool, level: int) -> list[Piece]:
         """``fill``: the replica holds zeros there, so zero blocks are not sent; otherwise
@@ -130,7 +105,7 @@ class _PieceReader:
             raise OSError(f"short read of the image at {start}: {len(data)} of {end - start}")
         pieces = []
         view = memoryview(data)
-        for a, b, zero in block_runs(data):
+        for a, b, zero in zero_block_runs(data):
             if zero:
                 if not fill:
                     pieces.append(Piece(start + a, b - a, BULK_ZERO, 0, b""))
@@ -138,21 +113,12 @@ class _PieceReader:
             raw = view[a:b]
             digest = xxhash.xxh3_64_intdigest(raw)
             if level:
-                packed = self._compressor(level).compress(raw)
+                packed = zstd_compressor(level).compress(raw)
                 if len(packed) < len(raw):
                     pieces.append(Piece(start + a, b - a, BULK_ZSTD, digest, packed))
                     continue
             pieces.append(Piece(start + a, b - a, BULK_RAW, digest, raw))
         return pieces
-
-    def _compressor(self, level: int) -> zstandard.ZstdCompressor:
-        cache: dict[int, zstandard.ZstdCompressor] | None = getattr(self._local, "cctx", None)
-        if cache is None:
-            cache = self._local.cctx = {}
-        found = cache.get(level)
-        if found is None:
-            found = cache[level] = zstandard.ZstdCompressor(level=level)
-        return found
 
 
 class BulkCopier:
@@ -202,12 +168,9 @@ class BulkCopier:
         )
         started = time.monotonic()
         await self._pieces(regions, stats)
-        if not self._stopped:
-            state = await self._checkpoint(stats, end=True)
-            if state.active or state.synced < self._sent_id:
-                self._stopped = state.error or "the process server did not make every piece durable"
-        else:
-            await self._checkpoint(stats, end=True)
+        state = await self._checkpoint(stats, end=True)
+        if not self._stopped and (state.active or state.synced < self._sent_id):
+            self._stopped = state.error or "the process server did not make every piece durable"
         disk.set_bulk_open(False)
         if self._stopped:
             self.fallbacks += 1
@@ -322,42 +285,29 @@ class BulkCopier:
         end = min(pos + length, disk.size)
         reply = await self.shipper.request_digests(disk.disk_id, pos, length, CHUNK, 0)
         replica = reply.split()
-        zero = [
-            d == zero_digest(min(CHUNK, end - (pos + i * CHUNK))) for i, d in enumerate(replica)
-        ]
-        out: list[tuple[int, int, bool]] = []
-        others = {i for i, z in enumerate(zero) if not z}
+        zeros = zero_chunks(pos, end, replica)
+        others = set(range(len(replica))) - zeros
         differing: set[int] = set()
         if others:  # a seeded replica: only chunks that differ are sent
-            skip = {i for i, z in enumerate(zero) if z}
             source = await asyncio.to_thread(
-                chunk_digests, disk.image_fd, pos, length, CHUNK, disk.size, skip=skip
+                chunk_digests, disk.image_fd, pos, length, CHUNK, disk.size, skip=zeros
             )
             stats.hashed_bytes += source.bytes_read
             differing = {i for i in others if source.digests[i] != replica[i]}
             stats.equal_chunks += len(others) - len(differing)
-        stats.differing_chunks += len(differing) + len(replica) - len(others)
-        i = 0
-        while i < len(replica):
-            j = i
-            while j < len(replica) and zero[j] == zero[i]:
-                j += 1
-            a, b = pos + i * CHUNK, min(pos + j * CHUNK, end)
-            if zero[i]:
+        stats.differing_chunks += len(differing) + len(zeros)
+        kinds = [
+            "fill" if i in zeros else "whole" if i in differing else "" for i in range(len(replica))
+        ]
+        out: list[tuple[int, int, bool]] = []
+        for kind, run in itertools.groupby(range(len(replica)), kinds.__getitem__):
+            chunks = list(run)
+            a, b = pos + chunks[0] * CHUNK, min(pos + (chunks[-1] + 1) * CHUNK, end)
+            if kind == "fill":
                 for s, e in data_ranges(disk.image_fd, a, b):
                     out.extend(self._split(s, e, True))
-            else:  # runs of differing chunks, whole
-                k = i
-                while k < j:
-                    if k not in differing:
-                        k += 1
-                        continue
-                    m = k
-                    while m < j and m in differing:
-                        m += 1
-                    out.extend(self._split(pos + k * CHUNK, min(pos + m * CHUNK, end), False))
-                    k = m
-            i = j
+            elif kind == "whole":
+                out.extend(self._split(a, b, False))
         return out
 
     def _split(self, start: int, end: int, fill: bool) -> list[tuple[int, int, bool]]:
@@ -467,4 +417,4 @@ class BulkCopier:
         return state
 
 
-__all__ = ["BulkCopier", "block_runs"]
+__all__ = ["BulkCopier"]

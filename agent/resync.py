@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from agent.bulk_copy import BulkCopier
 from common.aio import first_leaf, wait_event
 from common.digests import chunk_digests, zero_digest
 from common.durable import atomic_write
@@ -84,9 +83,14 @@ REF_MAX = 1 << 20  # longest reference record (the shipper reads it into one bat
 _ZERO_BLOCK = zero_digest(4 << 10)[:8]
 
 
-def _chunk_length(offset: int, end: int, i: int) -> int:
+def chunk_length(offset: int, end: int, i: int) -> int:
     """Length of chunk ``i`` of a range starting at ``offset`` and clipped at ``end``."""
     return min(CHUNK, end - (offset + i * CHUNK))
+
+
+def zero_chunks(offset: int, end: int, digests: list[bytes]) -> set[int]:
+    """The chunks (indexes) of a range whose level-1 digests are those of zeros."""
+    return {i for i, d in enumerate(digests) if d == zero_digest(chunk_length(offset, end, i))}
 
 
 def split(digests: bytes) -> list[bytes]:
@@ -133,7 +137,9 @@ class Resyncer:
         self.shipper = shipper
         self.totals = SyncStats()  # over the life of the process (tests read these)
         self.wake = asyncio.Event()
-        self.bulk = BulkCopier(disk, shipper)  # the first sync's copy (agent/bulk_copy.py)
+        from agent.bulk_copy import BulkCopier  # (it builds on this module's units)
+
+        self.bulk = BulkCopier(disk, shipper)  # the first sync's copy
 
     # ----------------------------------------------------------------- background loop
     async def run(self) -> None:
@@ -188,13 +194,11 @@ class Resyncer:
                 self._add_totals(stats)
             if disk.overflowed or disk.bitmap is None:
                 return stats
-            if copied:
-                stats = SyncStats(started=time.monotonic())  # (counted already)
-                regions = []
-            else:  # what is left goes in journal order
-                regions = disk.bitmap.regions()
-                stats = SyncStats(started=time.monotonic())
-                stats.total_bytes = sum(length for _, length in regions)
+            # What is left goes in journal order (the copy's figures are counted already).
+            regions = [] if copied else disk.bitmap.regions()
+            stats = SyncStats(
+                started=time.monotonic(), total_bytes=sum(length for _, length in regions)
+            )
         checkpoint = {"time": time.monotonic(), "bytes": 0}
         checkpoint_lock = asyncio.Lock()
         gate = asyncio.Semaphore(PIPELINE)
@@ -296,11 +300,7 @@ class Resyncer:
         reply = await self.shipper.request_digests(disk.disk_id, offset, length, CHUNK, seq)
         stamp("digests_got", offset, seq)
         replica = reply.split()
-        zero_replica = {
-            i
-            for i, digest in enumerate(replica)
-            if digest == zero_digest(_chunk_length(offset, end, i))
-        }
+        zero_replica = zero_chunks(offset, end, replica)
         source = await asyncio.to_thread(
             chunk_digests,
             disk.image_fd,
@@ -321,18 +321,18 @@ class Resyncer:
             return
         # Differing chunks the replica holds as zeros: every non-zero source block differs,
         # so their block digests need not be asked for.
-        zero_chunks = zero_replica.intersection(differing)
-        asked = [i for i in differing if i not in zero_chunks]
+        zero_differing = zero_replica.intersection(differing)
+        asked = [i for i in differing if i not in zero_differing]
         blocks = await self._block_digests(offset, length, asked) if asked else {}
         if disk.scan_only:  # another program writes the image: journal its bytes as read
-            for i in zero_chunks:
-                blocks[i] = [_ZERO_BLOCK] * -(-_chunk_length(offset, end, i) // BLOCK)
+            for i in zero_differing:
+                blocks[i] = [_ZERO_BLOCK] * -(-chunk_length(offset, end, i) // BLOCK)
             asked = differing
         else:
-            self._journal_zero_replica_chunks(offset, end, sorted(zero_chunks), stats)
-        stats.hashed_bytes += sum(_chunk_length(offset, end, i) for i in asked)
+            self._journal_zero_replica_chunks(offset, end, sorted(zero_differing), stats)
+        stats.hashed_bytes += sum(chunk_length(offset, end, i) for i in asked)
         for i in asked:
-            self._sync_chunk(offset + i * CHUNK, _chunk_length(offset, end, i), blocks[i], stats)
+            self._sync_chunk(offset + i * CHUNK, chunk_length(offset, end, i), blocks[i], stats)
             await asyncio.sleep(0)  # each chunk is one loop step; let writers in between
 
     def _journal_zero_replica_chunks(
@@ -379,7 +379,7 @@ class Resyncer:
         pos = 0
         end = min(offset + length, self.disk.size)
         for i in chunks:
-            n = -(-_chunk_length(offset, end, i) // BLOCK)
+            n = -(-chunk_length(offset, end, i) // BLOCK)
             out[i] = digests[pos : pos + n]
             pos += n
         return out

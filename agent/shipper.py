@@ -34,6 +34,7 @@ from agent.disk import ProtectedDisk
 from agent.journal import JournalEntry
 from common.aio import first_leaf, wait_event
 from common.config import AgentConfig
+from common.digests import zero_block_runs
 from common.errors import IntegrityError
 from common.failpoints import failpoint
 from common.framed import FramedStream, open_framed
@@ -430,9 +431,7 @@ class Shipper:
         TimeoutError."""
         # Every disk's resync shares the session's MAX_DIGEST_REQUESTS (protocol.frames).
         async with self._digest_slots:
-            stream = self._stream
-            if stream is None or disk_id not in self.linked:
-                raise ConnectionResetError("replication link is down")
+            stream = self._linked_stream(disk_id)
             self._next_request = (self._next_request + 1) % (1 << 32)
             request_id = self._next_request
             future: asyncio.Future[DigestReply] = asyncio.get_running_loop().create_future()
@@ -622,33 +621,15 @@ def disjoint_extents(entries: list[JournalEntry]) -> tuple[list[Extent], int] | 
     return extents, raw
 
 
-_ZERO_BLOCK = bytes(4 << 10)
-
-
 def _add_image_bytes(coalescer: Coalescer, offset: int, data: bytes) -> None:
     """Bytes read for a reference; its all-zero 4 KiB blocks go as zero extents (a hole on
     the source stays a hole on the replica, and costs nothing on the wire)."""
-    if _ZERO_BLOCK not in data:  # one C scan; the common case
-        coalescer.add_data(offset, data)
-        return
     view = memoryview(data)
-    block = len(_ZERO_BLOCK)
-    run_start, run_zero = 0, view[:block] == _ZERO_BLOCK
-    for pos in range(block, len(data), block):
-        zero = view[pos : pos + block] == _ZERO_BLOCK
-        if zero != run_zero:
-            _add_run(coalescer, offset, view, run_start, pos, run_zero)
-            run_start, run_zero = pos, zero
-    _add_run(coalescer, offset, view, run_start, len(data), run_zero)
-
-
-def _add_run(
-    coalescer: Coalescer, offset: int, view: memoryview, start: int, end: int, zero: bool
-) -> None:
-    if zero:
-        coalescer.add_zero(offset + start, end - start)
-    else:
-        coalescer.add_data(offset + start, view[start:end])  # type: ignore[arg-type]  # copied
+    for start, end, zero in zero_block_runs(data):
+        if zero:
+            coalescer.add_zero(offset + start, end - start)
+        else:
+            coalescer.add_data(offset + start, view[start:end])  # type: ignore[arg-type]  # copied
 
 
 _SAMPLE = 64 << 10

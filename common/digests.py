@@ -40,6 +40,31 @@ def is_zero(data: bytes | memoryview) -> bool:
     return not data or (data[0] == 0 and xxhash.xxh3_128_digest(data) == zero_digest(len(data)))
 
 
+ZERO_BLOCK = bytes(4 << 10)
+
+
+def zero_block_runs(data: bytes) -> list[tuple[int, int, bool]]:
+    """``(start, end, zero)`` runs of whole 4 KiB blocks of ``data`` (the last may be short):
+    where a copy of image bytes sends zeros, or nothing, instead of data, so holes stay
+    holes. Data without one zero block costs one search."""
+    n, block = len(data), len(ZERO_BLOCK)
+    first = data.find(ZERO_BLOCK)
+    if first < 0 and n % block == 0:
+        return [(0, n, False)] if n else []
+    runs: list[tuple[int, int, bool]] = []
+    start = (first // block) * block if first >= 0 else (n // block) * block
+    if start:
+        runs.append((0, start, False))
+    for pos in range(start, n, block):
+        size = min(block, n - pos)
+        zero = data.startswith(ZERO_BLOCK[:size], pos)
+        if runs and runs[-1][2] == zero and runs[-1][1] == pos:
+            runs[-1] = (runs[-1][0], pos + size, zero)
+        else:
+            runs.append((pos, pos + size, zero))
+    return runs
+
+
 @dataclass
 class DigestResult:
     digests: list[bytes]

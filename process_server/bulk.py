@@ -34,6 +34,7 @@ import zstandard
 from common.direct_write import DirectWriter
 from common.durable import pwrite_all, zero_range
 from common.failpoints import failpoint
+from protocol.batch import zstd_decompressor
 from protocol.control import BulkState
 from protocol.frames import BULK_MAX, BULK_ZERO, BULK_ZSTD, BulkData
 
@@ -234,7 +235,7 @@ class BulkReceiver:
             if zstandard.frame_content_size(msg.data) != msg.length:
                 raise BulkDigestError(f"bulk piece {msg.bulk_id}: zstd frame of another size")
             try:
-                raw = self._decompressor().decompress(msg.data, max_output_size=BULK_MAX)
+                raw = zstd_decompressor().decompress(msg.data, max_output_size=BULK_MAX)
             except zstandard.ZstdError as exc:
                 raise BulkDigestError(f"bulk piece {msg.bulk_id}: bad zstd data: {exc}") from None
         else:
@@ -246,12 +247,6 @@ class BulkReceiver:
         if not self._direct().try_write(fd, raw, msg.offset, holes_only=False):
             pwrite_all(fd, raw, msg.offset)
         self.written_bytes += msg.length  # (a race loses a count at worst: status only)
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        found: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
-        if found is None:
-            found = self._local.dctx = zstandard.ZstdDecompressor()
-        return found
 
     def _direct(self) -> DirectWriter:
         found: DirectWriter | None = getattr(self._local, "direct", None)

@@ -45,6 +45,8 @@ __all__ = [
     "peek_batch_header",
     "read_batch_table",
     "validate_disk_id",
+    "zstd_compressor",
+    "zstd_decompressor",
 ]
 
 BATCH_MAGIC = b"TBAT"
@@ -125,7 +127,7 @@ def validate_disk_id(disk_id: str) -> str:
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
     """This thread's context for ``level``. One per thread, whatever the level: the agent's
     level moves with its link (agent/compression_level.py), and a context kept per level
     and thread would hold a workspace for each (measured: +36 MiB of agent RSS)."""
@@ -135,7 +137,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return held[1]
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
+def zstd_decompressor() -> zstandard.ZstdDecompressor:
     dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
@@ -217,7 +219,7 @@ def encode_batch_parts(
     if raw > _U32_MAX:
         raise _bad(f"{raw} raw bytes do not fit a batch")
     if raw and codec == CODEC_ZSTD:
-        pieces = [_compressor(level).compress(b"".join(pieces))]
+        pieces = [zstd_compressor(level).compress(b"".join(pieces))]
     body_size = sum(map(len, pieces))
     if body_size > _U32_MAX:
         raise _bad("compressed data does not fit a batch")
@@ -381,7 +383,9 @@ def decode_batch(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
         if declared != raw:
             raise _bad(f"zstd frame declares {declared} bytes, header says {raw}")
         try:
-            body = _decompressor().decompress(section, max_output_size=raw, allow_extra_data=False)
+            body = zstd_decompressor().decompress(
+                section, max_output_size=raw, allow_extra_data=False
+            )
         except zstandard.ZstdError as exc:
             raise _bad(f"zstd decompression failed: {exc}") from None
         if len(body) != raw:

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bulk_copy import block_runs
 from benchmarks.deploy import Deployment, Driver
+from common.digests import zero_block_runs
 from tests.test_crash_matrix import ArmedDeployment, armed_env
 from tests.test_resync import cmp, data_ranges, make_image
 
@@ -52,7 +52,7 @@ def blocky(draw: st.DrawFn) -> bytes:
 @settings(max_examples=300, deadline=None)
 @given(blocky())
 def test_block_runs_split_exactly_at_zero_blocks(data: bytes) -> None:
-    runs = block_runs(data)
+    runs = zero_block_runs(data)
     if not data:
         assert runs == []
         return
@@ -75,7 +75,7 @@ def dep(tmp_path: Path) -> Iterator[ArmedDeployment]:
     d.stop_all()
 
 
-def disk_row(dep: Deployment, driver: Driver) -> dict[str, Any]:
+def disk_row(driver: Driver) -> dict[str, Any]:
     return dict(driver.call(op="status")["status"]["disks"][0])
 
 
@@ -114,7 +114,7 @@ def write_until_synced(
                 fenced_applied = ps["applying_seq"]
             elif ps["applying_seq"] != fenced_applied:
                 seen["applied_moved"] = True
-        row = disk_row(dep, driver)
+        row = disk_row(driver)
         if row["state"] == "replicating" and row["acked_seq"] >= row["journaled_seq"]:
             dep.wait_applied("d1", row["journaled_seq"])
             seen["row"] = row
@@ -226,7 +226,7 @@ def test_an_overflow_during_the_copy_turns_it_off_for_good(
                 assert driver.call(op="write", disk="d1", offset=offset, length=64 << 10, seed=i)[
                     "ok"
                 ]
-            overflowed = disk_row(dep, driver)["resync_reason"] == "journal-overflow"
+            overflowed = disk_row(driver)["resync_reason"] == "journal-overflow"
         assert overflowed, "the journal did not overflow during the copy"
         seen = write_until_synced(dep, driver, size, seed=18)
         assert_replica_equal(dep, image)
