@@ -185,6 +185,12 @@ def test_a_half_full_cache_ends_the_copy_and_the_sync_goes_on_in_journal_order(
     dep.start_ps()
     driver = Driver(dep, "a1")
     try:
+        # The writes go once the copy is on: made before it, they would be cached when the
+        # agent asks, and the server would refuse the copy (a quarter-full cache) instead.
+        deadline = time.monotonic() + 30
+        while not (ps_row(dep) or {}).get("bulk_copy"):
+            assert time.monotonic() < deadline, "the copy never began"
+            time.sleep(0.02)
         rnd = random.Random(14)
         for i in range(160):  # ~10 MiB of writes at once: more than half the cache
             offset = rnd.randrange(0, size - (64 << 10))
