@@ -73,6 +73,7 @@ READ_AHEAD = 6  # pieces read and not yet sent
 DIGESTS_AHEAD = 4  # ranges whose replica digests are asked for before their turn
 CHECKPOINT_BYTES = 256 << 20
 CHECKPOINT_SECONDS = 2.0
+LEVEL_PATIENCE = 16  # pieces with neither the window full nor the readers behind: a step up
 
 
 _Item: TypeAlias = "asyncio.Future[list[Piece]] | tuple[int, int] | None"
@@ -140,6 +141,7 @@ class BulkCopier:
         self._written_bytes = 0
         self._done: collections.deque[tuple[int, int, int]] = collections.deque()
         self._stopped = ""  # why the copy stopped early
+        self._levels: collections.Counter[int] = collections.Counter()  # zstd level: reads
         self._checkpoint_task: asyncio.Future[BulkState] | None = None
 
     # ----------------------------------------------------------------- the copy
@@ -184,10 +186,11 @@ class BulkCopier:
             return False
         self.copies += 1
         log.info(
-            "disk=%s event=bulk_copy_done sent=%d seconds=%.1f",
+            "disk=%s event=bulk_copy_done sent=%d seconds=%.1f levels=%s",
             disk.disk_id,
             self._sent_bytes,
             time.monotonic() - started,
+            ",".join(f"{n}:{reads}" for n, reads in sorted(self._levels.items())),
         )
         return True
 
@@ -197,7 +200,9 @@ class BulkCopier:
         pool = concurrent.futures.ThreadPoolExecutor(READERS, "bulk-reader")
         reader = _PieceReader(self.disk.image_fd)
         cfg = self.shipper.cfg
-        level = AdaptiveLevel(cfg.compression_level, cfg.compression_fast_level)
+        level = AdaptiveLevel(
+            cfg.compression_level, cfg.compression_fast_level, patience=LEVEL_PATIENCE
+        )
         queue: asyncio.Queue[_Item] = asyncio.Queue()  # bounded by the read-ahead slots
         slots = asyncio.Semaphore(READ_AHEAD)
         try:
@@ -268,6 +273,7 @@ class BulkCopier:
                     break
                 for start, end, fill in todo:
                     await slots.acquire()
+                    self._levels[level.level] += 1
                     job = loop.run_in_executor(pool, reader.read, start, end, fill, level.level)
                     await queue.put(job)
                 await queue.put((pos, piece))  # its pieces are all queued before it

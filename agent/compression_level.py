@@ -15,6 +15,12 @@ Signals, per batch, all read by the shipper's producer:
 - ``encoder_bound``: the sender was idle, waiting for this batch, while more journal
   records than the batch took were already waiting.
 
+A first sync's copy (agent/bulk_copy.py) always has the rest of the disk behind it, so
+"nothing behind" never holds there; it steps up only when its window of unwritten pieces
+is full, or after ``patience`` pieces in a row with no signal at all (the link may have
+slowed without filling the window: the sender waits in its sends, the readers stay ahead).
+The shipper's ``patience`` is 1: a batch with no signal steps up at once.
+
 Levels are zstd's; 0 is not one of them here: ``compression_level = 0`` turns compression
 off altogether (the level stays 0), and the fast level is never 0.
 """
@@ -33,9 +39,11 @@ def level_ladder(level: int, fast_level: int) -> list[int]:
 class AdaptiveLevel:
     """The level of the next batch of one disk on one connection (pure: no clock, no I/O)."""
 
-    def __init__(self, level: int, fast_level: int) -> None:
+    def __init__(self, level: int, fast_level: int, *, patience: int = 1) -> None:
         self._ladder = level_ladder(level, fast_level)
         self._rung = len(self._ladder) - 1  # a new connection starts at the configured level
+        self._patience = max(1, patience)  # batches with no signal before a step up
+        self._calm = 0  # batches with no signal since the last step
 
     @property
     def level(self) -> int:
@@ -47,7 +55,13 @@ class AdaptiveLevel:
 
     def after_batch(self, *, link_bound: bool, encoder_bound: bool) -> int:
         """Move one rung for what the last batch showed; returns the next batch's level.
-        ``link_bound`` wins over ``encoder_bound`` (a link that waited is the bottleneck)."""
+        ``link_bound`` wins over ``encoder_bound`` (a link that waited is the bottleneck);
+        neither steps up once ``patience`` batches in a row showed neither."""
+        if not link_bound and not encoder_bound:
+            self._calm += 1
+            if self._calm < self._patience:
+                return self.level
+        self._calm = 0
         if link_bound or not encoder_bound:
             self._rung = min(self._rung + 1, len(self._ladder) - 1)
         else:

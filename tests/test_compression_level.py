@@ -1,7 +1,8 @@
 """The shipper's compression level (agent/compression_level.py): it starts at the configured
 level, steps down one zstd level per batch only while the encoder is what the link waits
-for, steps back up when the link waits or nothing is behind, never leaves the configured
-range and never lands on 0 (which in the configuration means "off")."""
+for, steps back up when the link waits or nothing is behind (for a copy, which always has
+something behind: after ``patience`` batches in a row with no signal), never leaves the
+configured range and never lands on 0 (which in the configuration means "off")."""
 
 from __future__ import annotations
 
@@ -46,24 +47,46 @@ def test_off_and_fixed_never_move() -> None:
                 )
 
 
+def test_a_patient_level_steps_up_only_after_that_many_quiet_batches() -> None:
+    """The copy's use: the readers behind step down at once; batches with no signal step
+    up only ``patience`` in a row; a full window steps up at once and restarts the count."""
+    adaptive = AdaptiveLevel(1, -5, patience=3)
+    assert [adaptive.after_batch(link_bound=False, encoder_bound=True) for _ in range(3)] == [
+        -1,
+        -2,
+        -3,
+    ]
+    quiet = [adaptive.after_batch(link_bound=False, encoder_bound=False) for _ in range(7)]
+    assert quiet == [-3, -3, -2, -2, -2, -1, -1]
+    assert adaptive.after_batch(link_bound=True, encoder_bound=False) == 1
+    assert adaptive.after_batch(link_bound=False, encoder_bound=True) == -1
+    assert adaptive.after_batch(link_bound=False, encoder_bound=False) == -1  # count restarted
+
+
 @given(
     level=zstd_levels,
     fast=zstd_levels,
+    patience=st.integers(1, 5),
     signals=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=60),
 )
 def test_levels_stay_in_range_and_move_one_rung_at_a_time(
-    level: int, fast: int, signals: list[tuple[bool, bool]]
+    level: int, fast: int, patience: int, signals: list[tuple[bool, bool]]
 ) -> None:
     ladder = level_ladder(level, fast)
-    adaptive = AdaptiveLevel(level, fast)
+    adaptive = AdaptiveLevel(level, fast, patience=patience)
     previous = adaptive.level
     assert previous == level
+    quiet = 0  # the model's own count of batches with no signal
     for link_bound, encoder_bound in signals:
         current = adaptive.after_batch(link_bound=link_bound, encoder_bound=encoder_bound)
         assert current != 0 and min(fast, level) <= current <= level
         step = ladder.index(current) - ladder.index(previous)
-        if link_bound or not encoder_bound:
+        quiet = quiet + 1 if not (link_bound or encoder_bound) else 0
+        if link_bound or (not encoder_bound and quiet == patience):
             assert step == (1 if previous != level else 0)
-        else:
+            quiet = 0
+        elif encoder_bound:
             assert step == (-1 if previous != ladder[0] else 0)
+        else:
+            assert step == 0
         previous = current
