@@ -43,12 +43,13 @@ def is_zero(data: bytes | memoryview) -> bool:
 ZERO_BLOCK = bytes(4 << 10)
 
 
-def zero_block_runs(data: bytes) -> list[tuple[int, int, bool]]:
-    """``(start, end, zero)`` runs of whole 4 KiB blocks of ``data`` (the last may be short):
-    where a copy of image bytes sends zeros, or nothing, instead of data, so holes stay
-    holes. Data without one zero block costs one search."""
-    n, block = len(data), len(ZERO_BLOCK)
-    first = data.find(ZERO_BLOCK)
+def zero_block_runs(data: bytes | bytearray, end: int | None = None) -> list[tuple[int, int, bool]]:
+    """``(start, end, zero)`` runs of whole 4 KiB blocks of ``data`` (the last may be short),
+    or of its first ``end`` bytes (a reused read buffer): where a copy of image bytes sends
+    zeros, or nothing, instead of data, so holes stay holes. Data without one zero block
+    costs one search."""
+    n, block = len(data) if end is None else end, len(ZERO_BLOCK)
+    first = data.find(ZERO_BLOCK, 0, n)
     if first < 0 and n % block == 0:
         return [(0, n, False)] if n else []
     runs: list[tuple[int, int, bool]] = []

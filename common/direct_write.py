@@ -91,6 +91,38 @@ class DirectWriter:
         self.written_bytes += length
         return True
 
+    def buffer_for(self, offset: int, length: int) -> memoryview | None:
+        """The aligned buffer's first ``length`` bytes, to decode a piece into before
+        :meth:`write_buffer` writes it at ``offset`` (no copy); None where that write would
+        not go directly (too short, unaligned, longer than the buffer, or direct writes off)."""
+        if (
+            self._buffer is None
+            or length < DIRECT_MIN
+            or offset % ALIGN
+            or length % ALIGN
+            or length > len(self._buffer)
+        ):
+            return None
+        return memoryview(self._buffer)[:length]
+
+    def write_buffer(self, offset: int, length: int) -> bool:
+        """Write the first ``length`` bytes of the aligned buffer (filled through
+        :meth:`buffer_for`) at ``offset``; False: direct writes turned themselves off
+        (``EINVAL``), and the caller writes the bytes, still in the buffer's view, through
+        the page cache. Raises OSError on an I/O error."""
+        assert self._fd is not None and self._buffer is not None
+        try:
+            with memoryview(self._buffer) as buffer:
+                pwrite_all(self._fd, buffer[:length], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.warning("disk=%s event=direct_writes_off reason=%r", self.disk_id, exc.strerror)
+            self.close()
+            return False
+        self.written_bytes += length
+        return True
+
     def _write(self, data: memoryview, offset: int) -> None:
         assert self._fd is not None and self._buffer is not None
         with memoryview(self._buffer) as buffer:

@@ -56,6 +56,26 @@ class BulkDigestError(BulkError):
     """A piece whose bytes do not match its digest (or do not decompress)."""
 
 
+def _decompress_into(msg: BulkData, out: memoryview) -> None:
+    """Decode a zstd piece into ``out`` (its length: the piece's); BulkDigestError for data
+    that is not one zstd frame of exactly that many bytes. Decoding straight into the direct
+    writer's buffer saves a 4 MiB allocation and a copy per piece (measured: 2 GiB decoded
+    in 0.16 s, against 0.46 s decoded into new bytes and copied)."""
+    got = 0
+    try:
+        with zstd_decompressor().stream_reader(msg.data) as reader:
+            while got < len(out):
+                n = reader.readinto(out[got:])
+                if not n:
+                    break
+                got += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise BulkDigestError(f"bulk piece {msg.bulk_id}: bad zstd data: {exc}") from None
+    if got != len(out) or extra:
+        raise BulkDigestError(f"bulk piece {msg.bulk_id}: zstd data of another length")
+
+
 class BulkReceiver:
     """The copy into one replica; one per disk, reused by each connection that copies."""
 
@@ -228,23 +248,29 @@ class BulkReceiver:
         if msg.codec == BULK_ZERO:
             zero_range(fd, msg.offset, msg.length, punch=True)
             return
+        direct = self._direct()
         raw: bytes | memoryview
+        in_buffer: memoryview | None = None  # raw is the direct writer's buffer (no copy)
         if msg.codec == BULK_ZSTD:
-            # The frame must state the piece's length: decompress() allocates what a frame
-            # states, whatever max_output_size says (a bomb of a few KiB could ask for GiBs).
+            # The frame must state the piece's length: it is decoded into a buffer of that
+            # length, and nothing else is allocated for it (a bomb of a few KiB cannot ask
+            # for GiBs).
             if zstandard.frame_content_size(msg.data) != msg.length:
                 raise BulkDigestError(f"bulk piece {msg.bulk_id}: zstd frame of another size")
-            try:
-                raw = zstd_decompressor().decompress(msg.data, max_output_size=BULK_MAX)
-            except zstandard.ZstdError as exc:
-                raise BulkDigestError(f"bulk piece {msg.bulk_id}: bad zstd data: {exc}") from None
+            in_buffer = direct.buffer_for(msg.offset, msg.length)
+            raw = in_buffer if in_buffer is not None else memoryview(bytearray(msg.length))
+            _decompress_into(msg, raw)
         else:
             raw = memoryview(msg.data)
         if len(raw) != msg.length or xxhash.xxh3_64_intdigest(raw) != msg.digest:
             raise BulkDigestError(f"bulk piece {msg.bulk_id} at {msg.offset}: digest mismatch")
         # Not only into holes: a SEEK_DATA per piece waits for the inode's lock behind the
         # other thread's allocating direct writes (measured: a fifth of the writers' time).
-        if not self._direct().try_write(fd, raw, msg.offset, holes_only=False):
+        if in_buffer is not None:
+            written = direct.write_buffer(msg.offset, msg.length)
+        else:
+            written = direct.try_write(fd, raw, msg.offset, holes_only=False)
+        if not written:
             pwrite_all(fd, raw, msg.offset)
         self.written_bytes += msg.length  # (a race loses a count at worst: status only)
 

@@ -20,8 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.bulk_copy import _PieceReader
 from benchmarks.deploy import Deployment, Driver
 from common.digests import zero_block_runs
+from protocol.frames import BULK_RAW, BULK_ZERO
 from tests.test_crash_matrix import ArmedDeployment, armed_env
 from tests.test_resync import cmp, data_ranges, make_image
 
@@ -50,9 +52,12 @@ def blocky(draw: st.DrawFn) -> bytes:
 
 
 @settings(max_examples=300, deadline=None)
-@given(blocky())
-def test_block_runs_split_exactly_at_zero_blocks(data: bytes) -> None:
+@given(blocky(), st.binary(max_size=9000))
+def test_block_runs_split_exactly_at_zero_blocks(data: bytes, after: bytes) -> None:
+    """Also over the first bytes of a longer buffer (the readers' kept buffer): what lies
+    beyond ``end`` is never looked at."""
     runs = zero_block_runs(data)
+    assert zero_block_runs(bytearray(data + after), len(data)) == runs
     if not data:
         assert runs == []
         return
@@ -64,6 +69,34 @@ def test_block_runs_split_exactly_at_zero_blocks(data: bytes) -> None:
             assert (block.count(0) == len(block)) == zero, (start, end, zero, pos)
     for a, b in itertools.pairwise(runs):
         assert a[2] != b[2], "neighbouring runs of one kind must be merged"
+
+
+def test_a_reader_keeps_its_buffer_but_not_the_pieces_it_returned(tmp_path: Path) -> None:
+    """Each reader thread reads into one buffer, kept from read to read: a raw piece (here
+    incompressible bytes, or compression off) must not be a view into it, or the next read
+    would change the bytes of a piece still waiting to be sent."""
+    path = tmp_path / "img"
+    rnd = random.Random(3)
+    content = rnd.randbytes(2 * MiB) + bytes(64 << 10) + rnd.randbytes(MiB)
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = _PieceReader(fd, MiB)
+        for level in (0, 1):
+            first = reader.read(0, MiB, True, level)
+            second = reader.read(MiB, 2 * MiB, True, level)
+            zeros = reader.read(2 * MiB, 2 * MiB + (64 << 10), False, level)
+            for piece in [*first, *second]:
+                assert piece.codec == BULK_RAW  # random bytes do not shrink
+                end = piece.offset + piece.length
+                assert bytes(piece.payload) == content[piece.offset : end], piece.offset
+            assert [(p.offset, p.length, p.codec) for p in zeros] == [
+                (2 * MiB, 64 << 10, BULK_ZERO)
+            ]
+        with pytest.raises(ValueError, match="longer than the read buffer"):
+            reader.read(0, MiB + 4096, True, 0)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- helpers

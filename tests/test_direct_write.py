@@ -6,6 +6,7 @@ built here)."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,35 @@ def test_only_aligned_extents_into_holes_go_direct(tmp_path: Path) -> None:
         with open(path, "rb") as f:  # another descriptor, through the page cache
             assert f.read(len(data)) == data
             assert f.read(BLOCK) == bytes(BLOCK)
+    finally:
+        writer.close()
+        os.close(fd)
+
+
+def test_a_piece_decoded_into_the_buffer_is_written_from_it(tmp_path: Path) -> None:
+    """``buffer_for`` hands out the aligned buffer only where the write would go directly;
+    ``write_buffer`` writes what was put there, read back through the page cache."""
+    path, fd = _replica(tmp_path)
+    writer = DirectWriter(path, "d0", buffer_bytes=1 << 20)
+    if not writer.enabled:
+        pytest.skip("O_DIRECT is not available on this filesystem")  # tmpfs before 6.6
+    try:
+        assert writer.buffer_for(0, DIRECT_MIN - BLOCK) is None, "too short"
+        assert writer.buffer_for(512, DIRECT_MIN) is None, "unaligned offset"
+        assert writer.buffer_for(0, DIRECT_MIN + 512) is None, "unaligned length"
+        assert writer.buffer_for(0, (1 << 20) + BLOCK) is None, "longer than the buffer"
+        for offset, seed in ((BLOCK, 1), (2 << 20, 2)):  # the buffer reused
+            view = writer.buffer_for(offset, DIRECT_MIN * 2)
+            assert view is not None and len(view) == DIRECT_MIN * 2
+            data = random.Random(seed).randbytes(len(view))
+            view[:] = data
+            view.release()
+            assert writer.write_buffer(offset, len(data))
+            with open(path, "rb") as f:  # another descriptor, through the page cache
+                f.seek(offset)
+                assert f.read(len(data)) == data
+                assert f.read(BLOCK) == bytes(BLOCK)
+        assert writer.written_bytes == 4 * DIRECT_MIN
     finally:
         writer.close()
         os.close(fd)

@@ -839,16 +839,24 @@ async def test_bulk_piece_with_wrong_digest_writes_nothing(env: Env) -> None:
     """An initial sync's copy piece whose bytes do not match its digest: the connection is
     closed with DIGEST and the replica (the hole the piece aimed at) is untouched; so is a
     zstd frame stating another size than the piece's (a bomb: 64 MiB from a few hundred
-    bytes); pieces out of order and past the end of the disk are refused too. The copy is then ended
+    bytes), one whose bytes decode to another digest and one cut short; pieces out of order and past the end of the disk are refused too. The copy is then ended
     from a new connection, so mallory's disk applies batches again."""
     async with Attack(env):
         data = random.Random(99).randbytes(BLOCK)
         digest = xxhash.xxh3_64_intdigest(data)
         flipped = data[:-1] + bytes([data[-1] ^ 1])
         bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))  # states 64 MiB
+        # Decoded straight into the direct writer's buffer (aligned, 64 KiB): checked there
+        # before a byte is written.
+        packed = zstandard.ZstdCompressor().compress(bytes(BLOCK // 2) + data[: BLOCK // 2])
         cases = [
             ("DIGEST", BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_RAW, digest, flipped)),
             ("another size", BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_ZSTD, digest, bomb)),
+            ("digest mismatch", BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_ZSTD, 1, packed)),
+            (
+                "another length",  # a frame cut short: it states the right size
+                BulkData(MAL_DISK, 1, 10 * BLOCK, BLOCK, BULK_ZSTD, digest, packed[:-9]),
+            ),
             ("out of order", BulkData(MAL_DISK, 2, 10 * BLOCK, BLOCK, BULK_RAW, digest, data)),
             (
                 "past the end",
