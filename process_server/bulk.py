@@ -58,7 +58,8 @@ class BulkDigestError(BulkError):
 
 def _decompress_into(msg: BulkData, out: memoryview) -> None:
     """Decode a zstd piece into ``out`` (its length: the piece's); BulkDigestError for data
-    that is not one zstd frame of exactly that many bytes. Decoding straight into the direct
+    whose first zstd frame is not exactly that many bytes (what follows that frame is not
+    read; the digest is checked on what was decoded). Decoding straight into the direct
     writer's buffer saves a 4 MiB allocation and a copy per piece (measured: 2 GiB decoded
     in 0.16 s, against 0.46 s decoded into new bytes and copied)."""
     got = 0
@@ -253,8 +254,8 @@ class BulkReceiver:
         in_buffer: memoryview | None = None  # raw is the direct writer's buffer (no copy)
         if msg.codec == BULK_ZSTD:
             # The frame must state the piece's length: it is decoded into a buffer of that
-            # length, and nothing else is allocated for it (a bomb of a few KiB cannot ask
-            # for GiBs).
+            # length, and the decoder's own buffer is bounded by that stated size and zstd's
+            # default window limit: a bomb of a few KiB cannot ask for GiBs.
             if zstandard.frame_content_size(msg.data) != msg.length:
                 raise BulkDigestError(f"bulk piece {msg.bulk_id}: zstd frame of another size")
             in_buffer = direct.buffer_for(msg.offset, msg.length)

@@ -59,17 +59,38 @@ def test_a_patient_level_steps_up_only_after_that_many_quiet_batches() -> None:
     quiet = [adaptive.after_batch(link_bound=False, encoder_bound=False) for _ in range(7)]
     assert quiet == [-3, -3, -2, -2, -2, -1, -1]
     assert adaptive.after_batch(link_bound=True, encoder_bound=False) == 1
-    assert adaptive.after_batch(link_bound=False, encoder_bound=True) == -1
-    assert adaptive.after_batch(link_bound=False, encoder_bound=False) == -1  # count restarted
+    # A step down restarts the count too: two quiet, one down, two quiet: no step up.
+    signals = [(False, False), (False, False), (False, True), (False, False), (False, False)]
+    seen = [adaptive.after_batch(link_bound=a, encoder_bound=b) for a, b in signals]
+    assert seen == [1, 1, -1, -1, -1]
+    assert adaptive.after_batch(link_bound=False, encoder_bound=False) == 1  # the third
+
+
+signal_lists = st.lists(st.tuples(st.booleans(), st.booleans()), max_size=60)
+
+
+@given(level=zstd_levels, fast=zstd_levels, patience=st.integers(1, 5), signals=signal_lists)
+def test_levels_stay_in_range_and_move_one_rung_at_a_time(
+    level: int, fast: int, patience: int, signals: list[tuple[bool, bool]]
+) -> None:
+    _check_against_the_rules(level, fast, patience, signals)
 
 
 @given(
-    level=zstd_levels,
-    fast=zstd_levels,
-    patience=st.integers(1, 5),
-    signals=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=60),
+    level=st.integers(1, 4),
+    fast=st.integers(-5, -1),
+    patience=st.integers(1, 4),
+    signals=signal_lists,
 )
-def test_levels_stay_in_range_and_move_one_rung_at_a_time(
+def test_a_ladder_of_several_rungs_moves_by_the_rules(
+    level: int, fast: int, patience: int, signals: list[tuple[bool, bool]]
+) -> None:
+    """Levels drawn apart often give a ladder of one rung, where every step is 0: here
+    there is always room to move."""
+    _check_against_the_rules(level, fast, patience, signals)
+
+
+def _check_against_the_rules(
     level: int, fast: int, patience: int, signals: list[tuple[bool, bool]]
 ) -> None:
     ladder = level_ladder(level, fast)

@@ -5,6 +5,7 @@ built here)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -72,6 +73,41 @@ def test_a_piece_decoded_into_the_buffer_is_written_from_it(tmp_path: Path) -> N
                 assert f.read(len(data)) == data
                 assert f.read(BLOCK) == bytes(BLOCK)
         assert writer.written_bytes == 4 * DIRECT_MIN
+    finally:
+        writer.close()
+        os.close(fd)
+
+
+def test_a_direct_write_refused_leaves_the_bytes_in_the_view_for_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that refuses the alignment (``EINVAL``): ``write_buffer`` turns direct writes
+    off and returns False, and the view the piece was decoded into still holds its bytes,
+    which the caller writes through the page cache (process_server/bulk.py)."""
+    path, fd = _replica(tmp_path)
+    writer = DirectWriter(path, "d0", buffer_bytes=1 << 20)
+    if not writer.enabled:
+        pytest.skip("O_DIRECT is not available on this filesystem")  # tmpfs before 6.6
+    try:
+        view = writer.buffer_for(BLOCK, DIRECT_MIN)
+        assert view is not None
+        data = random.Random(5).randbytes(len(view))
+        view[:] = data
+
+        def refuse(fd: int, data: object, offset: int) -> None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr("common.direct_write.pwrite_all", refuse)
+        assert not writer.write_buffer(BLOCK, len(data))
+        monkeypatch.undo()
+        assert not writer.enabled and writer.written_bytes == 0
+        assert writer.buffer_for(BLOCK, DIRECT_MIN) is None, "off for good"
+        assert bytes(view) == data
+        pwrite_all(fd, view, BLOCK)
+        view.release()
+        with open(path, "rb") as f:
+            f.seek(BLOCK)
+            assert f.read(len(data)) == data
     finally:
         writer.close()
         os.close(fd)
