@@ -117,6 +117,14 @@ def ps_row(dep: Deployment, disk: str = "d1") -> dict[str, Any] | None:
     return next((r for r in rows if r["disk"] == disk), None)
 
 
+def wait_copy_on(dep: Deployment, timeout: float = 30) -> None:
+    """Until the process server holds the disk's batches for a copy."""
+    deadline = time.monotonic() + timeout
+    while not (ps_row(dep) or {}).get("bulk_copy"):
+        assert time.monotonic() < deadline, "the copy never began"
+        time.sleep(0.02)
+
+
 def write_until_synced(
     dep: Deployment, driver: Driver, size: int, seed: int, timeout: float = 120
 ) -> dict[str, Any]:
@@ -220,10 +228,7 @@ def test_a_half_full_cache_ends_the_copy_and_the_sync_goes_on_in_journal_order(
     try:
         # The writes go once the copy is on: made before it, they would be cached when the
         # agent asks, and the server would refuse the copy (a quarter-full cache) instead.
-        deadline = time.monotonic() + 30
-        while not (ps_row(dep) or {}).get("bulk_copy"):
-            assert time.monotonic() < deadline, "the copy never began"
-            time.sleep(0.02)
+        wait_copy_on(dep)
         rnd = random.Random(14)
         for i in range(160):  # ~10 MiB of writes at once: more than half the cache
             offset = rnd.randrange(0, size - (64 << 10))
@@ -256,6 +261,7 @@ def test_an_overflow_during_the_copy_turns_it_off_for_good(
     dep.start_ps()
     driver = Driver(dep, "a1")
     try:
+        wait_copy_on(dep)  # else the overflow could come first, and no copy would begin
         rnd = random.Random(17)
         deadline = time.monotonic() + 30
         overflowed = False
@@ -271,6 +277,7 @@ def test_an_overflow_during_the_copy_turns_it_off_for_good(
         assert_replica_equal(dep, image)
         bulk = seen["row"]["bulk_copy"]
         assert not bulk["allowed"] and not bulk["open"], bulk
+        assert bulk["fallbacks"] == 1 and bulk["copies"] == 0, bulk  # stopped, not finished
         row = ps_row(dep)
         assert row is not None and not row["bulk_copy"]
     finally:
