@@ -162,7 +162,8 @@ class Resyncer:
                 continue
             if disk.disk_id not in self.shipper.linked:
                 await self.shipper.connected.wait()
-                await asyncio.sleep(0.05)
+                if disk.disk_id not in self.shipper.linked:  # connected without this disk:
+                    await asyncio.sleep(0.05)  # no busy loop while it is not replicating
                 continue
             if not disk.resync_ready():
                 await asyncio.sleep(0.2)  # the journal is draining first
