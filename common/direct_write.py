@@ -28,6 +28,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from common.digests import in_hole
@@ -73,35 +74,17 @@ class DirectWriter:
         length = len(data)
         if (
             self._fd is None
-            or length < DIRECT_MIN
-            or offset % ALIGN
-            or length % ALIGN
+            or not _qualifies(offset, length)
             or (holes_only and not in_hole(file_fd, offset, offset + length))
         ):
             return False
-        assert self._buffer is not None
-        try:
-            self._write(memoryview(data), offset)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            log.warning("disk=%s event=direct_writes_off reason=%r", self.disk_id, exc.strerror)
-            self.close()  # alignment the device refuses: buffered from now on (a rewrite
-            return False  # of what went through is harmless: the same bytes)
-        self.written_bytes += length
-        return True
+        return self._guarded(self._write, memoryview(data), offset)
 
     def buffer_for(self, offset: int, length: int) -> memoryview | None:
         """The aligned buffer's first ``length`` bytes, to decode a piece into before
         :meth:`write_buffer` writes it at ``offset`` (no copy); None where that write would
         not go directly (too short, unaligned, longer than the buffer, or direct writes off)."""
-        if (
-            self._buffer is None
-            or length < DIRECT_MIN
-            or offset % ALIGN
-            or length % ALIGN
-            or length > len(self._buffer)
-        ):
+        if self._buffer is None or not _qualifies(offset, length) or length > len(self._buffer):
             return None
         return memoryview(self._buffer)[:length]
 
@@ -110,26 +93,39 @@ class DirectWriter:
         :meth:`buffer_for`) at ``offset``; False: direct writes turned themselves off
         (``EINVAL``), and the caller writes the bytes, still in the buffer's view, through
         the page cache. Raises OSError on an I/O error."""
-        assert self._fd is not None and self._buffer is not None
+        assert self._buffer is not None
+        with memoryview(self._buffer) as buffer, buffer[:length] as head:
+            return self._guarded(self._write_head, head, offset)
+
+    def _guarded(
+        self, write: Callable[[memoryview, int], None], data: memoryview, offset: int
+    ) -> bool:
+        """``write(data, offset)``; False where the device refused the alignment (``EINVAL``):
+        direct writes are off from then on. Raises any other OSError."""
         try:
-            with memoryview(self._buffer) as buffer:
-                pwrite_all(self._fd, buffer[:length], offset)
+            write(data, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             log.warning("disk=%s event=direct_writes_off reason=%r", self.disk_id, exc.strerror)
-            self.close()
-            return False
-        self.written_bytes += length
+            self.close()  # alignment the device refuses: buffered from now on (a rewrite
+            return False  # of what went through is harmless: the same bytes)
+        self.written_bytes += len(data)
         return True
 
     def _write(self, data: memoryview, offset: int) -> None:
-        assert self._fd is not None and self._buffer is not None
+        """Through the aligned buffer, one buffer's length at a time."""
+        assert self._buffer is not None
         with memoryview(self._buffer) as buffer:
             for done in range(0, len(data), len(buffer)):
                 n = min(len(buffer), len(data) - done)
                 buffer[:n] = data[done : done + n]
-                pwrite_all(self._fd, buffer[:n], offset + done)
+                self._write_head(buffer[:n], offset + done)
+
+    def _write_head(self, aligned: memoryview, offset: int) -> None:
+        """``aligned``: a view of the start of the aligned buffer."""
+        assert self._fd is not None
+        pwrite_all(self._fd, aligned, offset)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -139,6 +135,11 @@ class DirectWriter:
             with contextlib.suppress(BufferError):  # a view still exported: freed with it
                 self._buffer.close()
             self._buffer = None
+
+
+def _qualifies(offset: int, length: int) -> bool:
+    """Long enough and aligned for a direct write."""
+    return length >= DIRECT_MIN and not offset % ALIGN and not length % ALIGN
 
 
 __all__ = ["ALIGN", "DIRECT_MIN", "IMAGE_BUFFER", "DirectWriter"]
