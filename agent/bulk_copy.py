@@ -149,6 +149,7 @@ class BulkCopier:
         self.piece_bytes = BULK_MAX  # set from the configuration by each copy
         self.copies = 0  # copies that ran to their end (tests read these)
         self.fallbacks = 0  # copies that stopped early, the sync going on in journal order
+        self.checkpoints = 0  # bulk-syncs answered, the last of each copy included
         self.sent_bytes_total = 0  # piece bytes sent (compressed), over the process's life
         self._reset()
 
@@ -401,7 +402,12 @@ class BulkCopier:
             )
             if due and self._checkpoint_task is None:
                 last_checkpoint = (time.monotonic(), self._sent_bytes)
-                self._checkpoint_task = asyncio.ensure_future(self._checkpoint(stats))
+                # Through the pieces sent now: the task runs at the sender's next wait, which
+                # may come after the next piece's id is taken and before that piece is sent
+                # (the bandwidth limiter), and a count past what was sent ends the link.
+                self._checkpoint_task = asyncio.ensure_future(
+                    self._checkpoint(stats, through=self._sent_id)
+                )
 
     async def _window(self, window: int) -> bool:
         """Wait until less than ``window`` bytes are sent and not yet written at the process
@@ -426,12 +432,15 @@ class BulkCopier:
             self._written_bytes = self._sent.popleft()[1]
         return self._written_bytes
 
-    async def _checkpoint(self, stats: SyncStats, *, end: bool = False) -> BulkState:
-        """Ask for every piece sent so far to be made durable; clear the ranges it covers."""
+    async def _checkpoint(
+        self, stats: SyncStats, *, end: bool = False, through: int | None = None
+    ) -> BulkState:
+        """Ask for every piece through ``through`` (default: every piece sent so far) to be
+        made durable; clear the ranges it covers."""
         disk = self.disk
-        state = await self.shipper.ask_bulk(
-            BulkSync(disk.disk_id, self._sent_id, end), disk.disk_id
-        )
+        through = self._sent_id if through is None else through
+        state = await self.shipper.ask_bulk(BulkSync(disk.disk_id, through, end), disk.disk_id)
+        self.checkpoints += 1
         while self._done and self._done[0][2] <= state.synced:
             pos, length, _ = self._done.popleft()
             disk.resynced(pos, length)

@@ -182,6 +182,7 @@ class Agent:
                     "open": disk.bulk_open,
                     "copies": bulk.copies,
                     "fallbacks": bulk.fallbacks,
+                    "checkpoints": bulk.checkpoints,
                     "sent_bytes": bulk.sent_bytes_total,
                 }
             row["unclean_regions"] = [list(r) for r in disk.unclean_regions]

@@ -25,7 +25,7 @@ from benchmarks.deploy import Deployment, Driver
 from common.digests import zero_block_runs
 from protocol.frames import BULK_RAW, BULK_ZERO
 from tests.test_crash_matrix import ArmedDeployment, armed_env
-from tests.test_resync import cmp, data_ranges, make_image
+from tests.test_resync import cmp, data_ranges, make_image, wait_in_sync
 
 MiB = 1 << 20
 
@@ -196,11 +196,38 @@ def test_copy_with_writes_going_on_is_byte_identical_and_keeps_holes(
         assert not seen["applied_moved"], "a held write was applied during the copy"
         row = ps_row(dep)
         assert row is not None and not row["bulk_copy"]
+        # One link all along: no checkpoint overtook the piece it counts (under a bandwidth
+        # limit, a piece's send waits for the limiter after its id is taken).
+        assert dep.agent_status("a1")["link"]["connects"] == 1, dep.agent_status("a1")["link"]
         # Nothing of the copy went through the journal: its seqs are the writes' alone.
         assert seen["row"]["journaled_seq"] <= 2 * seen["writes"]
         assert_replica_equal(dep, image)
     finally:
         driver.quit()
+
+
+def test_checkpoints_under_a_bandwidth_limit_never_overtake_their_pieces(
+    dep: ArmedDeployment, tmp_path: Path
+) -> None:
+    """A checkpoint is asked for at a range's end; the next piece's send then waits for the
+    bandwidth limiter after its id is taken. The checkpoint counts the pieces sent when it
+    was asked for, not when it runs: one counting the waiting piece reached the process
+    server before it, which dropped the connection ("bulk-sync through N, but only N-1
+    sent") at nearly every checkpoint."""
+    size = 48 * MiB  # three ranges of random bytes, ~7 s at 6 MiB/s: a checkpoint falls due
+    image = tmp_path / "src.img"
+    make_image(image, size, seed=21, data_fraction=1.0)
+    dep.add_agent("a1", {"d1": image}, options={"bandwidth_limit": "6MiB"})
+    dep.start_ps()
+    dep.start_agent("a1")
+    row = wait_in_sync(dep, "a1", "d1", timeout=60)
+    bulk = row["bulk_copy"]
+    assert bulk["copies"] == 1 and bulk["fallbacks"] == 0, bulk
+    assert bulk["checkpoints"] >= 2, f"no checkpoint before the last: {bulk}"
+    link = dep.agent_status("a1")["link"]
+    assert link["connects"] == 1, link
+    assert "bulk-sync through" not in (dep.root / "ps.log").read_text()
+    assert cmp(image, dep.replica_path("d1"))
 
 
 def test_a_half_full_cache_ends_the_copy_and_the_sync_goes_on_in_journal_order(
