@@ -7,12 +7,14 @@ Rules it keeps:
   piece accepted is written: a cached batch is always applied after the copy of its region.
 - A piece is verified (length, XXH3-64 of the raw bytes) before a byte of it is written.
 - ``synced`` is reported only after the replica's ``fdatasync``: the agent clears its bitmap
-  only for pieces that are durable here.
+  only for pieces that are durable here. Once that ``fdatasync`` fails, nothing more is
+  counted durable and the copy cannot end (``ReplicaDisk.sync_replica``).
 - Ending (asked by the agent, or here when the cache nears its quota, since nothing is
   applied meanwhile) waits for the writes in flight, saves the state, then lifts the fence;
   pieces arriving after the end are dropped (the agent sends those regions again, in order
   with its journal).
-- Memory: at most ``BACKLOG`` bytes of received pieces (as sent: compressed) wait for the
+- Memory: at most ``BACKLOG`` bytes of received pieces (as sent: compressed; each counted
+  ``PIECE_COST`` more, so zero pieces, which carry no bytes, are bounded too) wait for the
   writer threads, each of which decodes one piece of at most ``BULK_MAX`` at a time (a zstd
   frame must state its size, which must be the piece's); beyond, the connection is not read
   (TCP backpressure).
@@ -24,7 +26,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ log = logging.getLogger("tidemark.ps.bulk")
 
 WORKERS = 2  # writer threads (decompress, verify, O_DIRECT write): both cores with the loop
 BACKLOG = 32 << 20  # received piece bytes waiting for the writers
+PIECE_COST = 4096  # counted against BACKLOG per piece besides its bytes: a zero piece has none
 NOTIFY_BYTES = 8 << 20  # written bytes between unasked bulk-state reports (the agent's window)
 
 
@@ -126,7 +128,7 @@ class BulkReceiver:
             return
         self.ended_reason = self.ended_reason or reason
         await self.drain(reraise=False)
-        await asyncio.to_thread(os.fdatasync, self.disk.replica_fd)
+        await self.disk.sync_replica()  # a failure is permanent: the fence stays
         self.synced = max(self.synced, self.written)
         failpoint("bulk.before_fence_lifted")
         await self.disk.set_bulk_fence(False)
@@ -154,7 +156,7 @@ class BulkReceiver:
         self._raise_error()
         if self.active and generation == self.generation:
             target = self.written  # what the fdatasync below covers
-            await asyncio.to_thread(os.fdatasync, self.disk.replica_fd)
+            await self.disk.sync_replica()  # (permanent once it fails: nothing more synced)
             failpoint("bulk.after_sync")
             if generation == self.generation:
                 self.synced = max(self.synced, target)
@@ -182,7 +184,8 @@ class BulkReceiver:
         if not self.active:
             self.dropped += 1
             return
-        while self._pending_bytes + len(msg.data) > BACKLOG and self._pending:
+        nbytes = len(msg.data) + PIECE_COST  # zero pieces too: at most BACKLOG / PIECE_COST
+        while self._pending_bytes + nbytes > BACKLOG and self._pending:
             await asyncio.wait({self._pending[0][2]})
             self._raise_error()
         if not self.active:  # ended while this piece waited for room
@@ -192,7 +195,6 @@ class BulkReceiver:
             self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "bulk-writer")
         loop = asyncio.get_running_loop()
         write = loop.run_in_executor(self._pool, self._write, msg)
-        nbytes = len(msg.data)
         self._pending.append((msg.bulk_id, nbytes, write))
         self._pending_bytes += nbytes
         generation = self.generation

@@ -302,13 +302,13 @@ class FailbackManager:
         failover = self._failover(link.disk_id)
         journal = failover.overlay.journal
         cursor = Cursor()
-        replica_fd = self.server.disks[link.disk_id].replica_fd
+        replica = self.server.disks[link.disk_id]
         released = link.acked_seq
         while True:
             if link.acked_seq > released:
                 # The target holds these durably: the replica's copy is made durable, then the
                 # records may go (a restart replays the journal onto the replica).
-                await asyncio.to_thread(os.fdatasync, replica_fd)
+                await replica.sync_replica()
                 released = link.acked_seq
                 await journal.release_through(released)
             if len(link.inflight) >= WINDOW_BATCHES or link.next_seq > journal.last_seq:

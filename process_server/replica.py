@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -61,6 +62,10 @@ BOUNDARIES_KEPT = 1 << 16  # recent batch ends: where a recovery point may fall
 
 class ReplicaError(TidemarkError):
     """A replica cannot be created or used (size mismatch, owner mismatch, corrupt state)."""
+
+
+class ReplicaSyncError(OSError):
+    """The replica's ``fdatasync`` failed, now or earlier in this process (permanent)."""
 
 
 class ReplicaDisk:
@@ -103,6 +108,7 @@ class ReplicaDisk:
         self._decoded_bytes = 0
         self.digest_bytes_read = 0
         self.applier_error: str | None = None
+        self.replica_sync_error: OSError | None = None  # see sync_replica: permanent
         self.session: Any = None  # the connection currently owning the disk
         self.report: dict[str, Any] | None = None  # newest heartbeat report from the agent
         self.report_time = 0.0
@@ -379,7 +385,7 @@ class ReplicaDisk:
         released, applied_seq jumps to the newest cached seq (the agent's journal restarts
         after it) and the undo history starts there. Returns that seq."""
         seq = self.cached_seq
-        await asyncio.to_thread(os.fdatasync, self._fd)
+        await self.sync_replica()
         state = dict(self._state, applied_seq=seq)
         await asyncio.to_thread(atomic_write_json, self.directory / STATE_FILE, state)
         self._state = state
@@ -565,13 +571,41 @@ class ReplicaDisk:
                     self.on_written(extent.offset, extent.length)
         failpoint("applier.after_replica_write")
 
+    async def sync_replica(self) -> None:
+        """``fdatasync`` the replica. Raises ReplicaSyncError, then and on every later call:
+        the kernel reports a writeback error once, and pages whose writeback failed stay in
+        the page cache looking written, so a later ``fdatasync`` that succeeds, or a digest
+        read from the cache, would call durable what may never reach the disk. The replica's
+        cached pages are dropped so that what reads it from now on (this process, and one
+        restarted on it) sees what the disk holds. What depends on it stops, loudly: the
+        applier (its cache is kept), a copy (its pieces are not counted durable), digests;
+        an operator restarts the process server once the disk is fixed, and everything not
+        recorded durable is applied or sent again."""
+        if self.replica_sync_error is not None:
+            raise ReplicaSyncError(
+                errno.EIO,
+                f"disk {self.disk_id}: an earlier fdatasync of the replica failed: "
+                f"{self.replica_sync_error}",
+            )
+        try:
+            await asyncio.to_thread(os.fdatasync, self._fd)
+        except OSError as exc:
+            self.replica_sync_error = exc
+            self.applier_error = f"the replica's fdatasync failed: {exc}"
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            log.error("disk=%s event=replica_sync_failed error=%r", self.disk_id, str(exc))
+            raise ReplicaSyncError(
+                exc.errno or errno.EIO, f"disk {self.disk_id}: fdatasync of the replica: {exc}"
+            ) from exc
+
     async def make_applied_durable(self) -> None:
         """fdatasync the replica, record applied_seq, free cache segments. Serialized: the
         recorded applied_seq only ever grows (the stop path and the applier may both call)."""
         async with self._durable_lock:
             target = self.applying_seq
             if target > self.applied_seq:
-                await asyncio.to_thread(os.fdatasync, self._fd)
+                await self.sync_replica()
                 failpoint("applier.before_applied_saved")
                 state = dict(self._state, applied_seq=target)
                 await asyncio.to_thread(atomic_write_json, self.directory / STATE_FILE, state)
@@ -603,6 +637,11 @@ class ReplicaDisk:
         once ``min_seq`` is applied; ``width`` 8 keeps the first 8 bytes of each XXH3-128."""
         if offset >= self.size:
             raise ReplicaError(f"disk {self.disk_id}: digest range starts past the end")
+        if self.replica_sync_error is not None:
+            raise ReplicaError(
+                f"disk {self.disk_id}: no digests: the replica's fdatasync failed "
+                f"({self.replica_sync_error})"
+            )
         await self.wait_applied(min_seq)
         seq = self.applying_seq
 

@@ -38,7 +38,7 @@ from process_server.failback import FailbackError, FailbackManager
 from process_server.failover import FailoverError, FailoverManager
 from process_server.pki import REVOKED, load_revoked_serials
 from process_server.points import PointError, PointsService
-from process_server.replica import ReplicaDisk, ReplicaError, check_disk_size
+from process_server.replica import ReplicaDisk, ReplicaError, ReplicaSyncError, check_disk_size
 from protocol.batch import Limits, decode_batch, validate_disk_id
 from protocol.control import (
     BulkBegin,
@@ -225,13 +225,14 @@ class ProcessServer:
 
     async def _applier(self, disk: ReplicaDisk) -> None:
         """Run a disk's applier; after an I/O error (a full disk) retry with backoff, so applying
-        resumes by itself once space returns. Corruption stops it for good, loudly."""
+        resumes by itself once space returns. Corruption, or a failed fdatasync of the replica
+        (ReplicaDisk.sync_replica), stops it for good, loudly."""
         delay = 0.1
         while True:
             try:
                 await disk.run_applier()
                 return
-            except (IntegrityError, LookupError) as exc:
+            except (IntegrityError, LookupError, ReplicaSyncError) as exc:
                 disk.applier_error = str(exc)
                 log.error("disk=%s event=applier_stopped error=%r", disk.disk_id, str(exc))
                 return
@@ -514,6 +515,8 @@ class ProcessServer:
         """Why a copy may not start on ``disk`` ('' when it may)."""
         if disk.fenced:
             return f"disk {disk.disk_id} is failed over"
+        if disk.replica_sync_error is not None:
+            return f"disk {disk.disk_id}: the replica's fdatasync failed: {disk.replica_sync_error}"
         assert self.catalog is not None
         if self.catalog.newest(disk.disk_id) is not None:
             return f"disk {disk.disk_id} has recovery points: a copy would break them"

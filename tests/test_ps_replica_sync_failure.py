@@ -1,0 +1,209 @@
+"""A failed ``fdatasync`` of a replica is permanent (process_server/replica.py,
+``ReplicaDisk.sync_replica``): the kernel reports a writeback error once, and the pages
+whose writeback failed stay in the page cache looking written. A later ``fdatasync`` that
+succeeds, or a digest read from the cache, must not call them durable: not the applier's
+(its cache is kept), not a copy's (its pieces are not counted durable, its fence stays).
+
+Also: the copy's receive backlog counts a piece's cost, not only its bytes, so a flood of
+zero pieces (no payload) cannot queue without bound. Real files, a real ``ReplicaDisk``;
+only the replica's ``fdatasync`` is made to fail (EIO, as a failing disk returns it)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+
+import process_server.bulk as bulk_mod
+from process_server.bulk import BACKLOG, PIECE_COST, BulkReceiver
+from process_server.replica import ReplicaDisk, ReplicaError, ReplicaSyncError
+from protocol.batch import Extent, Limits, encode_batch, peek_batch_header
+from protocol.frames import BULK_RAW, BULK_ZERO, BulkData
+
+MIB = 1 << 20
+SIZE = 8 * MIB
+
+
+def _open(root: Path) -> ReplicaDisk:
+    return ReplicaDisk.open(
+        root,
+        "d1",
+        limits=Limits(),
+        apply_sync_interval=0.0,
+        cache_quota=1 << 30,
+        cache_segment=1 * MIB,
+        create=("agent", SIZE),
+    )
+
+
+@pytest.fixture
+def failing_replica_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[ReplicaDisk, int], list[int]]]:
+    """``arm(disk, times)``: the next ``times`` fdatasyncs of that disk's replica fail with
+    EIO (every other file syncs as usual); returns the list of failures seen."""
+    real = os.fdatasync
+    armed: dict[int, int] = {}
+    failures: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        if armed.get(fd, 0) > 0:
+            armed[fd] -= 1
+            failures.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    def arm(disk: ReplicaDisk, times: int) -> list[int]:
+        armed[disk.replica_fd] = times
+        return failures
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    yield arm
+
+
+def test_a_failed_replica_sync_stops_the_applier_for_good(
+    tmp_path: Path, failing_replica_sync: Callable[[ReplicaDisk, int], list[int]]
+) -> None:
+    async def main() -> None:
+        disk = _open(tmp_path / "d")
+        failures = failing_replica_sync(disk, 1)
+        applier = asyncio.ensure_future(disk.run_applier())
+        try:
+            data = encode_batch("d1", 1, 1, [Extent(0, MIB, os.urandom(MIB))], newest_write_ns=1)
+            disk.append_batch(data, peek_batch_header(data))
+            await disk.sync_cache()
+            # Applied to the replica's page cache; recording it durable fails: the applier
+            # stops with the error (process_server/server.py stops it for good).
+            with pytest.raises(ReplicaSyncError):
+                await asyncio.wait_for(applier, 10)
+            assert failures == [disk.replica_fd]
+            # The disk works again, but what the failed sync covered is not known durable:
+            # the next sync fails too, and nothing is recorded or released.
+            with pytest.raises(ReplicaSyncError, match="earlier fdatasync"):
+                await disk.make_applied_durable()
+            assert len(failures) == 1, "the second attempt must not even try"
+            assert disk.applied_seq == 0 and disk.applying_seq == 1
+            assert disk.cache.first_seq == 1, "the cache let go of a batch not durably applied"
+            assert disk.status(0)["state"] == "error"
+            with pytest.raises(ReplicaError, match="fdatasync failed"):
+                await disk.digests(0, MIB, 64 << 10, 0)
+            # The stop path's own attempt fails the same way (and is suppressed there).
+            with pytest.raises(ReplicaSyncError):
+                await disk.restart_sequence()
+        finally:
+            applier.cancel()
+            await asyncio.gather(applier, return_exceptions=True)
+            disk.close()
+
+    asyncio.run(main())
+    # A process started on the replica again begins from the last durable applied seq, and
+    # finds the batch still cached to apply.
+    reopened = ReplicaDisk.open(
+        tmp_path / "d",
+        "d1",
+        limits=Limits(),
+        apply_sync_interval=0.0,
+        cache_quota=1 << 30,
+        cache_segment=1 * MIB,
+    )
+    try:
+        assert reopened.applied_seq == 0 and reopened.cached_seq == 1
+    finally:
+        reopened.close()
+
+
+def _piece(bulk_id: int, offset: int, data: bytes) -> BulkData:
+    return BulkData(
+        "d1", bulk_id, offset, len(data), BULK_RAW, xxhash.xxh3_64_intdigest(data), data
+    )
+
+
+def test_a_failed_replica_sync_counts_no_piece_durable_and_keeps_the_fence(
+    tmp_path: Path, failing_replica_sync: Callable[[ReplicaDisk, int], list[int]]
+) -> None:
+    async def main() -> None:
+        disk = _open(tmp_path / "d")
+        receiver = BulkReceiver(disk)
+        try:
+            await receiver.begin()
+            assert disk.bulk_fence
+            await receiver.receive(_piece(1, 0, os.urandom(MIB)))
+            await receiver.receive(_piece(2, MIB, os.urandom(MIB)))
+            failing_replica_sync(disk, 1)
+            with pytest.raises(ReplicaSyncError):
+                await receiver.sync(2, end=False)
+            assert receiver.written == 2 and receiver.synced == 0
+            # Asked again (a new connection resumes the copy), nothing is counted durable,
+            # and the copy cannot end: its held writes stay held, the fence saved.
+            with pytest.raises(ReplicaSyncError):
+                await receiver.sync(2, end=False)
+            assert receiver.synced == 0
+            with pytest.raises(ReplicaSyncError):
+                await receiver.sync(2, end=True)
+            assert receiver.synced == 0 and disk.bulk_fence
+        finally:
+            receiver.close()
+            disk.close()
+
+    asyncio.run(main())
+    reopened = ReplicaDisk.open(
+        tmp_path / "d",
+        "d1",
+        limits=Limits(),
+        apply_sync_interval=0.0,
+        cache_quota=1 << 30,
+        cache_segment=1 * MIB,
+    )
+    try:
+        assert reopened.bulk_fence, "a restarted process server must still hold the writes"
+    finally:
+        reopened.close()
+
+
+def test_zero_pieces_count_against_the_receive_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zero pieces carry no payload; with the writers stuck, a flood of them waits for room
+    once BACKLOG / PIECE_COST are queued instead of queueing without bound."""
+    gate = threading.Event()
+    real_zero_range = bulk_mod.zero_range
+
+    def stuck_zero_range(fd: int, offset: int, length: int, *, punch: bool) -> None:
+        gate.wait(30)
+        real_zero_range(fd, offset, length, punch=punch)
+
+    monkeypatch.setattr(bulk_mod, "zero_range", stuck_zero_range)
+    bound = BACKLOG // PIECE_COST
+
+    async def main() -> None:
+        disk = _open(tmp_path / "d")
+        receiver = BulkReceiver(disk)
+        try:
+            await receiver.begin()
+
+            async def flood() -> None:
+                for bulk_id in range(1, 4 * bound + 1):
+                    offset = (bulk_id * 4096) % SIZE
+                    await receiver.receive(BulkData("d1", bulk_id, offset, 4096, BULK_ZERO, 0, b""))
+
+            sender = asyncio.ensure_future(flood())
+            await asyncio.sleep(0.5)
+            assert not sender.done(), "every zero piece was queued: nothing bounds them"
+            queued = receiver.expected - 1
+            assert bound - 2 <= queued <= bound + 1, (queued, bound)
+            gate.set()
+            await asyncio.wait_for(sender, 60)
+            await receiver.drain()
+            assert receiver.written == 4 * bound
+        finally:
+            gate.set()
+            receiver.close()
+            disk.close()
+
+    asyncio.run(main())
