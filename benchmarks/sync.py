@@ -14,7 +14,7 @@ copy is durable at the end, as tidemark's replica is once applied; a run without
 already up; the clock runs from starting the agent until the disk is level (agent state
 ``replicating``, every journaled seq acknowledged and applied to the replica, which the
 process server ``fdatasync``s). Both copies are compared with the source (``cmp``). The
-pair is timed ``INITIAL_ROUNDS`` times (once with ``--quick``), ``nbdcopy`` and tidemark
+pair is timed ``INITIAL_ROUNDS`` times (once with ``--quick``), which goes first
 alternating, each time on a fresh target and a fresh deployment; the target is judged on
 the medians (a single pair on a shared 2-core VM swings with the minute), and every
 round's times are reported.
@@ -511,9 +511,11 @@ def tidemark_initial(
     options: dict[str, Any] | None = None,
     poll: float = 0.05,
     on_sample: OnSample | None = None,
+    label: str = "",
 ) -> tuple[Deployment, CountingProxy, dict[str, Any]]:
     """A fresh deployment; time from starting the agent until ``image`` is level.
-    ``options``: more agent settings; ``poll`` and ``on_sample``: as :func:`wait_level`."""
+    ``options``: more agent settings; ``poll`` and ``on_sample``: as :func:`wait_level`;
+    ``label``: told apart in the profiles' names (one per round)."""
     dep = Deployment(root)
     if (err := _check_paths(dep)) is not None:
         raise RuntimeError(err)
@@ -531,7 +533,7 @@ def tidemark_initial(
         t0 = time.monotonic()
         agent = dep.start_agent(AGENT)
         pids[f"agent-{disk}"] = agent.pid
-        prof = PySpy(f"initial-{disk}", {"agent": agent.pid, "ps": pids[f"ps-{disk}"]})
+        prof = PySpy(f"initial-{disk}{label}", {"agent": agent.pid, "ps": pids[f"ps-{disk}"]})
         sampler = ProcessSampler({"agent": agent.pid, "ps": pids[f"ps-{disk}"]}).start()
         try:
             row, ps_row = wait_level(dep, disk, timeout, poll, on_sample)
@@ -588,20 +590,38 @@ def phase_initial(
     dep = None
     for n in range(rounds):
         suffix = "" if n == 0 else f"-{n + 1}"
-        nbdcopy = run_nbdcopy(image, target, sock, flush=True, pids=pids, label="b" + suffix)
-        target.unlink()
-        round_pids: dict[str, int] = {}
-        dep_n, proxy, tm = tidemark_initial(
-            root / f"d{suffix}", image, INIT_DISK, round_pids, timeout
-        )
-        pids.update({k + suffix: v for k, v in round_pids.items()})
-        try:
-            replica = dep_n.replica_path(INIT_DISK)
-            tm["equal"] = same(image, replica)
-            tm["replica_allocated_bytes"] = allocated(replica)
-        finally:
-            dep_n.stop_all()
-            proxy.close()
+
+        def timed_nbdcopy(suffix: str = suffix) -> dict[str, Any]:
+            copy = run_nbdcopy(image, target, sock, flush=True, pids=pids, label="b" + suffix)
+            target.unlink()
+            return copy
+
+        def timed_tidemark(suffix: str = suffix) -> tuple[Deployment, dict[str, Any]]:
+            round_pids: dict[str, int] = {}
+            try:
+                dep_n, proxy, tm = tidemark_initial(
+                    root / f"d{suffix}", image, INIT_DISK, round_pids, timeout, label=suffix
+                )
+            finally:  # (a round that fails midway: its processes are accounted for too)
+                pids.update({k + suffix: v for k, v in round_pids.items()})
+            try:
+                replica = dep_n.replica_path(INIT_DISK)
+                tm["equal"] = same(image, replica)
+                tm["replica_allocated_bytes"] = allocated(replica)
+                replica.unlink()  # the floors need only the deployment's PKI
+            finally:
+                dep_n.stop_all()
+                proxy.close()
+            return dep_n, tm
+
+        # Alternating ABBA: neither tool always runs right after the other's clean-up.
+        first = "nbdcopy" if n % 2 == 0 else "tidemark"
+        if first == "nbdcopy":
+            nbdcopy = timed_nbdcopy()
+            dep_n, tm = timed_tidemark()
+        else:
+            dep_n, tm = timed_tidemark()
+            nbdcopy = timed_nbdcopy()
         if n == 0:
             dep = dep_n  # its PKI serves the floors
             out["nbdcopy"], out["tidemark"] = nbdcopy, tm
@@ -609,6 +629,7 @@ def phase_initial(
             shutil.rmtree(dep_n.root)
         out["rounds"].append(
             {
+                "first": first,
                 "nbdcopy_seconds": nbdcopy["seconds"],
                 "tidemark_seconds": tm["seconds"],
                 "ratio": ratio(tm["seconds"], nbdcopy["seconds"]),
@@ -824,8 +845,16 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
             )
         )
     ini = details.get("initial") or {}
-    if all(k in ini for k in ("tidemark", "nbdcopy", "nbdcopy_noflush", "rounds")):
-        tm, nc, rounds = ini["tidemark"], ini["nbdcopy"], ini["rounds"]
+    if all(k in ini for k in ("tidemark", "nbdcopy", "nbdcopy_noflush")):
+        tm, nc = ini["tidemark"], ini["nbdcopy"]
+        rounds = ini.get("rounds") or [  # a JSON from before the rounds: its one pair
+            {
+                "nbdcopy_seconds": nc["seconds"],
+                "tidemark_seconds": tm["seconds"],
+                "ratio": ratio(tm["seconds"], nc["seconds"]),
+                "equal": bool(tm.get("equal") and nc.get("equal")),
+            }
+        ]
         tm_s = statistics.median(r["tidemark_seconds"] for r in rounds)
         nc_s = statistics.median(r["nbdcopy_seconds"] for r in rounds)
         r = ratio(tm_s, nc_s)
@@ -852,7 +881,7 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
                     "initial sync rounds: tidemark / nbdcopy seconds (ratio)",
                     ", ".join(
                         f"{x['tidemark_seconds']:.2f}/{x['nbdcopy_seconds']:.2f}"
-                        f" ({x['tidemark_seconds'] / x['nbdcopy_seconds']:.2f}x)"
+                        + (f" ({x['ratio']:.2f}x)" if x.get("ratio") is not None else "")
                         for x in rounds
                     ),
                     "",
