@@ -146,6 +146,7 @@ class GroupCommit:
         self._written = 0
         self._synced = 0
         self._lock = asyncio.Lock()
+        self._thread_lock = threading.Lock()  # one sync at a time, even past a cancel
         self._failed: OSError | None = None
 
     def mark(self) -> None:
@@ -165,12 +166,23 @@ class GroupCommit:
             raise OSError(errno.EIO, f"an earlier fdatasync failed: {self._failed}")
 
     def _sync_recording(self) -> None:
-        # Recorded in the thread itself: a caller cancelled meanwhile must not lose it.
-        try:
-            self._sync()
-        except OSError as exc:
-            self._failed = exc
-            raise
+        # Recorded in the thread itself: a caller cancelled meanwhile must not lose it. Under
+        # a lock: a sync started after a cancelled caller let go of ``_lock`` waits, then
+        # sees the failure, instead of returning 0 for the error the first one consumed.
+        with self._thread_lock:
+            self._check()
+            try:
+                self._sync()
+            except OSError as exc:
+                self._failed = exc
+                raise
+
+    def sync_now(self) -> None:
+        """In a worker thread: one sync now, a failure recorded as ``commit()`` records it.
+        Raises OSError."""
+        generation = self._written
+        self._sync_recording()
+        self._synced = max(self._synced, generation)
 
     async def commit(self) -> None:
         """Raises OSError (this sync's error, or EIO after an earlier failure)."""

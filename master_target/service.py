@@ -331,6 +331,7 @@ class MasterTarget:
             with contextlib.suppress(asyncio.CancelledError):
                 await applier
         await disk.make_applied_durable()
+        await disk.sync_replica()  # (fails at once after an earlier failed sync)
         await asyncio.to_thread(os.fsync, disk.replica_fd)
         dc = next(d for d in self.cfg.disks if d.id == body.disk)
         report = {

@@ -35,6 +35,7 @@ import zstandard
 from common.direct_write import DirectWriter
 from common.durable import pwrite_all, zero_range
 from common.failpoints import failpoint
+from process_server.replica import ReplicaSyncError
 from protocol.batch import zstd_decompressor
 from protocol.control import BulkState
 from protocol.frames import BULK_MAX, BULK_ZERO, BULK_ZSTD, BulkData
@@ -128,7 +129,11 @@ class BulkReceiver:
             return
         self.ended_reason = self.ended_reason or reason
         await self.drain(reraise=False)
-        await self.disk.sync_replica()  # a failure is permanent: the fence stays
+        try:
+            await self.disk.sync_replica()
+        except ReplicaSyncError as exc:  # permanent: the fence stays, the held writes held
+            self._sync_failed(exc)
+            return
         self.synced = max(self.synced, self.written)
         failpoint("bulk.before_fence_lifted")
         await self.disk.set_bulk_fence(False)
@@ -156,11 +161,23 @@ class BulkReceiver:
         self._raise_error()
         if self.active and generation == self.generation:
             target = self.written  # what the fdatasync below covers
-            await self.disk.sync_replica()  # (permanent once it fails: nothing more synced)
+            try:
+                await self.disk.sync_replica()
+            except ReplicaSyncError as exc:  # permanent: nothing more is counted durable
+                self._sync_failed(exc)
+                return self.state()
             failpoint("bulk.after_sync")
             if generation == self.generation:
                 self.synced = max(self.synced, target)
         return self.state()
+
+    def _sync_failed(self, exc: ReplicaSyncError) -> None:
+        """The replica's fdatasync failed: the copy is over (pieces after it are dropped),
+        answered as such, so the agent goes on without it; a new one is refused
+        (process_server/server.py) until an operator restarts this server."""
+        self.active = False
+        self.ended_reason = f"the replica's fdatasync failed: {exc}"
+        log.error("disk=%s event=bulk_copy_failed error=%r", self.disk.disk_id, str(exc))
 
     def state(self) -> BulkState:
         return BulkState(

@@ -426,7 +426,8 @@ class FailoverManager:
                 save_rolled_back, self.directory / failover.disk_id, rolled_back
             )
         failpoint("failover.commit.before_merge")
-        await failover.overlay.merge(disk.replica_fd)  # the export's I/O waits meanwhile
+        # the export's I/O waits meanwhile
+        await failover.overlay.merge(disk.replica_fd, disk.sync_replica_blocking)
         failpoint("failover.commit.after_merge")
         failover.record["state"] = "committed"
         await asyncio.to_thread(self._save, failover.record)

@@ -309,21 +309,22 @@ class OverlayDisk:
         self.writes += 1
         self.written_bytes += length
 
-    async def merge(self, replica_fd: int) -> None:
+    async def merge(self, replica_fd: int, sync: Callable[[], None]) -> None:
         """:meth:`merge_into` in a worker thread, with the export's reads and writes held
         for its length (those under way finish first)."""
         self._open_gate.clear()
         try:
             while self._busy:
                 await self._quiet.wait()
-            await to_thread_outliving_cancel(self.merge_into, replica_fd)
+            await to_thread_outliving_cancel(self.merge_into, replica_fd, sync)
         finally:
             self._open_gate.set()  # (cancelled: only once the thread is done merging)
 
-    def merge_into(self, replica_fd: int) -> None:
+    def merge_into(self, replica_fd: int, sync: Callable[[], None]) -> None:
         """Commit: write the point (the view's undo pieces) and then the overlay into the
-        replica, fdatasync it, and from then on work on the replica directly. Idempotent, so
-        a commit a crash interrupted is simply done again."""
+        replica, ``sync`` it (``ReplicaDisk.sync_replica_blocking``: a failure is
+        permanent), and from then on work on the replica directly. Idempotent, so a commit a
+        crash interrupted is simply done again."""
         if self.direct:
             return
         view = self.view
@@ -340,7 +341,7 @@ class OverlayDisk:
                     n = min(8 << 20, end - pos)
                     pwrite_all(replica_fd, os.pread(self._fd, n, pos), pos)
                     pos += n
-            os.fdatasync(replica_fd)
+            sync()
             view.map = ExtentMap()
             old, self._fd = self._fd, os.dup(replica_fd)
             self.written = ExtentMap()

@@ -35,7 +35,7 @@ from common.aio import to_thread_outliving_cancel
 from common.at_rest import Sealer
 from common.digests import chunk_digests
 from common.direct_write import DirectWriter
-from common.durable import atomic_write_json, pwrite_all, read_json, zero_range
+from common.durable import GroupCommit, atomic_write_json, pwrite_all, read_json, zero_range
 from common.errors import IntegrityError, TidemarkError
 from common.failpoints import failpoint
 from common.segment_log import Cursor, RecordLocation, SegmentLog
@@ -89,6 +89,7 @@ class ReplicaDisk:
         self._state = state
         self.cache = cache
         self._fd = replica_fd
+        self._replica_commit = GroupCommit(self._fdatasync_replica)  # see sync_replica
         self.limits = limits
         self.apply_sync_interval = apply_sync_interval
         self.cache_quota = cache_quota
@@ -108,7 +109,6 @@ class ReplicaDisk:
         self._decoded_bytes = 0
         self.digest_bytes_read = 0
         self.applier_error: str | None = None
-        self.replica_sync_error: OSError | None = None  # see sync_replica: permanent
         self.session: Any = None  # the connection currently owning the disk
         self.report: dict[str, Any] | None = None  # newest heartbeat report from the agent
         self.report_time = 0.0
@@ -571,30 +571,49 @@ class ReplicaDisk:
                     self.on_written(extent.offset, extent.length)
         failpoint("applier.after_replica_write")
 
+    @property
+    def replica_sync_error(self) -> OSError | None:
+        """The failure of the replica's fdatasync, once one failed (see sync_replica)."""
+        return self._replica_commit.failed
+
+    def _fdatasync_replica(self) -> None:
+        """The replica's fdatasync (a worker thread). What a failure sets is set here, not by
+        the awaiting caller, which may be cancelled meanwhile."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self.applier_error = f"the replica's fdatasync failed: {exc}"
+            if not self.fenced:  # a failover's guest keeps what it reads until it stops
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            log.error("disk=%s event=replica_sync_failed error=%r", self.disk_id, str(exc))
+            raise
+
+    def sync_replica_blocking(self) -> None:
+        """:meth:`sync_replica` for a worker thread. Raises ReplicaSyncError."""
+        self._replica_commit.mark()
+        try:
+            self._replica_commit.sync_now()
+        except OSError as exc:
+            raise ReplicaSyncError(
+                exc.errno or errno.EIO, f"disk {self.disk_id}: fdatasync of the replica: {exc}"
+            ) from exc
+
     async def sync_replica(self) -> None:
         """``fdatasync`` the replica. Raises ReplicaSyncError, then and on every later call:
         the kernel reports a writeback error once, and pages whose writeback failed stay in
         the page cache looking written, so a later ``fdatasync`` that succeeds, or a digest
-        read from the cache, would call durable what may never reach the disk. The replica's
-        cached pages are dropped so that what reads it from now on (this process, and one
-        restarted on it) sees what the disk holds. What depends on it stops, loudly: the
-        applier (its cache is kept), a copy (its pieces are not counted durable), digests;
-        an operator restarts the process server once the disk is fixed, and everything not
-        recorded durable is applied or sent again."""
-        if self.replica_sync_error is not None:
-            raise ReplicaSyncError(
-                errno.EIO,
-                f"disk {self.disk_id}: an earlier fdatasync of the replica failed: "
-                f"{self.replica_sync_error}",
-            )
+        read from the cache, would call durable what may never reach the disk. Unless a
+        failover serves the replica, its cached pages are dropped so that what reads it from
+        now on (this process, and one restarted on it) sees what the disk holds. What depends
+        on it stops, loudly: the applier (its cache is kept), a copy (its pieces are not
+        counted durable), digests; an operator restarts the process server once the disk is
+        fixed, and everything not recorded durable is applied or sent again. One sync at a
+        time, shared by the callers that ask meanwhile (common.durable.GroupCommit)."""
+        self._replica_commit.mark()
         try:
-            await asyncio.to_thread(os.fdatasync, self._fd)
+            await self._replica_commit.commit()
         except OSError as exc:
-            self.replica_sync_error = exc
-            self.applier_error = f"the replica's fdatasync failed: {exc}"
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            log.error("disk=%s event=replica_sync_failed error=%r", self.disk_id, str(exc))
             raise ReplicaSyncError(
                 exc.errno or errno.EIO, f"disk {self.disk_id}: fdatasync of the replica: {exc}"
             ) from exc

@@ -38,6 +38,39 @@ async def test_a_failed_group_commit_fails_every_later_commit() -> None:
     assert commit.failed is not None
 
 
+async def test_a_sync_after_a_cancelled_failing_one_waits_for_it_and_fails() -> None:
+    """A caller cancelled during a sync lets go of the commit's lock while its thread still
+    syncs. A sync asked for meanwhile must not run beside it: the kernel reports the error
+    to one fdatasync only, and the other would return 0 for pages that may be lost."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def sync() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            started.set()
+            release.wait(5)
+            raise OSError(errno.EIO, "writeback error (reported once by the kernel)")
+
+    commit = GroupCommit(sync)
+    commit.mark()
+    first = asyncio.create_task(commit.commit())
+    await asyncio.to_thread(started.wait, 5)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    commit.mark()
+    second = asyncio.create_task(commit.commit())
+    await asyncio.sleep(0.05)  # its thread waits for the first one's
+    release.set()
+    with pytest.raises(OSError) as failed:
+        await asyncio.wait_for(second, 5)
+    assert failed.value.errno == errno.EIO and len(calls) == 1
+    with pytest.raises(OSError):
+        await asyncio.to_thread(commit.sync_now)  # a worker thread's sync fails the same way
+    assert len(calls) == 1
+
+
 async def test_a_failure_is_kept_when_its_caller_was_cancelled() -> None:
     started, release = threading.Event(), threading.Event()
 

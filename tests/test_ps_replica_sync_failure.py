@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import xxhash
@@ -23,6 +24,7 @@ import xxhash
 import process_server.bulk as bulk_mod
 from process_server.bulk import BACKLOG, PIECE_COST, BulkReceiver
 from process_server.replica import ReplicaDisk, ReplicaError, ReplicaSyncError
+from process_server.server import ProcessServer
 from protocol.batch import Extent, Limits, encode_batch, peek_batch_header
 from protocol.frames import BULK_RAW, BULK_ZERO, BulkData
 
@@ -93,9 +95,12 @@ def test_a_failed_replica_sync_stops_the_applier_for_good(
             assert disk.status(0)["state"] == "error"
             with pytest.raises(ReplicaError, match="fdatasync failed"):
                 await disk.digests(0, MIB, 64 << 10, 0)
-            # The stop path's own attempt fails the same way (and is suppressed there).
+            # So does every other way to sync it: a failback's swap, a failover's commit.
             with pytest.raises(ReplicaSyncError):
                 await disk.restart_sequence()
+            with pytest.raises(ReplicaSyncError):
+                await asyncio.to_thread(disk.sync_replica_blocking)
+            assert len(failures) == 1
         finally:
             applier.cancel()
             await asyncio.gather(applier, return_exceptions=True)
@@ -118,6 +123,30 @@ def test_a_failed_replica_sync_stops_the_applier_for_good(
         reopened.close()
 
 
+def test_the_server_stops_the_applier_for_good_instead_of_retrying(
+    tmp_path: Path, failing_replica_sync: Callable[[ReplicaDisk, int], list[int]]
+) -> None:
+    """ProcessServer._applier retries an I/O error (a full disk) with backoff; a failed sync
+    of the replica it must not retry: it returns, the disk in error."""
+
+    async def main() -> None:
+        disk = _open(tmp_path / "d")
+        try:
+            failures = failing_replica_sync(disk, 1)
+            data = encode_batch("d1", 1, 1, [Extent(0, MIB, os.urandom(MIB))], newest_write_ns=1)
+            disk.append_batch(data, peek_batch_header(data))
+            await disk.sync_cache()
+            # (the method uses nothing of the server but its argument)
+            await asyncio.wait_for(ProcessServer._applier(cast(Any, None), disk), 10)
+            assert failures == [disk.replica_fd]
+            assert disk.applier_error and "fdatasync" in disk.applier_error
+            assert disk.applied_seq == 0
+        finally:
+            disk.close()
+
+    asyncio.run(main())
+
+
 def _piece(bulk_id: int, offset: int, data: bytes) -> BulkData:
     return BulkData(
         "d1", bulk_id, offset, len(data), BULK_RAW, xxhash.xxh3_64_intdigest(data), data
@@ -136,17 +165,19 @@ def test_a_failed_replica_sync_counts_no_piece_durable_and_keeps_the_fence(
             await receiver.receive(_piece(1, 0, os.urandom(MIB)))
             await receiver.receive(_piece(2, MIB, os.urandom(MIB)))
             failing_replica_sync(disk, 1)
-            with pytest.raises(ReplicaSyncError):
-                await receiver.sync(2, end=False)
-            assert receiver.written == 2 and receiver.synced == 0
-            # Asked again (a new connection resumes the copy), nothing is counted durable,
-            # and the copy cannot end: its held writes stay held, the fence saved.
-            with pytest.raises(ReplicaSyncError):
-                await receiver.sync(2, end=False)
-            assert receiver.synced == 0
-            with pytest.raises(ReplicaSyncError):
-                await receiver.sync(2, end=True)
-            assert receiver.synced == 0 and disk.bulk_fence
+            # Answered (the agent goes on without the copy), not a dropped link.
+            state = await receiver.sync(2, end=False)
+            assert not state.active and "fdatasync failed" in state.error, state
+            assert receiver.written == 2 and state.synced == receiver.synced == 0
+            # A piece after it is dropped; asked again, nothing is counted durable, and the
+            # copy cannot end: its held writes stay held, the fence saved.
+            await receiver.receive(_piece(3, 2 * MIB, os.urandom(MIB)))
+            assert receiver.dropped == 1
+            state = await receiver.sync(2, end=False)
+            assert state.synced == 0 and not state.active
+            state = await receiver.sync(3, end=True)
+            assert state.synced == 0 and not state.active and "fdatasync" in state.error
+            assert disk.bulk_fence
         finally:
             receiver.close()
             disk.close()
