@@ -32,7 +32,8 @@ MIB = 1 << 20
 SIZE = 8 * MIB
 
 
-def _open(root: Path) -> ReplicaDisk:
+def _open(root: Path, *, create: bool = True) -> ReplicaDisk:
+    """A new replica, or (``create`` False) the one at ``root`` opened again."""
     return ReplicaDisk.open(
         root,
         "d1",
@@ -40,7 +41,7 @@ def _open(root: Path) -> ReplicaDisk:
         apply_sync_interval=0.0,
         cache_quota=1 << 30,
         cache_segment=1 * MIB,
-        create=("agent", SIZE),
+        create=("agent", SIZE) if create else None,
     )
 
 
@@ -109,14 +110,7 @@ def test_a_failed_replica_sync_stops_the_applier_for_good(
     asyncio.run(main())
     # A process started on the replica again begins from the last durable applied seq, and
     # finds the batch still cached to apply.
-    reopened = ReplicaDisk.open(
-        tmp_path / "d",
-        "d1",
-        limits=Limits(),
-        apply_sync_interval=0.0,
-        cache_quota=1 << 30,
-        cache_segment=1 * MIB,
-    )
+    reopened = _open(tmp_path / "d", create=False)
     try:
         assert reopened.applied_seq == 0 and reopened.cached_seq == 1
     finally:
@@ -183,14 +177,7 @@ def test_a_failed_replica_sync_counts_no_piece_durable_and_keeps_the_fence(
             disk.close()
 
     asyncio.run(main())
-    reopened = ReplicaDisk.open(
-        tmp_path / "d",
-        "d1",
-        limits=Limits(),
-        apply_sync_interval=0.0,
-        cache_quota=1 << 30,
-        cache_segment=1 * MIB,
-    )
+    reopened = _open(tmp_path / "d", create=False)
     try:
         assert reopened.bulk_fence, "a restarted process server must still hold the writes"
     finally:
