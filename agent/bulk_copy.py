@@ -189,7 +189,7 @@ class BulkCopier:
         )
         started = time.monotonic()
         await self._pieces(regions, stats)
-        state = await self._checkpoint(stats, end=True)
+        state = await self._checkpoint(stats, self._sent_id, end=True)
         if not self._stopped and (state.active or state.synced < self._sent_id):
             self._stopped = state.error or "the process server did not make every piece durable"
         disk.set_bulk_open(False)
@@ -406,7 +406,7 @@ class BulkCopier:
                 # may come after the next piece's id is taken and before that piece is sent
                 # (the bandwidth limiter), and a count past what was sent ends the link.
                 self._checkpoint_task = asyncio.ensure_future(
-                    self._checkpoint(stats, through=self._sent_id)
+                    self._checkpoint(stats, self._sent_id)
                 )
 
     async def _window(self, window: int) -> bool:
@@ -432,13 +432,10 @@ class BulkCopier:
             self._written_bytes = self._sent.popleft()[1]
         return self._written_bytes
 
-    async def _checkpoint(
-        self, stats: SyncStats, *, end: bool = False, through: int | None = None
-    ) -> BulkState:
-        """Ask for every piece through ``through`` (default: every piece sent so far) to be
-        made durable; clear the ranges it covers."""
+    async def _checkpoint(self, stats: SyncStats, through: int, *, end: bool = False) -> BulkState:
+        """Ask for every piece through ``through`` (sent already: taken when the checkpoint
+        is asked for, not when it runs) to be made durable; clear the ranges it covers."""
         disk = self.disk
-        through = self._sent_id if through is None else through
         state = await self.shipper.ask_bulk(BulkSync(disk.disk_id, through, end), disk.disk_id)
         self.checkpoints += 1
         while self._done and self._done[0][2] <= state.synced:

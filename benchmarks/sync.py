@@ -590,38 +590,14 @@ def phase_initial(
     dep = None
     for n in range(rounds):
         suffix = "" if n == 0 else f"-{n + 1}"
-
-        def timed_nbdcopy(suffix: str = suffix) -> dict[str, Any]:
-            copy = run_nbdcopy(image, target, sock, flush=True, pids=pids, label="b" + suffix)
-            target.unlink()
-            return copy
-
-        def timed_tidemark(suffix: str = suffix) -> tuple[Deployment, dict[str, Any]]:
-            round_pids: dict[str, int] = {}
-            try:
-                dep_n, proxy, tm = tidemark_initial(
-                    root / f"d{suffix}", image, INIT_DISK, round_pids, timeout, label=suffix
-                )
-            finally:  # (a round that fails midway: its processes are accounted for too)
-                pids.update({k + suffix: v for k, v in round_pids.items()})
-            try:
-                replica = dep_n.replica_path(INIT_DISK)
-                tm["equal"] = same(image, replica)
-                tm["replica_allocated_bytes"] = allocated(replica)
-                replica.unlink()  # the floors need only the deployment's PKI
-            finally:
-                dep_n.stop_all()
-                proxy.close()
-            return dep_n, tm
-
-        # Alternating ABBA: neither tool always runs right after the other's clean-up.
+        # Which goes first alternates: neither always runs right after the other's clean-up.
         first = "nbdcopy" if n % 2 == 0 else "tidemark"
+        if first == "tidemark":
+            dep_n, tm = _initial_round(root, image, suffix, pids, timeout)
+        nbdcopy = run_nbdcopy(image, target, sock, flush=True, pids=pids, label="b" + suffix)
+        target.unlink()
         if first == "nbdcopy":
-            nbdcopy = timed_nbdcopy()
-            dep_n, tm = timed_tidemark()
-        else:
-            dep_n, tm = timed_tidemark()
-            nbdcopy = timed_nbdcopy()
+            dep_n, tm = _initial_round(root, image, suffix, pids, timeout)
         if n == 0:
             dep = dep_n  # its PKI serves the floors
             out["nbdcopy"], out["tidemark"] = nbdcopy, tm
@@ -643,6 +619,30 @@ def phase_initial(
         out[name] = tls_floor(dep, root, size, data, level, direct, threads)
         for side in ("client", "server"):
             pids[f"{name}-{side}"] = out[name]["processes"][side]["pid"]
+
+
+def _initial_round(
+    root: Path, image: Path, suffix: str, pids: dict[str, int], timeout: float
+) -> tuple[Deployment, dict[str, Any]]:
+    """One round's tidemark initial sync (:func:`tidemark_initial`), its replica compared
+    with the source and then deleted (the floors need only the deployment's PKI), the
+    deployment stopped; its pids go into ``pids`` with ``suffix``, also when it fails."""
+    round_pids: dict[str, int] = {}
+    try:
+        dep, proxy, tm = tidemark_initial(
+            root / f"d{suffix}", image, INIT_DISK, round_pids, timeout, label=suffix
+        )
+    finally:
+        pids.update({k + suffix: v for k, v in round_pids.items()})
+    try:
+        replica = dep.replica_path(INIT_DISK)
+        tm["equal"] = same(image, replica)
+        tm["replica_allocated_bytes"] = allocated(replica)
+        replica.unlink()
+    finally:
+        dep.stop_all()
+        proxy.close()
+    return dep, tm
 
 
 def tls_floor(

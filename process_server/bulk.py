@@ -129,10 +129,7 @@ class BulkReceiver:
             return
         self.ended_reason = self.ended_reason or reason
         await self.drain(reraise=False)
-        try:
-            await self.disk.sync_replica()
-        except ReplicaSyncError as exc:  # permanent: the fence stays, the held writes held
-            self._sync_failed(exc)
+        if not await self._sync_replica():  # the fence stays, the held writes held
             return
         self.synced = max(self.synced, self.written)
         failpoint("bulk.before_fence_lifted")
@@ -161,23 +158,26 @@ class BulkReceiver:
         self._raise_error()
         if self.active and generation == self.generation:
             target = self.written  # what the fdatasync below covers
-            try:
-                await self.disk.sync_replica()
-            except ReplicaSyncError as exc:  # permanent: nothing more is counted durable
-                self._sync_failed(exc)
+            if not await self._sync_replica():  # nothing more is counted durable
                 return self.state()
             failpoint("bulk.after_sync")
             if generation == self.generation:
                 self.synced = max(self.synced, target)
         return self.state()
 
-    def _sync_failed(self, exc: ReplicaSyncError) -> None:
-        """The replica's fdatasync failed: the copy is over (pieces after it are dropped),
-        answered as such, so the agent goes on without it; a new one is refused
-        (process_server/server.py) until an operator restarts this server."""
-        self.active = False
-        self.ended_reason = f"the replica's fdatasync failed: {exc}"
-        log.error("disk=%s event=bulk_copy_failed error=%r", self.disk.disk_id, str(exc))
+    async def _sync_replica(self) -> bool:
+        """The replica's fdatasync; False when it failed (now or before: permanent): the copy
+        is over (pieces after it are dropped), answered as such, so the agent goes on without
+        it; a new one is refused (process_server/server.py) until an operator restarts this
+        server."""
+        try:
+            await self.disk.sync_replica()
+        except ReplicaSyncError as exc:
+            self.active = False
+            self.ended_reason = f"the replica's fdatasync failed: {exc}"
+            log.error("disk=%s event=bulk_copy_failed error=%r", self.disk.disk_id, str(exc))
+            return False
+        return True
 
     def state(self) -> BulkState:
         return BulkState(

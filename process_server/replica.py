@@ -595,9 +595,12 @@ class ReplicaDisk:
         try:
             self._replica_commit.sync_now()
         except OSError as exc:
-            raise ReplicaSyncError(
-                exc.errno or errno.EIO, f"disk {self.disk_id}: fdatasync of the replica: {exc}"
-            ) from exc
+            raise self._sync_error(exc) from exc
+
+    def _sync_error(self, exc: OSError) -> ReplicaSyncError:
+        return ReplicaSyncError(
+            exc.errno or errno.EIO, f"disk {self.disk_id}: fdatasync of the replica: {exc}"
+        )
 
     async def sync_replica(self) -> None:
         """``fdatasync`` the replica. Raises ReplicaSyncError, then and on every later call:
@@ -614,9 +617,7 @@ class ReplicaDisk:
         try:
             await self._replica_commit.commit()
         except OSError as exc:
-            raise ReplicaSyncError(
-                exc.errno or errno.EIO, f"disk {self.disk_id}: fdatasync of the replica: {exc}"
-            ) from exc
+            raise self._sync_error(exc) from exc
 
     async def make_applied_durable(self) -> None:
         """fdatasync the replica, record applied_seq, free cache segments. Serialized: the
