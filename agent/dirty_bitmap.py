@@ -6,6 +6,7 @@ replaced atomically (temp file, fsync, rename, fsync of the directory).
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from common.errors import IntegrityError
 _HEADER = struct.Struct(">8sQQQ")  # magic, disk size, granularity, xxh3_64 of the bits
 _MAGIC = b"TMBITMAP"
 DEFAULT_GRANULARITY = 64 << 10
+_SOME_SET = re.compile(rb"[^\x00]+")  # runs of bytes with a dirty chunk (found in C)
+_ALL_SET = re.compile(rb"\xff+")
 
 
 class DirtyBitmap:
@@ -37,8 +40,7 @@ class DirtyBitmap:
             return
         first = offset // self.granularity
         last = min((offset + length - 1) // self.granularity, self.chunks - 1)
-        for chunk in range(first, last + 1):
-            self.bits[chunk >> 3] |= 1 << (chunk & 7)
+        self._assign(first, last + 1, True)
         self.changed = True
 
     def clear(self, offset: int, length: int) -> None:
@@ -46,17 +48,39 @@ class DirtyBitmap:
         first = -(-offset // self.granularity)
         end = offset + length
         last = (end // self.granularity if end < self.size else self.chunks) - 1
-        for chunk in range(first, last + 1):
-            self.bits[chunk >> 3] &= ~(1 << (chunk & 7)) & 0xFF
+        self._assign(first, last + 1, False)
         self.changed = True
+
+    def _assign(self, first: int, end: int, dirty: bool) -> None:
+        """Chunks [first, end) set or cleared: whole bytes at once, bit by bit at the ends
+        (a 2 TiB disk has 32 Mi chunks: one loop step per chunk blocked its event loop for
+        seconds)."""
+        bits = self.bits
+        while first < end and first & 7:
+            self._assign_bit(first, dirty)
+            first += 1
+        whole_end = end & ~7
+        if first < whole_end:
+            bits[first >> 3 : whole_end >> 3] = (b"\xff" if dirty else b"\x00") * (
+                (whole_end - first) >> 3
+            )
+            first = whole_end
+        while first < end:
+            self._assign_bit(first, dirty)
+            first += 1
+
+    def _assign_bit(self, chunk: int, dirty: bool) -> None:
+        if dirty:
+            self.bits[chunk >> 3] |= 1 << (chunk & 7)
+        else:
+            self.bits[chunk >> 3] &= ~(1 << (chunk & 7)) & 0xFF
 
     @property
     def empty(self) -> bool:
         return not any(self.bits)
 
     def mark_all(self) -> None:
-        for chunk in range(self.chunks):
-            self.bits[chunk >> 3] |= 1 << (chunk & 7)
+        self._assign(0, self.chunks, True)
         self.changed = True
 
     def is_dirty(self, chunk: int) -> bool:
@@ -68,17 +92,36 @@ class DirtyBitmap:
         return min(count * self.granularity, self.size)
 
     def regions(self) -> list[tuple[int, int]]:
-        """Dirty ``(offset, length)`` ranges, adjacent chunks merged."""
-        out: list[tuple[int, int]] = []
-        start = None
-        for chunk in range(self.chunks + 1):
-            dirty = chunk < self.chunks and self.is_dirty(chunk)
-            if dirty and start is None:
-                start = chunk
-            elif not dirty and start is not None:
-                begin = start * self.granularity
-                out.append((begin, min(chunk * self.granularity, self.size) - begin))
-                start = None
+        """Dirty ``(offset, length)`` ranges, adjacent chunks merged. Clean bytes are skipped
+        and all-dirty bytes taken whole in C; Python only steps through mixed bytes."""
+        runs: list[list[int]] = []  # [first chunk, end chunk)
+
+        def add(first: int, end: int) -> None:
+            if runs and runs[-1][1] == first:
+                runs[-1][1] = end
+            else:
+                runs.append([first, end])
+
+        bits = self.bits
+        for some in _SOME_SET.finditer(bits):
+            k, stop = some.span()
+            while k < stop:
+                full = _ALL_SET.match(bits, k, stop)
+                if full is not None:
+                    add(k * 8, full.end() * 8)
+                    k = full.end()
+                    continue
+                byte = bits[k]
+                for bit in range(8):
+                    if byte >> bit & 1:
+                        add(k * 8 + bit, k * 8 + bit + 1)
+                k += 1
+        out = []
+        for first, end in runs:
+            begin = first * self.granularity
+            stop_byte = min(min(end, self.chunks) * self.granularity, self.size)
+            if stop_byte > begin:
+                out.append((begin, stop_byte - begin))
         return out
 
     def save(self, path: Path) -> None:

@@ -36,7 +36,6 @@ from common.config import (
 )
 from common.errors import ConfigError
 from common.http_status import Handler, HttpServer, Response, text
-from common.metrics import make_registry, render
 from common.rate_limit import BandwidthLimiter, limiter_for, parse_rate
 from common.rpo_alerts import AlertTracker, log_transitions
 from common.sdnotify import Notifier
@@ -263,6 +262,10 @@ class ServiceOps:
 
     # ------------------------------------------------------------- HTTP
     def _routes_metrics(self) -> dict[str, Handler]:
+        # Imported only where metrics are served: prometheus-client costs every start
+        # (each CLI command, and an agent's first sync, which waits for it) ~25 ms.
+        from common.metrics import make_registry, render
+
         registry = make_registry(
             self.status, self.tracker, self.limiter.status if self.limiter else None
         )
