@@ -143,6 +143,14 @@ def parse_fio(stdout: str) -> dict[str, Any]:
         "clat_p99_us": float(pct.get("99.000000", 0)) / 1000,
         "clat_p999_us": float(pct.get("99.900000", 0)) / 1000,
         "clat_mean_us": float((w.get("clat_ns") or {}).get("mean", 0)) / 1000,
+        # fio's own CPU over the job (its usr/sys are percent of one CPU over the runtime)
+        "fio_cpu_seconds": round(
+            (float(job.get("usr_cpu", 0)) + float(job.get("sys_cpu", 0)))
+            / 100
+            * int(w["runtime"])
+            / 1000,
+            3,
+        ),
     }
 
 
@@ -358,6 +366,7 @@ def run(params: Params) -> ScenarioResult:
         },
     )
     details = result.details
+    details["cores"] = len(os.sched_getaffinity(0))
     pids: dict[str, int] = {}
     details["pids"] = pids
     missing = missing_tools()
@@ -447,7 +456,12 @@ def run(params: Params) -> ScenarioResult:
                         tag = f"{target}-{wl.key}"
                         with baseline_server(target, root, size, pids, tag) as uri:
                             cmd = fio_command(uri, wl, seconds, size, wl.key)
-                            out = run_fio(cmd, seconds, fio_log)
+                            sampler = ProcessSampler({target: pids[tag]}).start()
+                            try:
+                                out = run_fio(cmd, seconds, fio_log)
+                            finally:
+                                stats = sampler.stop()
+                            out["processes"] = {k: st.as_dict() for k, st in stats.items()}
                     out["command"] = shlex.join(cmd)
                     runs[wl.key][target] = out
                     t0 = time.monotonic()
@@ -494,12 +508,12 @@ def run(params: Params) -> ScenarioResult:
             result.error = f"{type(exc).__name__}: {exc}"
             dep.stop_all()
             details["log_tails"] = _log_tails(root)
-            _figures(result, runs, None, None, None)
+            _figures(result, runs, None, None, None, details["cores"])
             return result
         finally:
             dep.stop_all()
 
-    _figures(result, runs, mem, final, verify)
+    _figures(result, runs, mem, final, verify, details["cores"])
     print(matrix(runs), file=sys.stderr, flush=True)
     return result
 
@@ -517,12 +531,55 @@ def _r(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
 
+def cpu_us_per_io(run: dict[str, Any]) -> float | None:
+    """CPU microseconds per write of everything on the machine's cores for one job: the
+    server side (the agent and the process server, with the drain after the job; or the
+    baseline server) and fio. None for a run recorded before these were measured."""
+    procs = run.get("processes")
+    if not procs or "fio_cpu_seconds" not in run or not run.get("ios"):
+        return None
+    cpu = sum(float(p["cpu_seconds"]) for p in procs.values()) + float(run["fio_cpu_seconds"])
+    return cpu / int(run["ios"]) * 1e6
+
+
+def _cpu_figures(wl: Workload, r: dict[str, dict[str, Any]], cores: int) -> list[Figure]:
+    """Where a target is out of reach at the agent's CPU cost: its CPU per write against
+    nbdkit's, and the agent's ceiling if every core ran at that cost with nothing idle."""
+    agent_us, kit_us = cpu_us_per_io(r["agent"]), cpu_us_per_io(r["nbdkit"])
+    if agent_us is None or kit_us is None or agent_us <= 0:
+        return []
+    unit = UNITS[wl.metric]
+    per_second = cores * 1e6 / agent_us  # writes per second with every core busy
+    ceiling = per_second if wl.metric == "iops" else per_second * wl.bs / 1e6
+    kit = float(r["nbdkit"][wl.metric])
+    return [
+        Figure(
+            NAME,
+            f"{wl.label}: CPU per write, agent + process server + fio (vs nbdkit + fio)",
+            round(agent_us, 1),
+            "us",
+            baseline=round(kit_us, 1),
+            ratio=_r(ratio(agent_us, kit_us)),
+        ),
+        Figure(
+            NAME,
+            f"{wl.label}: agent's ceiling at that CPU, all {cores} cores busy (vs nbdkit)",
+            round(ceiling, 0 if wl.metric == "iops" else 1),
+            unit,
+            baseline=round(kit, 0 if wl.metric == "iops" else 1),
+            ratio=_r(ratio(ceiling, kit)),
+            target="" if wl.min_vs_nbdkit is None else f"target needs {wl.min_vs_nbdkit:g}x",
+        ),
+    ]
+
+
 def _figures(
     result: ScenarioResult,
     runs: dict[str, dict[str, dict[str, Any]]],
     mem: dict[str, Any] | None,
     final: dict[str, dict[str, Any]] | None,
     verify: dict[str, dict[str, Any]] | None,
+    cores: int,
 ) -> None:
     figs = result.figures
     for wl in WORKLOADS:
@@ -551,6 +608,7 @@ def _figures(
                     passed=None if minimum is None else (q is not None and q >= minimum),
                 )
             )
+        figs.extend(_cpu_figures(wl, r, cores))
         if wl.iodepth == 1:
             for pct in ("p50", "p99"):
                 key = f"clat_{pct}_us"

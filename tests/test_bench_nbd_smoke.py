@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 from benchmarks.cli import SCENARIOS, build_parser
-from benchmarks.nbd_front import QUICK_JOB_SECONDS, TARGETS, TOOLS, WORKLOADS, parse_fio
-from tests.bench_helpers import assert_nothing_left, require_tools
+from benchmarks.nbd_front import (
+    QUICK_JOB_SECONDS,
+    TARGETS,
+    TOOLS,
+    WORKLOADS,
+    _cpu_figures,
+    cpu_us_per_io,
+    parse_fio,
+)
+from tests.bench_helpers import assert_nothing_left, figure_prefixed, require_tools
 from tests.bench_helpers import figure_named as _figure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +42,8 @@ def test_parse_fio_skips_the_banner() -> None:
         "jobs": [
             {
                 "error": 0,
+                "usr_cpu": 12.5,
+                "sys_cpu": 37.5,
                 "write": {
                     "iops": 1000.0,
                     "bw_bytes": 4096000,
@@ -51,6 +61,40 @@ def test_parse_fio_skips_the_banner() -> None:
     out = parse_fio("fio: connected to NBD server\n" + json.dumps(doc))
     assert out["iops"] == 1000.0 and out["mb_s"] == pytest.approx(4.096)
     assert out["clat_p50_us"] == 0.8 and out["clat_p99_us"] == 5.0
+    assert out["fio_cpu_seconds"] == 0.5  # 50% of one CPU over its 1 s runtime
+
+
+def test_cpu_per_write_and_the_ceiling_it_allows() -> None:
+    """2 cores, the agent's side + fio at 100 us of CPU per write: at most 20,000 writes/s
+    with nothing idle, 0.4x nbdkit's 50,000 IOPS (whose side + fio cost 20 us a write)."""
+    wl = WORKLOADS[0]
+    runs = {
+        "agent": {
+            "ios": 10_000,
+            "iops": 9_000.0,
+            "fio_cpu_seconds": 0.2,
+            "processes": {"agent": {"cpu_seconds": 0.5}, "ps": {"cpu_seconds": 0.3}},
+        },
+        "nbdkit": {
+            "ios": 50_000,
+            "iops": 50_000.0,
+            "fio_cpu_seconds": 0.4,
+            "processes": {"nbdkit": {"cpu_seconds": 0.6}},
+        },
+    }
+    assert cpu_us_per_io(runs["agent"]) == pytest.approx(100.0)
+    assert cpu_us_per_io(runs["nbdkit"]) == pytest.approx(20.0)
+    per_write, ceiling = _cpu_figures(wl, runs, cores=2)
+    assert (per_write.value, per_write.baseline, per_write.ratio) == (100.0, 20.0, 5.0)
+    assert (ceiling.value, ceiling.baseline, ceiling.ratio) == (20_000, 50_000, 0.4)
+    assert ceiling.target == "target needs 0.6x" and ceiling.passed is None
+    # MB/s for the 1 MiB job: 20,000 writes/s of 1 MiB
+    seq = WORKLOADS[1]
+    runs["nbdkit"]["mb_s"] = 1_000.0
+    assert _cpu_figures(seq, runs, cores=2)[1].value == pytest.approx(20_000 * 1.048576)
+    # a run recorded before these were measured gives none
+    del runs["agent"]["fio_cpu_seconds"]
+    assert _cpu_figures(wl, runs, cores=2) == []
 
 
 @pytest.mark.timeout(320)
@@ -104,6 +148,14 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
         assert vs_kit["baseline"] > 0 and 0 < vs_kit["ratio"] < 100
         assert vs_kit["target"] and vs_kit["passed"] in (True, False)
         assert _figure(result, f"{wl.label}: agent vs qemu-nbd")["ratio"] > 0
+        for target in TARGETS:  # every server's CPU and fio's, for the CPU per write
+            r = runs[wl.key][target]
+            assert r["fio_cpu_seconds"] > 0 and r["processes"], (wl.key, target)
+            assert all(p["cpu_seconds"] > 0 for p in r["processes"].values()), r["processes"]
+        per_write = figure_prefixed(result, f"{wl.label}: CPU per write")
+        assert per_write["value"] > 0 and per_write["baseline"] > 0
+        ceiling = figure_prefixed(result, f"{wl.label}: agent's ceiling at that CPU")
+        assert ceiling["value"] > 0 and ceiling["ratio"] > 0
     mem = result["details"]["memory"]
     assert mem["error"] == 0 and mem["bytes"] >= 32 << 20
     rss = [f for f in result["figures"] if f["name"].endswith("agent peak RSS")]
