@@ -27,8 +27,9 @@ the disk is level again and applied. Wire bytes = both directions through the pr
 during that window. Timed ``RESYNC_ROUNDS`` times (once with ``--quick``), each of a fresh
 1 % change, on the same deployment; the target is judged on the median, the wire bytes on
 the worst round, and every round's replica is compared with the source. The baselines
-run once, on the first round's change (the later rounds' changes are undone first). On the same images, the "old" copy is the replica as it was before
-the change (``cp --sparse=always``) and the baselines bring it level with the source:
+run once, on the first round's change (the later rounds' changes are undone first). On
+the same images, the "old" copy is the replica as it was before the change
+(``cp --sparse=always``) and the baselines bring it level with the source:
 
 - ``rsync -I --inplace --no-whole-file --stats SRC OLD`` (local: sender, generator and
   receiver processes on pipes, its delta algorithm forced);
@@ -723,9 +724,10 @@ def phase_resync(
             dep.stop_agent(AGENT)
             change = change_blocks(image, size, CHANGE_FRACTION, seed=22 + n)
             if n == 0:
-                old = root / "old.img"  # the baselines' "remote" copy: the replica as it
+                # The baselines' "remote" copy: the replica as it was before the change.
+                old = root / "old.img"
                 subprocess.run(["cp", "--sparse=always", str(replica), str(old)], check=True)
-                blocks, old_contents = change  # was before the change
+                blocks, old_contents = change
                 out.update(changed_blocks=len(blocks), changed_bytes=len(blocks) * BLOCK)
                 out["block"] = BLOCK
             else:
