@@ -143,11 +143,12 @@ def parse_fio(stdout: str) -> dict[str, Any]:
         "clat_p99_us": float(pct.get("99.000000", 0)) / 1000,
         "clat_p999_us": float(pct.get("99.900000", 0)) / 1000,
         "clat_mean_us": float((w.get("clat_ns") or {}).get("mean", 0)) / 1000,
-        # fio's own CPU over the job (its usr/sys are percent of one CPU over the runtime)
+        # fio's own CPU: its usr/sys are percent of one CPU (its job thread's rusage) over
+        # the job's whole run, job_runtime, which includes its set-up and NBD connect
         "fio_cpu_seconds": round(
             (float(job.get("usr_cpu", 0)) + float(job.get("sys_cpu", 0)))
             / 100
-            * int(w["runtime"])
+            * int(job.get("job_runtime", w["runtime"]))
             / 1000,
             3,
         ),

@@ -705,7 +705,10 @@ def phase_resync(
     """Fills ``out`` as it goes (what was measured survives an error in a later step).
     ``tidemark`` is the first round's; ``rounds`` has every round's figures (the target is
     judged on their median, :func:`_figures`). The baselines run on the first round's
-    change: a later round changes other blocks, and its change is undone afterwards."""
+    change: a later round changes blocks of its own choosing (they may overlap the first
+    round's), and its change is undone afterwards, newest first."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
     root.mkdir()
     image = root / "src.img"
     make_random(image, size, seed=21)
@@ -741,6 +744,7 @@ def phase_resync(
                     "wire_bytes": tm["wire_bytes"],
                     "changed_bytes": len(change[0]) * BLOCK,
                     "equal": tm["equal"],
+                    "processes": tm["processes"],
                 }
             )
             if not tm["equal"]:
@@ -823,6 +827,16 @@ def _resync_round(
 # --------------------------------------------------------------------------- figures
 
 
+def _wire_ratio(resync_round: dict[str, Any]) -> float | None:
+    """A resync round's wire bytes against the bytes it changed (None: nothing changed)."""
+    return ratio(resync_round["wire_bytes"], resync_round["changed_bytes"])
+
+
+def _wire_note(resync_round: dict[str, Any]) -> str:
+    q = _wire_ratio(resync_round)
+    return "" if q is None else f" ({q:.2f}x)"
+
+
 def _figures(details: dict[str, Any]) -> list[Figure]:
     figs: list[Figure] = []
     gib = lambda n: f"{n / (1 << 30):g} GiB"  # noqa: E731
@@ -860,10 +874,7 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
                 Figure(
                     NAME,
                     "resync rounds: tidemark seconds (wire vs changed)",
-                    ", ".join(
-                        f"{x['seconds']:.2f} ({x['wire_bytes'] / x['changed_bytes']:.2f}x)"
-                        for x in rounds
-                    ),
+                    ", ".join(f"{x['seconds']:.2f}{_wire_note(x)}" for x in rounds),
                     "",
                 )
             )
@@ -873,7 +884,7 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
         )
         every_round_equal = all(x["equal"] for x in rounds)
         # Every round is held to the wire target: the worst one is reported.
-        worst = max(rounds, key=lambda x: x["wire_bytes"] / x["changed_bytes"])
+        worst = max(rounds, key=lambda x: _wire_ratio(x) or 0.0)
         wire, changed = worst["wire_bytes"], worst["changed_bytes"]
         wr = ratio(wire, changed)
         figs.append(

@@ -338,3 +338,14 @@ def test_a_resync_json_from_before_the_rounds_still_gives_its_figures() -> None:
     head = _figure(result, "resync, 1% of 4 KiB blocks")
     assert "one round" in head["name"] and head["value"] == 2.7
     assert _figure(result, "resync: replica / rsync copy")["passed"] is True
+
+
+def test_resync_rounds_that_changed_nothing_still_give_figures() -> None:
+    """A disk under 100 blocks changes none at 1%: no ratio, and no division by zero."""
+    details = _resync_details([(0.5, 4096, True), (0.4, 4096, True)])
+    for r in details["resync"]["rounds"]:
+        r["changed_bytes"] = 0
+    details["resync"]["changed_bytes"] = 0
+    result = {"figures": [f.__dict__ for f in _figures(details)]}
+    assert _figure(result, "resync rounds")["value"] == "0.50, 0.40"
+    assert _figure(result, "resync wire bytes")["ratio"] is None
