@@ -248,6 +248,18 @@ class FailbackManager:
     async def _prepare_delta(self, failover: Failover) -> None:
         disk_id = failover.disk_id
         disk = self.server.disks[disk_id]
+        if disk.replica_sync_error is not None:
+            # The delta is read from the replica and journaled after the DR writes, so it
+            # wins over them on the master target. After a failed fdatasync a page the kernel
+            # failed to write back may have left the cache: the read would return what the
+            # disk held before, newer-seq'd than the guest's write. A restart on a fixed disk
+            # writes the failover journal back into the replica first (OverlayDisk._replay).
+            raise ProtocolError(
+                ErrorCode.DISK,
+                f"disk {disk_id}: no failback delta from a replica whose fdatasync failed "
+                f"({disk.replica_sync_error}): restart the process server on a fixed disk "
+                "first (it writes the failover journal back into the replica)",
+            )
         reports = self._ranges.pop(disk_id, [])
         started = time.monotonic()
         alternate = any(r.alternate for r in reports)

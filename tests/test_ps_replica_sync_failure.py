@@ -2,7 +2,8 @@
 ``ReplicaDisk.sync_replica``): the kernel reports a writeback error once, and the pages
 whose writeback failed stay in the page cache looking written. A later ``fdatasync`` that
 succeeds, or a digest read from the cache, must not call them durable: not the applier's
-(its cache is kept), not a copy's (its pieces are not counted durable, its fence stays).
+(its cache is kept), not a copy's (its pieces are not counted durable, its fence stays),
+and no failback delta is read from such a replica.
 
 Also: the copy's receive backlog counts a piece's cost, not only its bytes, so a flood of
 zero pieces (no payload) cannot queue without bound. Real files, a real ``ReplicaDisk``;
@@ -16,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -23,9 +25,12 @@ import xxhash
 
 import process_server.bulk as bulk_mod
 from process_server.bulk import BACKLOG, PIECE_COST, BulkReceiver
+from process_server.failback import FailbackManager
 from process_server.replica import ReplicaDisk, ReplicaError, ReplicaSyncError
 from process_server.server import ProcessServer
 from protocol.batch import Extent, Limits, encode_batch, peek_batch_header
+from protocol.control import FailbackRanges
+from protocol.errors import ProtocolError
 from protocol.frames import BULK_RAW, BULK_ZERO, BulkData
 
 MIB = 1 << 20
@@ -222,6 +227,36 @@ def test_zero_pieces_count_against_the_receive_backlog(
         finally:
             gate.set()
             receiver.close()
+            disk.close()
+
+    asyncio.run(main())
+
+
+def test_no_failback_delta_is_read_from_a_replica_whose_sync_failed(
+    tmp_path: Path, failing_replica_sync: Callable[[ReplicaDisk, int], list[int]]
+) -> None:
+    """A failback's delta is read from the replica and journaled after the guest's writes,
+    so it wins over them on the master target. After a failed fdatasync the replica may read
+    back what the disk held before: the delta is refused until a restart on a fixed disk has
+    written the failover journal back into the replica. (Only the disk and the failover's
+    id are reached before the refusal; without it the manager would go on to read the
+    replica for the reported ranges and append them to the failover's journal.)"""
+
+    async def main() -> None:
+        disk = _open(tmp_path / "d")
+        try:
+            failing_replica_sync(disk, 1)
+            with pytest.raises(ReplicaSyncError):
+                await disk.sync_replica()
+            manager = FailbackManager(cast(Any, SimpleNamespace(disks={"d1": disk})))
+            manager._ranges["d1"] = [
+                FailbackRanges("d1", ranges=((0, MIB),), alternate=False, full_compare=False)
+            ]
+            failover = SimpleNamespace(disk_id="d1", overlay=None, record={})
+            with pytest.raises(ProtocolError, match="whose fdatasync failed"):
+                await manager._prepare_delta(cast(Any, failover))
+            assert failover.record == {}  # no delta recorded as prepared
+        finally:
             disk.close()
 
     asyncio.run(main())
