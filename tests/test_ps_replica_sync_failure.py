@@ -3,7 +3,8 @@
 whose writeback failed stay in the page cache looking written. A later ``fdatasync`` that
 succeeds, or a digest read from the cache, must not call them durable: not the applier's
 (its cache is kept), not a copy's (its pieces are not counted durable, its fence stays),
-and no failback delta is read from such a replica.
+and no failback delta is read from such a replica; a failover's journal, replayed by a
+restart, brings back what the replica lost.
 
 Also: the copy's receive backlog counts a piece's cost, not only its bytes, so a flood of
 zero pieces (no payload) cannot queue without bound. Real files, a real ``ReplicaDisk``;
@@ -26,6 +27,7 @@ import xxhash
 import process_server.bulk as bulk_mod
 from process_server.bulk import BACKLOG, PIECE_COST, BulkReceiver
 from process_server.failback import FailbackManager
+from process_server.pit import OverlayDisk
 from process_server.replica import ReplicaDisk, ReplicaError, ReplicaSyncError
 from process_server.server import ProcessServer
 from protocol.batch import Extent, Limits, encode_batch, peek_batch_header
@@ -260,3 +262,52 @@ def test_no_failback_delta_is_read_from_a_replica_whose_sync_failed(
             disk.close()
 
     asyncio.run(main())
+
+
+def test_a_restart_writes_the_failover_journal_back_over_lost_replica_pages(
+    tmp_path: Path, failing_replica_sync: Callable[[ReplicaDisk, int], list[int]]
+) -> None:
+    """A committed failover writes the guest's writes into the replica after its journal.
+    When the replica's fdatasync fails, pages it failed to write back may read as what the
+    disk held before; the journal still holds those writes (nothing is released after a
+    failed sync), and the overlay of a restarted process server writes every record in it
+    back into the replica before its export serves a read (OverlayDisk._replay)."""
+    guest = os.urandom(3 * MIB)
+    replica: list[Path] = []
+
+    async def main() -> None:
+        disk = _open(tmp_path / "d")
+        replica.append(disk.replica_path)
+        try:
+            overlay = OverlayDisk(
+                "d1", disk.open_view(0), tmp_path / "failover", direct_fd=disk.replica_fd
+            )
+            try:
+                await overlay.write(MIB, guest)
+                await overlay.flush()  # the guest's FLUSH: its journal is durable
+                failing_replica_sync(disk, 1)
+                with pytest.raises(ReplicaSyncError):
+                    await disk.sync_replica()
+            finally:
+                overlay.close()
+        finally:
+            disk.close()
+        # What the disk held before: the replica's pages lost (a fresh replica: zeros).
+        fd = os.open(replica[0], os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes(len(guest)), MIB)
+        finally:
+            os.close(fd)
+        # The restart, on a fixed disk.
+        again = _open(tmp_path / "d", create=False)
+        try:
+            OverlayDisk(
+                "d1", again.open_view(0), tmp_path / "failover", direct_fd=again.replica_fd
+            ).close()
+        finally:
+            again.close()
+
+    asyncio.run(main())
+    with open(replica[0], "rb") as f:  # read outside the code under test
+        f.seek(MIB)
+        assert xxhash.xxh3_128_digest(f.read(len(guest))) == xxhash.xxh3_128_digest(guest)
