@@ -331,8 +331,9 @@ class MasterTarget:
             with contextlib.suppress(asyncio.CancelledError):
                 await applier
         await disk.make_applied_durable()
-        await disk.sync_replica()  # (fails at once after an earlier failed sync)
-        await asyncio.to_thread(os.fsync, disk.replica_fd)
+        # One more sync of the replica, through its record (it fails at once after an
+        # earlier failed sync): the fdatasync covers the data and the size the source needs.
+        await disk.sync_replica()
         dc = next(d for d in self.cfg.disks if d.id == body.disk)
         report = {
             "disk": body.disk,

@@ -38,6 +38,16 @@ async def test_a_failed_group_commit_fails_every_later_commit() -> None:
     assert commit.failed is not None
 
 
+async def _cancel_while_syncing(commit: GroupCommit, started: threading.Event) -> None:
+    """A commit asked for, its caller cancelled once the sync's thread has started."""
+    commit.mark()
+    task = asyncio.create_task(commit.commit())
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_a_sync_after_a_cancelled_failing_one_waits_for_it_and_fails() -> None:
     """A caller cancelled during a sync lets go of the commit's lock while its thread still
     syncs. A sync asked for meanwhile must not run beside it: the kernel reports the error
@@ -53,12 +63,7 @@ async def test_a_sync_after_a_cancelled_failing_one_waits_for_it_and_fails() -> 
             raise OSError(errno.EIO, "writeback error (reported once by the kernel)")
 
     commit = GroupCommit(sync)
-    commit.mark()
-    first = asyncio.create_task(commit.commit())
-    await asyncio.to_thread(started.wait, 5)
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
+    await _cancel_while_syncing(commit, started)
     commit.mark()
     second = asyncio.create_task(commit.commit())
     await asyncio.sleep(0.05)  # its thread waits for the first one's
@@ -80,12 +85,7 @@ async def test_a_failure_is_kept_when_its_caller_was_cancelled() -> None:
         raise OSError(errno.EIO, "writeback error")
 
     commit = GroupCommit(sync)
-    commit.mark()
-    task = asyncio.create_task(commit.commit())
-    await asyncio.to_thread(started.wait, 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancel_while_syncing(commit, started)
     release.set()
     for _ in range(100):  # the thread finishes on its own
         if commit.failed is not None:
