@@ -46,23 +46,40 @@ ZERO_BLOCK = bytes(4 << 10)
 def zero_block_runs(data: bytes | bytearray, end: int | None = None) -> list[tuple[int, int, bool]]:
     """``(start, end, zero)`` runs of whole 4 KiB blocks of ``data`` (the last may be short),
     or of its first ``end`` bytes (a reused read buffer): where a copy of image bytes sends
-    zeros, or nothing, instead of data, so holes stay holes. Data without one zero block
-    costs one search."""
-    n, block = len(data) if end is None else end, len(ZERO_BLOCK)
-    first = data.find(ZERO_BLOCK, 0, n)
-    if first < 0 and n % block == 0:
-        return [(0, n, False)] if n else []
+    zeros, or nothing, instead of data, so holes stay holes.
+
+    A block can be zero only if its first and last bytes are: two strided slices (C loops
+    over one byte per block) screen every block, and only the blocks that pass are compared
+    whole (a ``memcmp`` that stops at their first non-zero byte). A search for a zero block
+    anywhere in the data (``bytes.find``) cost the agent's copy 6% of its CPU on data with
+    short zero runs (measured with ``perf``, 2026-12-06)."""
+    n = len(data) if end is None else end
+    block = len(ZERO_BLOCK)
+    whole = n // block * block
+    firsts = data[0:whole:block]
+    lasts = data[block - 1 : whole : block]
+    zeros: list[int] = []  # offsets of the zero blocks, in order
+    i = firsts.find(0)
+    while i >= 0:
+        if lasts[i] == 0 and data.startswith(ZERO_BLOCK, i * block):
+            zeros.append(i * block)
+        i = firsts.find(0, i + 1)
+    if whole < n and data.startswith(ZERO_BLOCK[: n - whole], whole):
+        zeros.append(whole)
     runs: list[tuple[int, int, bool]] = []
-    start = (first // block) * block if first >= 0 else (n // block) * block
-    if start:
-        runs.append((0, start, False))
-    for pos in range(start, n, block):
-        size = min(block, n - pos)
-        zero = data.startswith(ZERO_BLOCK[:size], pos)
-        if runs and runs[-1][2] == zero and runs[-1][1] == pos:
-            runs[-1] = (runs[-1][0], pos + size, zero)
-        else:
-            runs.append((pos, pos + size, zero))
+    done = 0  # the runs tile [0, done)
+    for start in zeros:
+        stop = min(start + block, n)
+        if start > done:
+            runs.append((done, start, False))
+        elif runs and runs[-1][2]:  # (start == done) the zero run before goes on
+            runs[-1] = (runs[-1][0], stop, True)
+            done = stop
+            continue
+        runs.append((start, stop, True))
+        done = stop
+    if done < n:
+        runs.append((done, n, False))
     return runs
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.bulk_copy import _PieceReader
@@ -51,8 +51,17 @@ def blocky(draw: st.DrawFn) -> bytes:
     return bytes(out)
 
 
+def _lone_byte(position: int, size: int = 4096) -> bytes:
+    block = bytearray(size)
+    block[position] = 1
+    return bytes(block)
+
+
 @settings(max_examples=300, deadline=None)
 @given(blocky(), blocky())
+# Blocks the screen (first and last bytes) passes but that are not zero, and a short tail.
+@example(bytes(4096) + _lone_byte(2048) + bytes(4096) + _lone_byte(1000, 3000), b"")
+@example(_lone_byte(1) + _lone_byte(4094) + bytes(100), bytes(4096))
 def test_block_runs_split_exactly_at_zero_blocks(data: bytes, after: bytes) -> None:
     """Also over the first bytes of a longer buffer (the readers' kept buffer): what lies
     beyond ``end`` is never looked at."""
