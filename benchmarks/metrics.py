@@ -74,6 +74,12 @@ class ProcessStats:
         return max(0, self.write_bytes_end - self.write_bytes_start)
 
     @property
+    def cpu_measured(self) -> bool:
+        """False when the CPU time could not be read at the start or the end (the process
+        was gone, or not ours to read): ``cpu_seconds`` is then 0, not a measurement."""
+        return self.cpu_start is not None and self.cpu_end is not None
+
+    @property
     def cpu_seconds(self) -> float:
         if self.cpu_start is None or self.cpu_end is None:
             return 0.0
@@ -87,6 +93,7 @@ class ProcessStats:
             "sampled_peak_rss_mib": round(self.sampled_peak_rss_bytes / MIB, 1),
             "samples": self.samples,
             "cpu_seconds": round(self.cpu_seconds, 3),
+            "cpu_measured": self.cpu_measured,
             "storage_write_bytes": self.write_bytes,
         }
 

@@ -535,9 +535,12 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 def cpu_us_per_io(run: dict[str, Any]) -> float | None:
     """CPU microseconds per write of everything on the machine's cores for one job: the
     server side (the agent and the process server, with the drain after the job; or the
-    baseline server) and fio. None for a run recorded before these were measured."""
+    baseline server) and fio. None for a run recorded before these were measured, or when a
+    process's CPU time could not be read (it would count as none)."""
     procs = run.get("processes")
     if not procs or "fio_cpu_seconds" not in run or not run.get("ios"):
+        return None
+    if not all(p.get("cpu_measured", True) for p in procs.values()):
         return None
     cpu = sum(float(p["cpu_seconds"]) for p in procs.values()) + float(run["fio_cpu_seconds"])
     return cpu / int(run["ios"]) * 1e6

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.cli import SCENARIOS, build_parser
+from benchmarks.metrics import ProcessSampler
 from benchmarks.nbd_front import (
     QUICK_JOB_SECONDS,
     TARGETS,
@@ -92,9 +93,29 @@ def test_cpu_per_write_and_the_ceiling_it_allows() -> None:
     seq = WORKLOADS[1]
     runs["nbdkit"]["mb_s"] = 1_000.0
     assert _cpu_figures(seq, runs, cores=2)[1].value == pytest.approx(20_000 * 1.048576)
+    # a process whose CPU time could not be read gives none (not fio's CPU alone)
+    runs["agent"]["processes"]["ps"]["cpu_measured"] = False
+    assert cpu_us_per_io(runs["agent"]) is None
+    assert _cpu_figures(wl, runs, cores=2) == []
+    runs["agent"]["processes"]["ps"]["cpu_measured"] = True
+    assert cpu_us_per_io(runs["agent"]) == pytest.approx(100.0)
     # a run recorded before these were measured gives none
     del runs["agent"]["fio_cpu_seconds"]
     assert _cpu_figures(wl, runs, cores=2) == []
+
+
+def test_a_process_whose_cpu_cannot_be_read_is_not_measured() -> None:
+    """ProcessSampler on a pid that is gone: no CPU time at either end, reported as not
+    measured (its 0 CPU-s is no measurement)."""
+    proc = subprocess.Popen(["true"])
+    sampler = ProcessSampler({"gone": proc.pid})
+    proc.wait()
+    stats = sampler.start().stop()["gone"]
+    assert not stats.cpu_measured and stats.as_dict()["cpu_measured"] is False
+    alive = ProcessSampler({"me": os.getpid()}).start()
+    sum(range(200_000))
+    mine = alive.stop()["me"]
+    assert mine.cpu_measured and mine.as_dict()["cpu_measured"] is True
 
 
 @pytest.mark.timeout(320)
