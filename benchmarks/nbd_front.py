@@ -447,12 +447,13 @@ def run(params: Params) -> ScenarioResult:
                             stats = sampler.stop()
                         out["drain_after_fio"] = drain
                         out["processes"] = {k: st.as_dict() for k, st in stats.items()}
-                        out["agent_cpu_s_per_gib"] = round(
-                            cpu_seconds_per_gib(stats["agent"].cpu_seconds, out["bytes"]), 2
-                        )
-                        out["ps_cpu_s_per_gib"] = round(
-                            cpu_seconds_per_gib(stats["ps"].cpu_seconds, out["bytes"]), 2
-                        )
+                        for side in ("agent", "ps"):  # (none for a CPU time not read)
+                            st = stats[side]
+                            out[f"{side}_cpu_s_per_gib"] = (
+                                round(cpu_seconds_per_gib(st.cpu_seconds, out["bytes"]), 2)
+                                if st.cpu_measured
+                                else None
+                            )
                     else:
                         tag = f"{target}-{wl.key}"
                         with baseline_server(target, root, size, pids, tag) as uri:

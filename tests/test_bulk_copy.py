@@ -80,6 +80,13 @@ def test_block_runs_split_exactly_at_zero_blocks(data: bytes, after: bytes) -> N
         assert a[2] != b[2], "neighbouring runs of one kind must be merged"
 
 
+def test_block_runs_refuse_an_end_past_the_buffer() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        zero_block_runs(bytes(5000), 8192)
+    with pytest.raises(ValueError, match="outside"):
+        zero_block_runs(bytes(10), -1)
+
+
 def test_a_reader_keeps_its_buffer_but_not_the_pieces_it_returned(tmp_path: Path) -> None:
     """Each reader thread reads into one buffer, kept from read to read: a raw piece (here
     incompressible bytes, or compression off) must not be a view into it, or the next read
