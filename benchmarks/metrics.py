@@ -81,7 +81,7 @@ class ProcessStats:
 
     @property
     def cpu_seconds(self) -> float:
-        if self.cpu_start is None or self.cpu_end is None:
+        if self.cpu_start is None or self.cpu_end is None:  # (not cpu_measured)
             return 0.0
         return max(0.0, self.cpu_end - self.cpu_start)
 

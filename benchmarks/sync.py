@@ -731,8 +731,9 @@ def phase_resync(
                 old = root / "old.img"
                 subprocess.run(["cp", "--sparse=always", str(replica), str(old)], check=True)
                 blocks, old_contents = change
-                out.update(changed_blocks=len(blocks), changed_bytes=len(blocks) * BLOCK)
-                out["block"] = BLOCK
+                out.update(
+                    changed_blocks=len(blocks), changed_bytes=len(blocks) * BLOCK, block=BLOCK
+                )
             else:
                 later.append(change)
             tm = _resync_round(dep, proxy, image, replica, pids, timeout, suffix)
@@ -1060,10 +1061,10 @@ def run(params: Params) -> ScenarioResult:
             details["initial"] = {}
             rounds = 1 if params.quick else INITIAL_ROUNDS
             phase_initial(root / "i", size, pids, timeout, details["initial"], rounds)
-            rounds = 1 if params.quick else RESYNC_ROUNDS
             shutil.rmtree(root / "i")
             phase = "resync"
             details["resync"] = {}
+            rounds = 1 if params.quick else RESYNC_ROUNDS
             phase_resync(root / "r", size, pids, bdsync, timeout, details["resync"], rounds=rounds)
         except Exception as exc:
             result.error = f"{phase}: {type(exc).__name__}: {exc}"

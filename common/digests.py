@@ -74,11 +74,10 @@ def zero_block_runs(data: bytes | bytearray, end: int | None = None) -> list[tup
         stop = min(start + block, n)
         if start > done:
             runs.append((done, start, False))
-        elif runs and runs[-1][2]:  # (start == done) the zero run before goes on
+        if runs and runs[-1][2] and runs[-1][1] == start:  # the zero run before goes on
             runs[-1] = (runs[-1][0], stop, True)
-            done = stop
-            continue
-        runs.append((start, stop, True))
+        else:
+            runs.append((start, stop, True))
         done = stop
     if done < n:
         runs.append((done, n, False))
