@@ -73,7 +73,8 @@ class _FrameProtocol(ProtocolWaits, asyncio.BufferedProtocol):
         if self.feed_error is not None:
             return
         self.bytes_in += nbytes
-        self.conn.buffer_updated(nbytes)
+        if not self.conn.buffer_updated(nbytes):
+            return  # the middle of a large payload: nothing to read yet, nothing to pause on
         if self.conn.backlog >= READ_PAUSE:
             self._pause_reading()
         self._wake()

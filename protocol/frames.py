@@ -952,13 +952,19 @@ class FrameDecoder:
             self._scratch = bytearray(self.SCRATCH)
         return memoryview(self._scratch)
 
-    def buffer_updated(self, nbytes: int) -> None:
-        """``nbytes`` were written at the start of the last :meth:`get_buffer`'s buffer."""
-        if self._payload is not None and self._filled < len(self._payload):
+    def buffer_updated(self, nbytes: int) -> bool:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`'s buffer.
+        False while a large payload is still short of its length: ``next_message`` would
+        only say ``NEED_DATA``, so a reader need not be woken for it (a 4 MiB piece
+        arrives in dozens of reads)."""
+        payload = self._payload
+        if payload is not None and self._filled < len(payload):
             self._filled += nbytes
-        elif nbytes:
+            return self._filled >= len(payload)
+        if nbytes:
             assert self._scratch is not None
             self._buf += memoryview(self._scratch)[:nbytes]
+        return True
 
     def _check_feed(self) -> None:
         if self._error is not None:
@@ -1231,8 +1237,9 @@ class Connection:
         except ProtocolError as exc:
             raise self._fail(exc) from None
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self._decoder.buffer_updated(nbytes)
+    def buffer_updated(self, nbytes: int) -> bool:
+        """See ``FrameDecoder.buffer_updated``: False when no message can be complete yet."""
+        return self._decoder.buffer_updated(nbytes)
 
     @property
     def backlog(self) -> int:

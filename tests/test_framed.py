@@ -86,7 +86,8 @@ def test_in_place_feeding_gives_the_messages_whole_frames_give(
             view = decoder.get_buffer()
             n = min(want, len(view), len(frames) - pos)
             view[:n] = frames[pos : pos + n]
-            decoder.buffer_updated(n)
+            if not decoder.buffer_updated(n):  # "no message yet": one must not be hidden
+                assert decoder.next_message() is NEED_DATA
         else:
             n = min(want, len(frames) - pos)
             decoder.receive_data(frames[pos : pos + n])
@@ -117,10 +118,12 @@ def test_a_frame_announced_in_place_costs_at_most_its_own_buffer() -> None:
         tracemalloc.start()
         try:
             decoder.receive_data(bytes(head))
+            assert decoder.next_message() is NEED_DATA  # the header read: the payload's turn
             for _ in range(16):
                 view = decoder.get_buffer()
                 view[:4096] = bytes(4096)
-                decoder.buffer_updated(4096)
+                # in place, a payload short of its length tells the reader not to look yet
+                assert decoder.buffer_updated(4096) is (length > FrameDecoder.DIRECT_MAX)
                 assert decoder.next_message() is NEED_DATA
             peak = tracemalloc.get_traced_memory()[1]
         finally:
