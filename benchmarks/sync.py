@@ -2,8 +2,9 @@
 
 Two phases, each on its own images and its own deployment (real processes on loopback:
 ``python -m process_server.cli serve`` and ``python -m agent.cli run``, mutual TLS 1.3,
-linked through :class:`benchmarks.proxy.CountingProxy`, which counts the wire bytes outside
-the code under test). Everything lives in one temporary directory, removed at the end.
+connected directly; the wire bytes are the kernel's counts of the agent's connections,
+:mod:`benchmarks.tcp_bytes`, outside the code under test and with nothing in the path).
+Everything lives in one temporary directory, removed at the end.
 
 **Initial sync.** A sparse image, half holes and half 2:1-compressible data
 (:func:`benchmarks.driver.compressible`) in 1 MiB runs. Baseline first:
@@ -23,8 +24,8 @@ round's times are reported.
 information); the agent is stopped; 1 % of its 4 KiB blocks, at random, are overwritten
 with random bytes behind the agent's back; the agent is started again (it believes it is
 level: a clean stop); then ``python -m agent.cli resync --config CFG DISK`` is timed until
-the disk is level again and applied. Wire bytes = both directions through the proxy
-during that window. Timed ``RESYNC_ROUNDS`` times (once with ``--quick``), each of a fresh
+the disk is level again and applied. Wire bytes = both directions of the agent's
+connection during that window. Timed ``RESYNC_ROUNDS`` times (once with ``--quick``), each of a fresh
 1 % change, on the same deployment; the target is judged on the median, the wire bytes on
 the worst round, and every round's replica is compared with the source. The baselines
 run once, on the first round's change (the later rounds' changes are undone first). On
@@ -73,7 +74,7 @@ from typing import Any
 from benchmarks.deploy import PYTHON, Deployment
 from benchmarks.driver import compressible
 from benchmarks.metrics import MIB, Figure, Params, ProcessSampler, ScenarioResult, ratio
-from benchmarks.proxy import CountingProxy
+from benchmarks.tcp_bytes import Counts, connections_to, wire_between
 from benchmarks.tls_copy import run_baseline
 from common.admin import admin_request
 
@@ -517,7 +518,7 @@ def tidemark_initial(
     poll: float = 0.05,
     on_sample: OnSample | None = None,
     label: str = "",
-) -> tuple[Deployment, CountingProxy, dict[str, Any]]:
+) -> tuple[Deployment, dict[str, Any]]:
     """A fresh deployment; time from starting the agent until ``image`` is level.
     ``options``: more agent settings; ``poll`` and ``on_sample``: as :func:`wait_level`;
     ``label``: told apart in the profiles' names (one per round)."""
@@ -525,16 +526,11 @@ def tidemark_initial(
     if (err := _check_paths(dep)) is not None:
         raise RuntimeError(err)
     dep.init_pki()
-    proxy = CountingProxy(dep.port)
     try:
-        dep.add_agent(
-            AGENT,
-            {disk: image},
-            options={**(options or {}), "process_server": f"127.0.0.1:{proxy.port}"},
-        )
+        dep.add_agent(AGENT, {disk: image}, options=options)
         pids[f"ps-{disk}"] = dep.start_ps().pid
         cache = warm(image)
-        proxy.reset()
+        before = connections_to(dep.port)
         t0 = time.monotonic()
         agent = dep.start_agent(AGENT)
         pids[f"agent-{disk}"] = agent.pid
@@ -546,16 +542,16 @@ def tidemark_initial(
             stats = sampler.stop()
             profiles = prof.stop()
         seconds = time.monotonic() - t0
+        wire = _wire_since(dep, before, 0)
     except BaseException:
         dep.stop_all()
-        proxy.close()
         raise
     out = {
         "seconds": round(seconds, 3),
         "page_cache": cache,
-        "wire_bytes": proxy.total,
-        "wire_bytes_up": proxy.bytes_up,
-        "wire_bytes_down": proxy.bytes_down,
+        "wire_bytes": wire.up + wire.down,
+        "wire_bytes_up": wire.up,
+        "wire_bytes_down": wire.down,
         "agent": row,
         "ps": ps_row,
         "processes": {k: v.as_dict() for k, v in stats.items()},
@@ -565,7 +561,21 @@ def tidemark_initial(
     }
     if profiles:
         out["profiles"] = profiles
-    return dep, proxy, out
+    return dep, out
+
+
+def _connects(dep: Deployment) -> int:
+    """Connections the agent made to the process server since it started."""
+    link = _status(dep.agents[AGENT].state_dir / "admin.sock").get("link") or {}
+    return int(link.get("connects", 0))
+
+
+def _wire_since(dep: Deployment, before: dict[Any, Counts], connects_before: int) -> Counts:
+    """The bytes on the agent's connections since ``before`` (:mod:`benchmarks.tcp_bytes`),
+    when the agent had made ``connects_before`` connections. The count is read before the
+    connections are, so one made in between is seen as not counted (an error), not missed."""
+    connects = _connects(dep) - connects_before
+    return wire_between(before, connections_to(dep.port), connects)
 
 
 # --------------------------------------------------------------------------- phases
@@ -634,7 +644,7 @@ def _initial_round(
     deployment stopped; its pids go into ``pids`` with ``suffix``, also when it fails."""
     round_pids: dict[str, int] = {}
     try:
-        dep, proxy, tm = tidemark_initial(
+        dep, tm = tidemark_initial(
             root / f"d{suffix}", image, INIT_DISK, round_pids, timeout, label=suffix
         )
     finally:
@@ -646,7 +656,6 @@ def _initial_round(
         replica.unlink()
     finally:
         dep.stop_all()
-        proxy.close()
     return dep, tm
 
 
@@ -713,7 +722,7 @@ def phase_resync(
     image = root / "src.img"
     make_random(image, size, seed=21)
     out.update(image_size=size, image="fully allocated, random bytes")
-    dep, proxy, first = tidemark_initial(root / "d", image, RESYNC_DISK, pids, timeout)
+    dep, first = tidemark_initial(root / "d", image, RESYNC_DISK, pids, timeout)
     later: list[tuple[list[int], list[bytes]]] = []  # (blocks, old contents) of rounds 2..
     try:
         replica = dep.replica_path(RESYNC_DISK)
@@ -736,7 +745,7 @@ def phase_resync(
                 )
             else:
                 later.append(change)
-            tm = _resync_round(dep, proxy, image, replica, pids, timeout, suffix)
+            tm = _resync_round(dep, image, replica, pids, timeout, suffix)
             if n == 0:
                 out["tidemark"] = tm
             out["rounds"].append(
@@ -752,7 +761,6 @@ def phase_resync(
                 break  # reported as a failed copy; more rounds would not change that
     finally:
         dep.stop_all()
-        proxy.close()
     for blocks_n, old_n in reversed(later):  # the source as the first round left it
         restore_blocks(image, blocks_n, old_n)
     with contextlib.suppress(FileNotFoundError):
@@ -775,7 +783,6 @@ def phase_resync(
 
 def _resync_round(
     dep: Deployment,
-    proxy: CountingProxy,
     image: Path,
     replica: Path,
     pids: dict[str, int],
@@ -793,7 +800,8 @@ def _resync_round(
     cache = warm(image, replica)
     prof = PySpy(f"resync{suffix}", {"agent": agent_pid, "ps": ps_pid})
     sampler = ProcessSampler({"agent": agent_pid, "ps": ps_pid}).start()
-    proxy.reset()
+    connects = _connects(dep)
+    before = connections_to(dep.port)
     t0 = time.monotonic()
     try:
         cli = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
@@ -802,7 +810,7 @@ def _resync_round(
             raise RuntimeError(f"resync command exited {cli.returncode}: {cli.stderr}")
         row, ps_row = wait_level(dep, RESYNC_DISK, timeout)
         seconds = time.monotonic() - t0
-        wire = (proxy.total, proxy.bytes_up, proxy.bytes_down)
+        wire = _wire_since(dep, before, connects)
     finally:
         stats = sampler.stop()
         profiles = prof.stop()
@@ -812,9 +820,9 @@ def _resync_round(
         "page_cache": cache,
         "command_returned_seconds": round(cli_seconds, 3),
         "command_output": cli.stdout.strip(),
-        "wire_bytes": wire[0],
-        "wire_bytes_up": wire[1],
-        "wire_bytes_down": wire[2],
+        "wire_bytes": wire.up + wire.down,
+        "wire_bytes_up": wire.up,
+        "wire_bytes_down": wire.down,
         "agent": row,
         "ps": ps_row,
         "processes": {k: v.as_dict() for k, v in stats.items()},

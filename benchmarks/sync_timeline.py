@@ -113,7 +113,7 @@ def timeline(
     if trace:  # the services inherit it (benchmarks.deploy.service_env)
         os.environ[TRACE_ENV] = str(trace_dir)
     try:
-        dep, proxy, out = tidemark_initial(
+        dep, out = tidemark_initial(
             root / "d", image, "init0", {}, 600, options=options, poll=interval, on_sample=sampler
         )
     finally:
@@ -124,7 +124,6 @@ def timeline(
         replica = dep.replica_path("init0")
     finally:
         dep.stop_all()
-        proxy.close()
     traced = stage_trace.analyse(stage_trace.load(trace_dir)) if trace else None
     return {
         "params": {"size_gib": size_gib, "interval": interval, "options": options or {}},
