@@ -25,11 +25,11 @@ information); the agent is stopped; 1 % of its 4 KiB blocks, at random, are over
 with random bytes behind the agent's back; the agent is started again (it believes it is
 level: a clean stop); then ``python -m agent.cli resync --config CFG DISK`` is timed until
 the disk is level again and applied. Wire bytes = both directions of the agent's
-connection during that window. Timed ``RESYNC_ROUNDS`` times (once with ``--quick``), each of a fresh
-1 % change, on the same deployment; the target is judged on the median, the wire bytes on
-the worst round, and every round's replica is compared with the source. The baselines
-run once, on the first round's change (the later rounds' changes are undone first). On
-the same images, the "old" copy is the replica as it was before the change
+connection during that window. Timed ``RESYNC_ROUNDS`` times (once with ``--quick``), each
+of a fresh 1 % change, on the same deployment; the target is judged on the median, the
+wire bytes on the worst round, and every round's replica is compared with the source. The
+baselines run once, on the first round's change (the later rounds' changes are undone
+first). On the same images, the "old" copy is the replica as it was before the change
 (``cp --sparse=always``) and the baselines bring it level with the source:
 
 - ``rsync -I --inplace --no-whole-file --stats SRC OLD`` (local: sender, generator and
