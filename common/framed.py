@@ -67,6 +67,7 @@ class _FrameProtocol(ProtocolWaits, asyncio.BufferedProtocol):
         except ProtocolError as exc:  # reported by recv(); nothing more is read
             self.feed_error = exc
             self._pause_reading()
+            self._wake()  # a reader asleep in recv() raises it now
             return memoryview(bytearray(1 << 16))
 
     def buffer_updated(self, nbytes: int) -> None:

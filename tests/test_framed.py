@@ -27,6 +27,7 @@ from common.framed import READ_PAUSE, FramedStream, open_framed, start_framed_se
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context, server_context
 from process_server.pki import init_pki, issue_credentials, load_bundle
 from protocol.batch import CODEC_RAW, Extent, encode_batch, encode_batch_parts
+from protocol.errors import ProtocolError
 from protocol.frames import (
     EOF,
     NEED_DATA,
@@ -229,5 +230,24 @@ async def test_a_consumer_that_stops_reading_holds_the_sender_back(tls: Contexts
         got = await asyncio.wait_for(serving.recv(), 20)
         assert isinstance(got, BatchMsg) and got.header.first_seq == seq
     await asyncio.wait_for(task, 20)
+    await client.close()
+    server.close()
+
+
+async def test_a_reader_asleep_when_its_connection_fails_wakes_with_the_error(
+    tls: Contexts,
+) -> None:
+    """A connection failed by its own sending side takes no more bytes: the next ones that
+    arrive wake the reader waiting in ``recv``, which raises, instead of sleeping on."""
+    client, serving, server = await _pair(tls)
+    reader = asyncio.create_task(serving.recv())
+    await asyncio.sleep(0.1)
+    assert not reader.done()
+    with pytest.raises(ProtocolError):
+        await serving.send(Hello("again", "agent"))  # illegal once ready: the connection fails
+    await client.send(BatchMsg.from_data(_batch(1, [4096], seed=1)))
+    with pytest.raises(ProtocolError):
+        await asyncio.wait_for(reader, 10)
+    await serving.close()
     await client.close()
     server.close()
