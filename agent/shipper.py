@@ -95,7 +95,8 @@ class _DiskLink:
 
 @dataclass
 class ShipperStats:
-    connects: int = 0
+    connects: int = 0  # sessions established (hello and every disk registered)
+    failures: int = 0  # connection attempts and sessions ended by an error
     batches_sent: int = 0
     raw_bytes_sent: int = 0
     wire_bytes_sent: int = 0
@@ -170,6 +171,7 @@ class Shipper:
 
     def _note_error(self, message: str) -> None:
         self._failures += 1
+        self.stats.failures += 1
         self.stats.last_error = message
 
     def _log_failure(self, retry_in: float) -> None:
@@ -522,6 +524,7 @@ class Shipper:
         return {
             "connected": self.stats.connected_since is not None,
             "connects": self.stats.connects,
+            "failures": self.stats.failures,
             "batches_sent": self.stats.batches_sent,
             "raw_bytes_sent": self.stats.raw_bytes_sent,
             "wire_bytes_sent": self.stats.wire_bytes_sent,

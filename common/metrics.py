@@ -196,6 +196,7 @@ class StatusCollector(Collector):
             yield g
             for key, name, doc in (
                 ("connects", "tidemark_link_connects", "successful connections"),
+                ("failures", "tidemark_link_failures", "connection attempts and sessions failed"),
                 ("batches_sent", "tidemark_sent_batches", "batches sent"),
                 ("raw_bytes_sent", "tidemark_sent_raw_bytes", "batch bytes sent, uncompressed"),
                 ("wire_bytes_sent", "tidemark_sent_wire_bytes", "batch bytes sent, as encoded"),

@@ -393,3 +393,26 @@ def test_redacting_filter() -> None:
     )
     RedactingFilter().filter(record)
     assert "MIIE" not in record.getMessage() and "hunter2" not in record.getMessage()
+
+
+def test_link_metrics_from_an_agent_status() -> None:
+    """The agent's link counters, as its status reports them (agent/shipper.py)."""
+    status = {
+        "role": "agent",
+        "name": "web01",
+        "disks": [],
+        "link": {"connected": False, "connects": 3, "failures": 2, "batches_sent": 7},
+    }
+    tracker = AlertTracker(lambda disk: 5.0)
+    registry = make_registry(lambda: status, tracker)
+    body, _ = render(registry)
+    samples = {
+        s.name: s.value
+        for fam in text_string_to_metric_families(body.decode())
+        for s in fam.samples
+        if not s.labels
+    }
+    assert samples["tidemark_link_up"] == 0.0
+    assert samples["tidemark_link_connects_total"] == 3
+    assert samples["tidemark_link_failures_total"] == 2
+    assert samples["tidemark_sent_batches_total"] == 7
