@@ -69,12 +69,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.deploy import PYTHON, Deployment
 from benchmarks.driver import compressible
 from benchmarks.metrics import MIB, Figure, Params, ProcessSampler, ScenarioResult, ratio
-from benchmarks.tcp_bytes import Counts, connections_to, wire_between
+from benchmarks.tcp_bytes import Counts, Endpoints, WireCountError, connections_to, wire_between
 from benchmarks.tls_copy import run_baseline
 from common.admin import admin_request
 
@@ -239,7 +239,7 @@ def find_bdsync() -> str | None:
     return None
 
 
-TOOLS = ("nbdkit", "nbdcopy", "rsync", "cmp", "cp")
+TOOLS = ("nbdkit", "nbdcopy", "rsync", "cmp", "cp", "ss")
 
 
 def missing_tools() -> list[str]:
@@ -530,7 +530,7 @@ def tidemark_initial(
         dep.add_agent(AGENT, {disk: image}, options=options)
         pids[f"ps-{disk}"] = dep.start_ps().pid
         cache = warm(image)
-        before = connections_to(dep.port)
+        before = _Snapshot(connections_to(dep.port), _LinkCounts(0, 0))  # no agent yet
         t0 = time.monotonic()
         agent = dep.start_agent(AGENT)
         pids[f"agent-{disk}"] = agent.pid
@@ -542,7 +542,7 @@ def tidemark_initial(
             stats = sampler.stop()
             profiles = prof.stop()
         seconds = time.monotonic() - t0
-        wire = _wire_since(dep, before, 0)
+        wire = _wire_since(dep, before)
     except BaseException:
         dep.stop_all()
         raise
@@ -564,18 +564,44 @@ def tidemark_initial(
     return dep, out
 
 
-def _connects(dep: Deployment) -> int:
-    """Connections the agent made to the process server since it started."""
+class _LinkCounts(NamedTuple):
+    """The agent's own count of its sessions with the process server since it started."""
+
+    connects: int  # established
+    failures: int  # attempts and sessions that ended in an error
+
+
+class _Snapshot(NamedTuple):
+    connections: dict[Endpoints, Counts]
+    link: _LinkCounts
+
+
+def _link_counts(dep: Deployment) -> _LinkCounts:
     link = _status(dep.agents[AGENT].state_dir / "admin.sock").get("link") or {}
-    return int(link.get("connects", 0))
+    return _LinkCounts(int(link.get("connects", 0)), int(link.get("failures", 0)))
 
 
-def _wire_since(dep: Deployment, before: dict[Any, Counts], connects_before: int) -> Counts:
-    """The bytes on the agent's connections since ``before`` (:mod:`benchmarks.tcp_bytes`),
-    when the agent had made ``connects_before`` connections. The count is read before the
-    connections are, so one made in between is seen as not counted (an error), not missed."""
-    connects = _connects(dep) - connects_before
-    return wire_between(before, connections_to(dep.port), connects)
+def _snapshot(dep: Deployment) -> _Snapshot:
+    """The agent's connections (:mod:`benchmarks.tcp_bytes`) with its counts read before
+    and after them: equal, or the link changed while it was read (WireCountError)."""
+    link = _link_counts(dep)
+    connections = connections_to(dep.port)
+    if _link_counts(dep) != link:
+        raise WireCountError("the agent's link changed while its bytes were read")
+    return _Snapshot(connections, link)
+
+
+def _wire_since(dep: Deployment, before: _Snapshot) -> Counts:
+    """The bytes on the agent's connections since ``before``. Raises WireCountError when
+    they cannot all be counted: a session failed in the window (its connection is gone,
+    and its bytes with it), or the connections do not match the sessions made."""
+    after = _snapshot(dep)
+    failed = after.link.failures - before.link.failures
+    if failed:
+        raise WireCountError(f"{failed} of the agent's sessions failed in the window")
+    return wire_between(
+        before.connections, after.connections, after.link.connects - before.link.connects
+    )
 
 
 # --------------------------------------------------------------------------- phases
@@ -800,8 +826,7 @@ def _resync_round(
     cache = warm(image, replica)
     prof = PySpy(f"resync{suffix}", {"agent": agent_pid, "ps": ps_pid})
     sampler = ProcessSampler({"agent": agent_pid, "ps": ps_pid}).start()
-    connects = _connects(dep)
-    before = connections_to(dep.port)
+    before = _snapshot(dep)
     t0 = time.monotonic()
     try:
         cli = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
@@ -810,7 +835,7 @@ def _resync_round(
             raise RuntimeError(f"resync command exited {cli.returncode}: {cli.stderr}")
         row, ps_row = wait_level(dep, RESYNC_DISK, timeout)
         seconds = time.monotonic() - t0
-        wire = _wire_since(dep, before, connects)
+        wire = _wire_since(dep, before)
     finally:
         stats = sampler.stop()
         profiles = prof.stop()

@@ -1,19 +1,21 @@
-"""Wire bytes as the kernel counts them: every TCP connection to one port on loopback, read
+"""Wire bytes as the kernel counts them: every TCP connection to one address and port, read
 with ``ss`` (iproute2), outside the code under test and with nothing in the path.
 
 Why not a proxy (benchmarks/proxy.py): the sync scenario's initial sync is CPU-bound on two
-cores, and a counting proxy is a second loopback hop whose pump threads and TCP work run on
-those same cores. ``nbdcopy``, the baseline it is compared with, pays for no such hop. In ten
-alternating pairs on one image (docs/benchmarks.md, ``sync``), the copy took 3.97 s through
-the proxy and 3.33 s without it (medians).
+cores, and a counting proxy is a second loopback hop, with threads and TCP work of its own,
+on those same cores; ``nbdcopy``, the baseline it is compared with, has no such hop. What it
+costs the copy's wall time is not settled (docs/benchmarks.md, ``sync``, "What runs").
 
-How: ``ss -tinHO state established dport = :PORT`` prints each connection's ``tcp_info``.
-Of the connecting side, ``bytes_sent`` (retransmissions included: they crossed the wire
-too) is "up" and ``bytes_received`` is "down". The kernel forgets a connection's counts when
-it closes, so bytes are counted between two snapshots only when every connection that
-carried them is open at both ends of the window, or opened inside it and open at its end.
-:func:`wire_between` checks that against the client's own count of connections made, and
-raises :class:`WireCountError` rather than report too few bytes.
+How: ``ss -tinHO state established dst HOST:PORT`` prints each connection's ``tcp_info``.
+Of the connecting side, ``bytes_sent`` is "up" and ``bytes_received`` is "down": what the
+kernel put on the wire and what it took off it. The first counts a retransmitted segment
+twice (it crossed twice), the second once; on loopback nothing is retransmitted. The kernel
+forgets a connection's counts when it closes, so bytes are counted between two snapshots
+only when every connection that carried them is open at both ends of the window, or opened
+inside it and open at its end. :func:`wire_between` checks that against the client's own
+count of connections made; the caller also checks that no attempt failed in the window
+(benchmarks/sync.py). A window that fails either check raises :class:`WireCountError`
+rather than report too few bytes.
 """
 
 from __future__ import annotations
@@ -60,14 +62,14 @@ def parse_ss(text: str) -> dict[Endpoints, Counts]:
     return out
 
 
-def connections_to(port: int) -> dict[Endpoints, Counts]:
-    """The established TCP connections to ``port`` on this host, as their clients see them.
-    Raises FileNotFoundError without ``ss``, RuntimeError when it fails."""
+def connections_to(port: int, host: str = "127.0.0.1") -> dict[Endpoints, Counts]:
+    """The established TCP connections to ``host``:``port`` on this host (IPv4), as their
+    clients see them. Raises FileNotFoundError without ``ss``, RuntimeError when it fails."""
     ss = shutil.which("ss")
     if ss is None:
         raise FileNotFoundError("ss (Debian package iproute2) is needed to count wire bytes")
     done = subprocess.run(
-        [ss, "-tinHO", "state", "established", f"dport = :{port}"],
+        [ss, "-tinHO", "state", "established", "dst", f"{host}:{port}"],
         capture_output=True,
         text=True,
         check=False,
@@ -104,4 +106,4 @@ def wire_between(
     return Counts(up, down)
 
 
-__all__ = ["Counts", "WireCountError", "connections_to", "parse_ss", "wire_between"]
+__all__ = ["Counts", "Endpoints", "WireCountError", "connections_to", "parse_ss", "wire_between"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.sync_timeline import COLUMNS, _option, main, render, timeline
+from tests.bench_helpers import require_tools
 
 
 def _digest(path: str) -> bytes:
@@ -21,6 +22,7 @@ def _digest(path: str) -> bytes:
 
 @pytest.mark.timeout(300)
 def test_timeline_of_a_real_initial_sync(tmp_path: Path) -> None:
+    require_tools("ss")  # the wire bytes (benchmarks/tcp_bytes.py)
     # The journal's path (the stages stamped are a batch's): a copy in bulk has none.
     result = timeline(
         tmp_path / "t",

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.tcp_bytes import Counts, WireCountError, connections_to, parse_ss, wire_between
+from tests.bench_helpers import require_tools
 
 # As iproute2 6.1 printed it for a loopback connection (one line, wrapped here).
 LINE = (
@@ -105,6 +106,7 @@ def sink_port() -> Iterator[int]:
 
 
 def test_real_connections_are_counted_to_the_byte(sink_port: int) -> None:
+    require_tools("ss")
     before = connections_to(sink_port)
     assert before == {}
     with socket.create_connection(("127.0.0.1", sink_port)) as sock:
@@ -121,3 +123,16 @@ def test_real_connections_are_counted_to_the_byte(sink_port: int) -> None:
     # Closed: the kernel no longer counts it, and the window says so.
     with pytest.raises(WireCountError):
         wire_between(before, connections_to(sink_port), connects=1)
+
+
+def test_a_connection_to_another_address_on_the_same_port_is_not_counted(sink_port: int) -> None:
+    require_tools("ss")
+    with (
+        socket.create_server(("127.0.0.2", sink_port)) as other,
+        socket.create_connection(("127.0.0.2", sink_port)) as sock,
+    ):
+        sock.sendall(b"z" * 10_000)
+        peer, _ = other.accept()
+        with peer:
+            assert connections_to(sink_port) == {}
+            assert list(connections_to(sink_port, "127.0.0.2").values()) == [Counts(10_000, 0)]
