@@ -75,6 +75,7 @@ class PointKeeper:
         self._wake = asyncio.Event()
         self.marked = 0
         self.recorded = 0
+        self.send_rounds = 0  # times the sender woke (an idle agent's stay near zero)
         self.app_consistent: dict[str, dict[str, Any]] = {}  # last attempt per disk
         self._last_seq: dict[str, int] = {}
 
@@ -294,8 +295,12 @@ class PointKeeper:
     # ----------------------------------------------------------------- sending markers
     async def _send_forever(self) -> None:
         while True:
-            await wait_event(self._wake, SEND_INTERVAL)
+            if self.pending:  # until each is acknowledged through its seq, then sent
+                await wait_event(self._wake, SEND_INTERVAL)
+            else:  # nothing to send until a point is marked (mark() sets _wake)
+                await self._wake.wait()
             self._wake.clear()
+            self.send_rounds += 1
             connection = self.shipper.stats.connects
             if not self.shipper.connected.is_set():
                 continue
