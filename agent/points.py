@@ -75,7 +75,6 @@ class PointKeeper:
         self._wake = asyncio.Event()
         self.marked = 0
         self.recorded = 0
-        self.send_rounds = 0  # times the sender woke (an idle agent's stay near zero)
         self.app_consistent: dict[str, dict[str, Any]] = {}  # last attempt per disk
         self._last_seq: dict[str, int] = {}
 
@@ -300,7 +299,6 @@ class PointKeeper:
             else:  # nothing to send until a point is marked (mark() sets _wake)
                 await self._wake.wait()
             self._wake.clear()
-            self.send_rounds += 1
             connection = self.shipper.stats.connects
             if not self.shipper.connected.is_set():
                 continue

@@ -7,15 +7,14 @@ on those same cores; ``nbdcopy``, the baseline it is compared with, has no such 
 costs the copy's wall time is not settled (docs/benchmarks.md, ``sync``, "What runs").
 
 How: ``ss -tinHO state established dst HOST:PORT`` prints each connection's ``tcp_info``.
-Of the connecting side, ``bytes_sent`` is "up" and ``bytes_received`` is "down": what the
-kernel put on the wire and what it took off it. The first counts a retransmitted segment
-twice (it crossed twice), the second once; on loopback nothing is retransmitted. The kernel
-forgets a connection's counts when it closes, so bytes are counted between two snapshots
-only when every connection that carried them is open at both ends of the window, or opened
-inside it and open at its end. :func:`wire_between` checks that against the client's own
-count of connections made; the caller also checks that no attempt failed in the window
-(benchmarks/sync.py). A window that fails either check raises :class:`WireCountError`
-rather than report too few bytes.
+Of the connecting side, ``bytes_acked`` (less the one its SYN counts) is "up" and
+``bytes_received`` is "down": each byte once, as the other side took it (``bytes_sent``
+counts a retransmitted segment again); a byte not yet acknowledged at a snapshot counts
+in the next. The kernel forgets a connection's counts when it closes, so bytes are counted
+between two snapshots only when every connection that carried them is open at both ends
+of the window, or opened inside it and open at its end. :func:`wire_between` checks that
+against the client's own count of connections made and of attempts that failed. A window
+that fails a check raises :class:`WireCountError` rather than report too few bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import subprocess
 from dataclasses import dataclass
 
 _ROW = re.compile(r"^\s*\d+\s+\d+\s+(\S+)\s+(\S+)\s")
-_SENT = re.compile(r"\bbytes_sent:(\d+)")
+_ACKED = re.compile(r"\bbytes_acked:(\d+)")
 _RECEIVED = re.compile(r"\bbytes_received:(\d+)")
 
 Endpoints = tuple[str, str]  # (local address:port, peer address:port) of the connecting side
@@ -55,9 +54,10 @@ def parse_ss(text: str) -> dict[Endpoints, Counts]:
         row = _ROW.match(line)
         if row is None:
             raise ValueError(f"not an ss connection line: {line[:120]!r}")
-        sent, received = _SENT.search(line), _RECEIVED.search(line)
+        acked, received = _ACKED.search(line), _RECEIVED.search(line)
         out[(row[1], row[2])] = Counts(
-            int(sent[1]) if sent else 0, int(received[1]) if received else 0
+            max(0, int(acked[1]) - 1) if acked else 0,  # the SYN's sequence number
+            int(received[1]) if received else 0,
         )
     return out
 
@@ -81,12 +81,19 @@ def connections_to(port: int, host: str = "127.0.0.1") -> dict[Endpoints, Counts
 
 
 def wire_between(
-    before: dict[Endpoints, Counts], after: dict[Endpoints, Counts], connects: int
+    before: dict[Endpoints, Counts],
+    after: dict[Endpoints, Counts],
+    connects: int,
+    failed: int = 0,
 ) -> Counts:
     """The bytes carried between two snapshots of :func:`connections_to`; ``connects`` is
-    how many connections the client says it made in between. Raises WireCountError when
-    a connection of ``before`` is gone, or when fewer connections appeared than were made
-    (the missing ones closed, and their bytes with them)."""
+    how many connections the client says it made in between, ``failed`` how many of its
+    attempts and sessions failed. Raises WireCountError when any failed (such a connection
+    may have come and gone between the snapshots, bytes and all), when a connection of
+    ``before`` is gone, or when the connections that appeared are not as many as were made
+    (missing ones closed, their bytes with them; extra ones are not the client's)."""
+    if failed:
+        raise WireCountError(f"{failed} of the client's sessions failed in the window")
     gone = sorted(set(before) - set(after))
     if gone:
         raise WireCountError(f"connections closed in the window, their bytes uncounted: {gone}")

@@ -1,11 +1,16 @@
 """Shared checks of the tests that run real tools and benchmarks: the tools are there (a
-missing one skips, but fails under CI), finding a figure, and nothing left behind."""
+missing one skips, but fails under CI), finding a figure, nothing left behind, and a
+loopback TCP server to measure against."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +77,28 @@ def direct_io_works(directory: Path) -> bool:
         return False
     finally:
         probe.unlink()
+
+
+@contextlib.contextmanager
+def loopback_server(serve: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 (a port the kernel picks) that hands each connection to
+    ``serve`` in a thread of its own; yields the port, and stops accepting at the end."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)

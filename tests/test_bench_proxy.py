@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from benchmarks.proxy import CountingProxy
+from tests.bench_helpers import loopback_server
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -29,28 +30,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 def echo_port() -> Iterator[int]:
     """A loopback server that sends back every byte reversed in blocks (not a mirror of the
     proxy: the reply is computed from what arrived)."""
-    listener = socket.create_server(("127.0.0.1", 0))
 
     def serve(conn: socket.socket) -> None:
         with conn:
             while data := conn.recv(1 << 16):
                 conn.sendall(data[::-1])
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    with contextlib.suppress(OSError):
-        listener.shutdown(socket.SHUT_RDWR)
-    listener.close()
-    thread.join(5)
+    with loopback_server(serve) as port:
+        yield port
 
 
 def test_bytes_pass_unchanged_and_are_counted(echo_port: int) -> None:

@@ -5,7 +5,6 @@ whose bytes cannot all be counted refused rather than under-reported."""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.tcp_bytes import Counts, WireCountError, connections_to, parse_ss, wire_between
-from tests.bench_helpers import require_tools
+from tests.bench_helpers import loopback_server, require_tools
 
 # As iproute2 6.1 printed it for a loopback connection (one line, wrapped here).
 LINE = (
@@ -64,6 +63,11 @@ def test_a_connection_gone_in_the_window_is_an_error_not_a_smaller_count() -> No
         wire_between({A: Counts(1, 1)}, {B: Counts(5, 5)}, connects=1)
 
 
+def test_a_window_with_a_failed_session_is_an_error_whatever_the_connections_say() -> None:
+    with pytest.raises(WireCountError, match="1 of the client's sessions failed"):
+        wire_between({A: Counts(1, 1)}, {A: Counts(5, 5)}, connects=0, failed=1)
+
+
 def test_more_connections_made_than_still_open_is_an_error() -> None:
     with pytest.raises(WireCountError, match="2 connections made in the window, 1"):
         wire_between({}, {B: Counts(5, 5)}, connects=2)
@@ -78,31 +82,21 @@ def test_counts_that_go_back_are_an_error() -> None:
 
 @pytest.fixture
 def sink_port() -> Iterator[int]:
-    """A loopback server that reads everything and answers each connection's end with a
-    reply of 1000 bytes once 3,000,000 have arrived."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    """A loopback server that reads everything and replies 1000 bytes once 3,000,000 have
+    arrived, 10 more once 3,000,500 have (a reply carries the acknowledgement of what came
+    before it: a client that has read it sees its bytes acknowledged)."""
 
     def serve(conn: socket.socket) -> None:
         with conn:
             got = 0
             while data := conn.recv(1 << 16):
-                if got < 3_000_000 <= got + len(data):
-                    conn.sendall(b"r" * 1000)
+                for mark, reply in ((3_000_000, 1000), (3_000_500, 10)):
+                    if got < mark <= got + len(data):
+                        conn.sendall(b"r" * reply)
                 got += len(data)
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
+    with loopback_server(serve) as port:
+        yield port
 
 
 def test_real_connections_are_counted_to_the_byte(sink_port: int) -> None:
@@ -117,9 +111,10 @@ def test_real_connections_are_counted_to_the_byte(sink_port: int) -> None:
         middle = connections_to(sink_port)
         assert list(middle.values()) == [Counts(3_000_000, 1000)]
         sock.sendall(b"y" * 500)
+        assert len(sock.recv(4096)) == 10
         after = connections_to(sink_port)
-        assert wire_between(middle, after, connects=0) == Counts(500, 0)
-        assert wire_between(before, after, connects=1) == Counts(3_000_500, 1000)
+        assert wire_between(middle, after, connects=0) == Counts(500, 10)
+        assert wire_between(before, after, connects=1) == Counts(3_000_500, 1010)
     # Closed: the kernel no longer counts it, and the window says so.
     with pytest.raises(WireCountError):
         wire_between(before, connections_to(sink_port), connects=1)
@@ -134,5 +129,10 @@ def test_a_connection_to_another_address_on_the_same_port_is_not_counted(sink_po
         sock.sendall(b"z" * 10_000)
         peer, _ = other.accept()
         with peer:
+            got = 0
+            while got < 10_000:
+                got += len(peer.recv(1 << 16))
+            peer.sendall(b"!")  # with it, the acknowledgement of the 10,000
+            assert sock.recv(1) == b"!"
             assert connections_to(sink_port) == {}
-            assert list(connections_to(sink_port, "127.0.0.2").values()) == [Counts(10_000, 0)]
+            assert list(connections_to(sink_port, "127.0.0.2").values()) == [Counts(10_000, 1)]
