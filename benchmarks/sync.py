@@ -546,12 +546,10 @@ def tidemark_initial(
     except BaseException:
         dep.stop_all()
         raise
-    out = {
+    out: dict[str, Any] = {
         "seconds": round(seconds, 3),
         "page_cache": cache,
-        "wire_bytes": wire.up + wire.down,
-        "wire_bytes_up": wire.up,
-        "wire_bytes_down": wire.down,
+        **_wire_fields(wire),
         "agent": row,
         "ps": ps_row,
         "processes": {k: v.as_dict() for k, v in stats.items()},
@@ -589,6 +587,14 @@ def _snapshot(dep: Deployment) -> _Snapshot:
     if _link_counts(dep) != link:
         raise WireCountError("the agent's link changed while its bytes were read")
     return _Snapshot(connections, link)
+
+
+def _wire_fields(wire: Counts) -> dict[str, int]:
+    return {
+        "wire_bytes": wire.up + wire.down,
+        "wire_bytes_up": wire.up,
+        "wire_bytes_down": wire.down,
+    }
 
 
 def _wire_since(dep: Deployment, before: _Snapshot) -> Counts:
@@ -824,9 +830,9 @@ def _resync_round(
     ps_pid = pids[f"ps-{RESYNC_DISK}"]
     cmd = _resync_command(dep.agents[AGENT].config, RESYNC_DISK)
     cache = warm(image, replica)
+    before = _snapshot(dep)  # (its status requests outside the processes' CPU figures)
     prof = PySpy(f"resync{suffix}", {"agent": agent_pid, "ps": ps_pid})
     sampler = ProcessSampler({"agent": agent_pid, "ps": ps_pid}).start()
-    before = _snapshot(dep)
     t0 = time.monotonic()
     try:
         cli = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
@@ -835,19 +841,17 @@ def _resync_round(
             raise RuntimeError(f"resync command exited {cli.returncode}: {cli.stderr}")
         row, ps_row = wait_level(dep, RESYNC_DISK, timeout)
         seconds = time.monotonic() - t0
-        wire = _wire_since(dep, before)
     finally:
         stats = sampler.stop()
         profiles = prof.stop()
+    wire = _wire_since(dep, before)
     tm: dict[str, Any] = {
         "command": shlex.join(cmd),
         "seconds": round(seconds, 3),
         "page_cache": cache,
         "command_returned_seconds": round(cli_seconds, 3),
         "command_output": cli.stdout.strip(),
-        "wire_bytes": wire.up + wire.down,
-        "wire_bytes_up": wire.up,
-        "wire_bytes_down": wire.down,
+        **_wire_fields(wire),
         "agent": row,
         "ps": ps_row,
         "processes": {k: v.as_dict() for k, v in stats.items()},

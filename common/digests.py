@@ -74,7 +74,7 @@ def zero_block_runs(data: bytes | bytearray, end: int | None = None) -> list[tup
         stop = min(start + block, n)
         if start > done:
             runs.append((done, start, False))
-        if runs and runs[-1][2] and runs[-1][1] == start:  # the zero run before goes on
+        if runs and runs[-1][2]:  # (start == done here) the zero run before goes on
             runs[-1] = (runs[-1][0], stop, True)
         else:
             runs.append((start, stop, True))

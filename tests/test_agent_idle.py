@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from benchmarks.deploy import Deployment
+from tests.test_failover import drain, wait_replicating
 
 IDLE_SECONDS = 3.0
 MAX_WAKEUPS_PER_SECOND = 15  # heartbeats at 1 s and status polls; 53/s before
@@ -23,24 +24,14 @@ def _voluntary_switches(pid: int) -> int:
     raise AssertionError(f"no voluntary_ctxt_switches for {pid}")
 
 
-def _level(dep: Deployment, name: str, disk: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = {r["disk"]: r for r in dep.agent_status(name)["disks"]}
-        row = rows[disk]
-        if row["state"] == "replicating" and row["acked_seq"] >= row["journaled_seq"]:
-            return
-        assert time.monotonic() < deadline, row
-        time.sleep(0.1)
-
-
 def test_an_idle_agent_sleeps(tmp_path: Path) -> None:
     with Deployment(tmp_path) as dep:
         dep.init_pki()
         dep.add_agent("idle01", {"idle01-d": 64 << 20})
         dep.start_ps()
         pid = dep.start_agent("idle01").pid
-        _level(dep, "idle01", "idle01-d")
+        wait_replicating(dep, "idle01")
+        drain(dep, "idle01", "idle01-d")
         time.sleep(0.5)  # the first sync's last messages
         before = _voluntary_switches(pid)
         time.sleep(IDLE_SECONDS)
