@@ -107,8 +107,9 @@ class NbdStream(ProtocolWaits, asyncio.BufferedProtocol):
         return data if isinstance(data, bytes) else bytes(data)
 
     async def read_payload(self, n: int) -> bytes | memoryview:
-        """:meth:`readexactly`, but ``n`` of ``DIRECT_MIN`` or more come as a view of a buffer
-        of their own, received in place and referenced by nothing else."""
+        """:meth:`readexactly`, but ``n`` of ``DIRECT_MIN`` or more that are not all here yet
+        come as a view of a buffer of their own, received in place and referenced by nothing
+        else (those already here are copied out as ``bytes``)."""
         if n < 0:
             raise ValueError("readexactly size can not be less than zero")
         while True:
