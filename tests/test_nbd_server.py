@@ -650,8 +650,12 @@ async def test_backpressure_when_refused_writes_are_not_read(
 
             sender = asyncio.ensure_future(flood())
             await asyncio.sleep(1.5)
-            stalled_at = sent
-            await asyncio.sleep(0.5)
+            deadline = asyncio.get_running_loop().time() + 30  # (a loaded machine is slower)
+            while True:
+                stalled_at = sent
+                await asyncio.sleep(0.5)
+                if sent == stalled_at or asyncio.get_running_loop().time() > deadline:
+                    break
             assert sent == stalled_at, "the client's sends never blocked"
             (conn_writer,) = export._connections.values()
             buffered = conn_writer.transport.get_write_buffer_size()

@@ -100,9 +100,9 @@ async def test_limiter_waits_and_a_new_limit_applies_at_once() -> None:
     started = time.monotonic()
     await limiter.acquire(4 << 20)
     await limiter.acquire(2 << 20)  # into debt: the next send waits 0.5 s
-    assert time.monotonic() - started < 0.2
+    assert time.monotonic() - started < 0.35  # no wait (bounds wide for a loaded machine)
     await limiter.acquire(1)
-    assert 0.4 < time.monotonic() - started < 1.0
+    assert 0.4 < time.monotonic() - started < 2.0
     slow = BandwidthLimiter(4096)
     await slow.acquire(1 << 20)  # 256 s of debt at 4 KiB/s...
     waiter = asyncio.ensure_future(slow.acquire(1))
