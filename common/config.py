@@ -65,7 +65,7 @@ class AgentConfig:
     window_bytes: int = 64 << 20
     batch_delay: float = 0.0
     compression_level: int = 1
-    compression_fast_level: int = -5  # agent/compression_level.py
+    compression_fast_level: int = -20  # agent/compression_level.py
     # A disk's first sync: "bulk" copies the image outside the journal while writes are held
     # (agent/bulk_copy.py); "journal" sends it as journal references, in seq order.
     initial_copy: str = "bulk"
@@ -373,8 +373,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         "window_batches": _int_range(1, 1024),
         "window_bytes": _size_range(64 << 10, 4 << 30),
         "batch_delay": _duration_range(0, 10),
-        "compression_level": _int_range(-5, 19),
-        "compression_fast_level": _int_range(-5, 19),
+        "compression_level": _int_range(-100, 19),
+        "compression_fast_level": _int_range(-100, 19),
         "initial_copy": _initial_copy,
         "heartbeat_interval": _duration_range(0.05, 3600),
         "reconnect_min": _duration_range(0.01, 3600),
@@ -436,7 +436,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: agent.window_bytes: must be at least agent.max_batch_bytes")
     if cfg.compression_fast_level == 0:
         raise ConfigError(
-            f"{path}: agent.compression_fast_level: must not be 0 (a zstd level from -5 to 19; "
+            f"{path}: agent.compression_fast_level: must not be 0 (a zstd level from -100 to 19; "
             "compression_level = 0 turns compression off)"
         )
     if cfg.compression_level and cfg.compression_fast_level > cfg.compression_level:

@@ -47,7 +47,7 @@ def test_design_sketches_load(tmp_path: Path) -> None:
     agent = load_agent_config(_write(tmp_path, AGENT_SKETCH, "agent.toml"))
     assert agent.name == "web01" and agent.disks[0].id == "web01-root"
     assert agent.disks[0].nbd == "unix:/run/tidemark/web01-root.sock"
-    assert (agent.compression_level, agent.compression_fast_level) == (1, -5)
+    assert (agent.compression_level, agent.compression_fast_level) == (1, -20)
     fixed = AGENT_SKETCH.replace(
         "[agent]\n", "[agent]\ncompression_level = 0\ncompression_fast_level = 3\n"
     )  # compression off: the fast level has nothing to be at most
@@ -88,7 +88,7 @@ def test_design_sketches_load(tmp_path: Path) -> None:
             "must not be 0",
         ),
         (
-            AGENT_SKETCH.replace("[agent]\n", "[agent]\ncompression_fast_level = -6\n"),
+            AGENT_SKETCH.replace("[agent]\n", "[agent]\ncompression_fast_level = -101\n"),
             "agent.compression_fast_level",
             "between",
         ),

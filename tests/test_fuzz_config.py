@@ -325,8 +325,8 @@ def check_agent(workdir: Path, data: bytes) -> None:
             if disk.nbd.startswith("unix:"):
                 assert len(disk.nbd[5:].encode()) <= 107
     assert cfg.max_batch_bytes <= cfg.window_bytes
-    assert 1 <= cfg.window_batches <= 1024 and -5 <= cfg.compression_level <= 19
-    assert -5 <= cfg.compression_fast_level <= 19 and cfg.compression_fast_level != 0
+    assert 1 <= cfg.window_batches <= 1024 and -100 <= cfg.compression_level <= 19
+    assert -100 <= cfg.compression_fast_level <= 19 and cfg.compression_fast_level != 0
     assert not cfg.compression_level or cfg.compression_fast_level <= cfg.compression_level
     assert len(str(cfg.admin_socket).encode()) <= 107
 
