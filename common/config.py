@@ -328,6 +328,7 @@ def _name(value: Any) -> str:
 
 
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+ZSTD_LEVELS = (-100, 19)  # the levels the two compression keys accept (0: off)
 
 
 def _check_socket_path(file: Path, key: str, socket: Path) -> None:
@@ -373,8 +374,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         "window_batches": _int_range(1, 1024),
         "window_bytes": _size_range(64 << 10, 4 << 30),
         "batch_delay": _duration_range(0, 10),
-        "compression_level": _int_range(-100, 19),
-        "compression_fast_level": _int_range(-100, 19),
+        "compression_level": _int_range(*ZSTD_LEVELS),
+        "compression_fast_level": _int_range(*ZSTD_LEVELS),
         "initial_copy": _initial_copy,
         "heartbeat_interval": _duration_range(0.05, 3600),
         "reconnect_min": _duration_range(0.01, 3600),
@@ -436,7 +437,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: agent.window_bytes: must be at least agent.max_batch_bytes")
     if cfg.compression_fast_level == 0:
         raise ConfigError(
-            f"{path}: agent.compression_fast_level: must not be 0 (a zstd level from -100 to 19; "
+            f"{path}: agent.compression_fast_level: must not be 0 (a zstd level from "
+            f"{ZSTD_LEVELS[0]} to {ZSTD_LEVELS[1]}; "
             "compression_level = 0 turns compression off)"
         )
     if cfg.compression_level and cfg.compression_fast_level > cfg.compression_level:
