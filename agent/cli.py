@@ -1,4 +1,4 @@
-"""``tidemark-agent``: the agent's command line (run, status, verify, resync).
+"""``tidemark-agent``: the agent's command line (run, status, verify, resync, point, wait).
 
 Rule: exit 0 on success, 1 on failure, 2 on usage errors; ``--json`` prints one object.
 """
@@ -25,6 +25,7 @@ from common.cli import (
 from common.config import AgentConfig, load_agent_config
 from common.durable import read_json
 from common.errors import TidemarkError
+from common.units import parse_duration
 
 STATUS_COLUMNS = [
     "disk",
@@ -70,7 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disk", help="disk id")
     p.add_argument("--tag", default="", help="a label kept with the point")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser(
+        "wait",
+        help="wait until disks are protected: initial sync or resync done, and every write "
+        "made before the command acknowledged by the process server (exit 1 on the timeout)",
+    )
+    p.add_argument("--config", required=True, type=Path, help="agent.toml")
+    p.add_argument("disks", nargs="*", metavar="DISK", help="disk ids (default: every disk)")
+    p.add_argument(
+        "--timeout", type=_duration, default=None, help='give up after this long, e.g. "30m"'
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0 s: {text!r}")
+    return seconds
 
 
 async def _run(config: Path) -> int:
@@ -214,6 +236,31 @@ async def _point(config: Path, disk_id: str, tag: str, as_json: bool) -> int:
     return 0 if reply.get("ok") else 1
 
 
+async def _wait(config: Path, disk_ids: list[str], timeout: float | None, as_json: bool) -> int:
+    cfg = load_agent_config(config)
+    request: dict[str, Any] = {"cmd": "wait", "disks": disk_ids or None, "timeout": timeout}
+    show = len(disk_ids) == 1 and sys.stderr.isatty() and not as_json
+    try:
+        reply = await run_with_progress(
+            cfg.admin_socket, request, disk_ids[0] if disk_ids else "", show=show
+        )
+    except OSError as exc:
+        print(
+            f"error: the agent is not running or stopped ({cfg.admin_socket}: "
+            f"{exc.strerror or exc})",
+            file=sys.stderr,
+        )
+        return 1
+    if as_json:
+        print_json(reply)
+    elif reply.get("ok"):
+        for row in reply["disks"]:
+            print(f"{row['disk']}: protected through seq {row['target_seq']}")
+    else:
+        print(f"error: {reply.get('error')}", file=sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
 async def _wait_level(cfg: AgentConfig, disk_id: str, *, show: bool) -> str:
     """Follow a resync until the disk is level again, with a progress bar on a terminal."""
     bar = ProgressBar(disk_id, show=show)
@@ -252,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_loop(_resync(args.config, args.disk, args.json, not args.no_wait))
         if args.command == "point":
             return run_loop(_point(args.config, args.disk, args.tag, args.json))
+        if args.command == "wait":
+            return run_loop(_wait(args.config, args.disks, args.timeout, args.json))
     except TidemarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

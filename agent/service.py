@@ -34,6 +34,8 @@ from process_server.pki import load_bundle
 
 log = logging.getLogger("tidemark.agent")
 
+WAIT_POLL = 0.01  # seconds between looks at the disks while a ``wait`` request is open
+
 
 class Agent:
     """One agent: every ``[[disk]]`` of its config, replicated to one process server."""
@@ -51,6 +53,7 @@ class Agent:
                 "verify": self._admin_verify,
                 "resync": self._admin_resync,
                 "point": self._admin_point,
+                "wait": self._admin_wait,
             },
         )
         self.admin = self._admin
@@ -61,9 +64,11 @@ class Agent:
         self._want_nbd = nbd
         self.started_ns = 0
         self._lock_fd: int | None = None  # the state directory's lock (common/state_lock.py)
+        self._stopping = False  # ends open ``wait`` requests
 
     async def start(self) -> None:
         """Open disks, start replication and exports. Raises TidemarkError, OSError."""
+        self._stopping = False
         creds = load_bundle(self.cfg.credentials)
         if creds.name != self.cfg.name:
             raise TidemarkError(
@@ -131,6 +136,7 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop exports and shipping, flush every disk, record a clean stop."""
+        self._stopping = True
         for export in self._exports:
             with contextlib.suppress(OSError):
                 await export.close()
@@ -244,3 +250,69 @@ class Agent:
 
     async def _admin_resync(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self.resync(str(request.get("disk")))
+
+    async def wait_protected(
+        self, disk_ids: list[str] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Wait until each disk (every one when None) is protected up to now: ``replicating``
+        (no initial sync or resync due or running) and every write journaled when asked
+        acknowledged by the process server. Later writes are not waited for, so a busy disk
+        gets there too. ``ok`` False on the timeout (seconds; None: no limit) or an unknown
+        disk; the rows say where each disk is."""
+        ids = list(self.disks) if disk_ids is None else disk_ids
+        if not ids:
+            return {"ok": False, "error": "no disk to wait for"}
+        unknown = [d for d in ids if d not in self.disks]
+        if unknown:
+            return {"ok": False, "error": f"no disk {unknown[0]!r} on this agent"}
+        disks = [self.disks[d] for d in ids]
+        targets = {d.disk_id: d.journaled_seq for d in disks}
+        t0 = time.monotonic()
+        while True:
+            rows = [
+                {
+                    "disk": d.disk_id,
+                    "state": d.state,
+                    "target_seq": targets[d.disk_id],
+                    "acked_seq": d.acked_seq,
+                    "protected": d.state == "replicating" and d.acked_seq >= targets[d.disk_id],
+                }
+                for d in disks
+            ]
+            waited = round(time.monotonic() - t0, 3)
+            if all(row["protected"] for row in rows):
+                return {"ok": True, "waited_seconds": waited, "disks": rows}
+            if self._stopping:
+                return {"ok": False, "error": "the agent is stopping", "disks": rows}
+            if timeout is not None and waited >= timeout:
+                behind = ", ".join(
+                    f"{r['disk']} ({r['state']})" for r in rows if not r["protected"]
+                )
+                return {
+                    "ok": False,
+                    "error": f"not protected within {timeout:g} s: {behind}",
+                    "waited_seconds": waited,
+                    "disks": rows,
+                }
+            await asyncio.sleep(WAIT_POLL)
+
+    async def _admin_wait(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.wait_protected(_wait_disks(request), _wait_timeout(request))
+
+
+def _wait_disks(request: dict[str, Any]) -> list[str] | None:
+    disks = request.get("disks")
+    if disks is None:
+        return None
+    if not isinstance(disks, list) or not all(isinstance(d, str) for d in disks):
+        raise ValueError("disks must be a list of disk ids")
+    return disks
+
+
+def _wait_timeout(request: dict[str, Any]) -> float | None:
+    timeout = request.get("timeout")
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds")
+    return float(timeout)

@@ -436,14 +436,21 @@ def wait_level(
     poll: float = 0.05,
     on_sample: OnSample | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Until the agent is ``replicating`` with everything acknowledged, then until the
-    process server applied everything journaled. Returns the agent and PS status rows.
+    """Until the agent is ``replicating`` with everything acknowledged (its ``wait`` request,
+    or polls every ``poll`` s while sampling), then until the process server applied
+    everything journaled. Returns the agent and PS status rows.
     ``on_sample(agent_row, ps_row)``, if given, sees both at every poll (``ps_row`` None
     until the disk is registered there; benchmarks/sync_timeline.py)."""
     spec = dep.agents[AGENT]
     deadline = time.monotonic() + timeout
     row: dict[str, Any] = {}
     ps_row: dict[str, Any] | None = None
+    if on_sample is None:  # the agent says when (`tidemark-agent wait`): no polling lag
+        sock = spec.state_dir / "admin.sock"
+        request = {"cmd": "wait", "disks": [disk], "timeout": timeout}
+        reply = asyncio.run(admin_request(sock, request, timeout=timeout + 30))
+        if not reply.get("ok"):
+            raise TimeoutError(f"{disk} not level: {reply.get('error')}")
     while True:
         row = _row(_status(spec.state_dir / "admin.sock"), disk)
         if on_sample is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 log = logging.getLogger("tidemark.admin")
 MAX_REQUEST = 64 << 10
+CLOSE_GRACE = 1.0  # seconds a closing server gives the requests in progress to answer
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -28,6 +29,7 @@ class AdminServer:
         self.path = path
         self.handlers = handlers
         self._server: asyncio.AbstractServer | None = None
+        self._serving: set[asyncio.Task[Any]] = set()  # requests being answered
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -38,13 +40,20 @@ class AdminServer:
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
+        """Stop listening; requests in progress get ``CLOSE_GRACE`` to answer (a ``wait``
+        answers that the service is stopping), then the loop's end cuts them off."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self._serving:
+            await asyncio.wait(set(self._serving), timeout=CLOSE_GRACE)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
             try:
@@ -69,12 +78,15 @@ class AdminServer:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
+            if task is not None:
+                self._serving.discard(task)
 
 
 async def admin_request(
     path: Path, request: dict[str, Any], timeout: float = 30.0
 ) -> dict[str, Any]:
-    """Send one request to a running service. Raises OSError when nothing listens."""
+    """Send one request to a running service. Raises OSError when nothing listens, or when
+    the service closes the connection without an answer (it stopped)."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_unix_connection(str(path), limit=64 << 20), timeout
     )
@@ -82,6 +94,8 @@ async def admin_request(
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
+        if not line:
+            raise ConnectionResetError("the service closed the connection without an answer")
         reply = json.loads(line)
         if not isinstance(reply, dict):
             raise OSError("bad admin reply")

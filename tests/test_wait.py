@@ -1,0 +1,206 @@
+"""``tidemark-agent wait``: returns once the named disks are protected up to the moment it was
+asked (initial sync done, every earlier write acknowledged), exit 1 on its timeout, while the
+disks go on being written; checked against the process server's own status and ``cmp``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.deploy import Deployment, Driver
+from common.admin import admin_request
+
+MiB = 1 << 20
+
+
+def make_image(path: Path, size: int, seed: int) -> None:
+    """Random 1 MiB runs over half of the image, holes elsewhere."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in range(0, size, MiB):
+            if rnd.random() < 0.5:
+                f.seek(offset)
+                f.write(rnd.randbytes(MiB))
+
+
+def cmp(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def wait_cli(dep: Deployment, agent: str, *args: str) -> subprocess.CompletedProcess[str]:
+    config = str(dep.agents[agent].config)
+    return dep.cli("agent.cli", "wait", "--config", config, *args, check=False)
+
+
+def ps_row(dep: Deployment, disk: str) -> dict:
+    return next(r for r in dep.ps_status()["disks"] if r["disk"] == disk)
+
+
+@pytest.fixture
+def dep(tmp_path: Path) -> Iterator[Deployment]:
+    d = Deployment(tmp_path / "d")
+    d.init_pki()
+    yield d
+    d.stop_all()
+
+
+def test_wait_times_out_without_the_process_server_then_returns_once_synced(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    image = tmp_path / "src.img"
+    make_image(image, 64 * MiB, seed=1)
+    dep.add_agent("a1", {"d1": image})
+    dep.start_agent("a1")  # no process server yet: the initial sync cannot run
+
+    t0 = time.monotonic()
+    out = wait_cli(dep, "a1", "d1", "--timeout", "1s")
+    assert out.returncode == 1, out
+    assert time.monotonic() - t0 >= 1.0
+    assert "not protected within 1 s: d1 (initial-sync)" in out.stderr
+
+    dep.start_ps()
+    out = wait_cli(dep, "a1", "--json", "--timeout", "120s")  # every disk
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["ok"] and [r["disk"] for r in reply["disks"]] == ["d1"]
+    assert reply["disks"][0]["state"] == "replicating" and reply["disks"][0]["protected"]
+    # A bulk initial copy is durable in the replica before the disk leaves initial-sync, and
+    # nothing was written meanwhile: the replica is the image now, without waiting more.
+    assert cmp(image, dep.replica_path("d1"))
+
+
+def test_wait_covers_the_writes_made_before_it_while_writes_go_on(
+    dep: Deployment, tmp_path: Path
+) -> None:
+    image = tmp_path / "src.img"
+    make_image(image, 32 * MiB, seed=2)
+    dep.add_agent("a1", {"d1": image})
+    dep.start_ps()
+    driver = Driver(dep, "a1")
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def write(seed: int) -> int:
+        with lock:
+            reply = driver.call(
+                op="write", disk="d1", offset=(seed * 65536) % (32 * MiB), length=65536, seed=seed
+            )
+            assert reply["ok"], reply
+            return int(driver.call(op="status")["status"]["disks"][0]["journaled_seq"])
+
+    def keep_writing() -> None:
+        seed = 1000
+        while not stop.is_set():
+            write(seed)
+            seed += 1
+            time.sleep(0.005)
+
+    try:
+        out = wait_cli(dep, "a1", "d1", "--timeout", "120s")
+        assert out.returncode == 0, out.stderr
+        before = max(write(i) for i in range(50))  # journaled before the wait is asked
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+        try:
+            out = wait_cli(dep, "a1", "d1", "--json", "--timeout", "60s")
+        finally:
+            stop.set()
+            writer.join()
+        assert out.returncode == 0, out.stderr  # it returned while the disk was still written
+        row = json.loads(out.stdout)["disks"][0]
+        assert row["target_seq"] >= before and row["acked_seq"] >= row["target_seq"]
+        # The process server's own account: everything through the target is cached there.
+        assert ps_row(dep, "d1")["cached_seq"] >= row["target_seq"]
+        final = int(driver.call(op="status")["status"]["disks"][0]["journaled_seq"])
+        assert driver.call(op="flush", disk="d1")["ok"]
+        out = wait_cli(dep, "a1", "d1", "--timeout", "60s")
+        assert out.returncode == 0, out.stderr
+        assert "d1: protected through seq" in out.stdout
+        dep.wait_applied("d1", final)
+        assert cmp(image, dep.replica_path("d1"))
+    finally:
+        driver.quit()
+
+
+def test_wait_refuses_what_it_cannot_wait_for(dep: Deployment, tmp_path: Path) -> None:
+    image = tmp_path / "src.img"
+    make_image(image, 8 * MiB, seed=3)
+    dep.add_agent("a1", {"d1": image})
+
+    out = wait_cli(dep, "a1", "d1", "--timeout", "5s")  # the agent is not running
+    assert out.returncode == 1 and "not running" in out.stderr, out
+
+    dep.start_ps()
+    dep.start_agent("a1")
+    out = wait_cli(dep, "a1", "nope", "--timeout", "5s")
+    assert out.returncode == 1 and "no disk 'nope' on this agent" in out.stderr, out
+    for bad in ("0", "-1s", "soon"):
+        out = wait_cli(dep, "a1", "d1", "--timeout", bad)
+        assert out.returncode == 2 and "--timeout" in out.stderr, (bad, out)
+
+
+def test_wait_ends_when_the_agent_stops(dep: Deployment, tmp_path: Path) -> None:
+    image = tmp_path / "src.img"
+    make_image(image, 8 * MiB, seed=4)
+    spec = dep.add_agent("a1", {"d1": image})
+    dep.start_agent("a1")  # no process server: the disk never gets protected
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "wait", "--config", str(spec.config), "d1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    assert waiting.poll() is None  # still waiting
+    dep.stop_agent("a1")
+    _, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 1
+    assert "error: the agent is stopping" in err, err
+
+
+def test_malformed_wait_requests_get_a_clear_error(dep: Deployment, tmp_path: Path) -> None:
+    image = tmp_path / "src.img"
+    make_image(image, 8 * MiB, seed=5)
+    spec = dep.add_agent("a1", {"d1": image})
+    dep.start_agent("a1")
+    sock = spec.state_dir / "admin.sock"
+    cases = [
+        ({"disks": "d1"}, "bad request: disks must be a list of disk ids"),
+        ({"disks": [1]}, "bad request: disks must be a list of disk ids"),
+        ({"disks": []}, "no disk to wait for"),
+        ({"timeout": 0}, "bad request: timeout must be a positive number of seconds"),
+        ({"timeout": -3}, "bad request: timeout must be a positive number of seconds"),
+        ({"timeout": True}, "bad request: timeout must be a positive number of seconds"),
+        ({"timeout": "1s"}, "bad request: timeout must be a positive number of seconds"),
+        ({"timeout": float("nan")}, "bad request: timeout must be a positive number of seconds"),
+    ]
+    for extra, error in cases:
+        reply = asyncio.run(admin_request(sock, {"cmd": "wait", **extra}, timeout=10))
+        assert reply == {"ok": False, "error": error}, (extra, reply)
+    # the agent is still there and answers
+    reply = asyncio.run(admin_request(sock, {"cmd": "wait", "timeout": 0.05}, timeout=10))
+    assert not reply["ok"] and reply["error"].startswith("not protected within 0.05 s: d1 ")
+
+
+def test_a_service_that_closes_without_answering_is_an_oserror(tmp_path: Path) -> None:
+    async def main() -> None:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.close()
+
+        server = await asyncio.start_unix_server(hang_up, path=str(tmp_path / "s.sock"))
+        async with server:
+            with pytest.raises(ConnectionResetError, match="without an answer"):
+                await admin_request(tmp_path / "s.sock", {"cmd": "status"}, timeout=10)
+
+    asyncio.run(main())
