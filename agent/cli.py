@@ -14,7 +14,6 @@ from typing import Any
 from common import stage_trace
 from common.admin import admin_request
 from common.cli import (
-    ProgressBar,
     print_disk_table,
     print_json,
     query_status,
@@ -194,10 +193,17 @@ async def _resync(config: Path, disk_id: str, as_json: bool, wait: bool = True) 
     cfg = load_agent_config(config)
     try:
         reply = await admin_request(cfg.admin_socket, {"cmd": "resync", "disk": disk_id})
-        if reply.get("ok") and wait:
-            reply["state"] = await _wait_level(
-                cfg, disk_id, show=sys.stderr.isatty() and not as_json
+        if reply.get("ok") and wait:  # the agent answers once the disk is level (`wait`)
+            level = await run_with_progress(
+                cfg.admin_socket,
+                {"cmd": "wait", "disks": [disk_id]},
+                disk_id,
+                show=sys.stderr.isatty() and not as_json,
             )
+            if not level.get("ok"):
+                reply = {**reply, "ok": False, "error": level.get("error")}
+            else:
+                reply["state"] = level["disks"][0]["state"]
     except OSError as exc:
         print(
             f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
@@ -259,26 +265,6 @@ async def _wait(config: Path, disk_ids: list[str], timeout: float | None, as_jso
     else:
         print(f"error: {reply.get('error')}", file=sys.stderr)
     return 0 if reply.get("ok") else 1
-
-
-async def _wait_level(cfg: AgentConfig, disk_id: str, *, show: bool) -> str:
-    """Follow a resync until the disk is level again, with a progress bar on a terminal."""
-    bar = ProgressBar(disk_id, show=show)
-    try:
-        while True:
-            status = await query_status(cfg.admin_socket)
-            if status is None:
-                raise OSError("the agent stopped")
-            row = next(d for d in status["disks"] if d["disk"] == disk_id)
-            if (
-                row["state"] not in ("resync-required", "initial-sync")
-                and row["acked_seq"] >= row["journaled_seq"]
-            ):
-                return str(row["state"])
-            bar.update(row.get("resync"))
-            await asyncio.sleep(0.5)
-    finally:
-        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -483,8 +483,9 @@ def _ps_row(dep: Deployment, disk: str) -> dict[str, Any] | None:
 
 
 def _resync_command(config: Path, disk: str) -> list[str]:
-    """The operator's command; ``--no-wait`` when the CLI has it (we poll every 50 ms
-    instead of its 0.5 s)."""
+    """The operator's command; ``--no-wait`` when the CLI has it: the harness then waits
+    with the agent's own ``wait`` request (:func:`wait_level`), as the command would, and
+    reports when the command itself returned apart."""
     cmd = [PYTHON, "-m", "agent.cli", "resync", "--config", str(config), disk]
     try:
         from agent.cli import build_parser

@@ -239,6 +239,7 @@ def test_resync_of_one_percent_sends_about_the_changed_bytes(
         proxy.reset()
         out = dep.cli("agent.cli", "resync", "--config", str(spec.config), "d1")
         assert "compared by digests" in out.stdout
+        assert out.stdout.rstrip().endswith("state replicating"), out.stdout  # it waited
         time.sleep(0.5)
         wait_in_sync(dep, "a1", "d1")
         assert cmp(image, dep.replica_path("d1"))
