@@ -4,6 +4,7 @@ disks go on being written; checked against the process server's own status and `
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -15,7 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agent.cli import _duration
+from agent.service import _wait_disks, _wait_timeout
 from benchmarks.deploy import Deployment, Driver
 from common.admin import admin_request
 
@@ -204,3 +209,53 @@ def test_a_service_that_closes_without_answering_is_an_oserror(tmp_path: Path) -
                 await admin_request(tmp_path / "s.sock", {"cmd": "status"}, timeout=10)
 
     asyncio.run(main())
+
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=20),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(disks=json_values, timeout=json_values)
+def test_wait_request_fields_are_valid_or_a_value_error(disks: object, timeout: object) -> None:
+    request = {"cmd": "wait", "disks": disks, "timeout": timeout}
+    disk_list = isinstance(disks, list) and all(isinstance(d, str) for d in disks)
+    try:
+        got_disks = _wait_disks(request)
+    except ValueError:
+        assert disks is not None and not disk_list
+    else:
+        assert (disks is None and got_disks is None) or (disk_list and got_disks == disks)
+    positive = isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0
+    try:
+        got_timeout = _wait_timeout(request)
+    except ValueError:
+        assert timeout is not None and not positive
+    else:
+        assert (timeout is None and got_timeout is None) or (positive and got_timeout == timeout)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.one_of(
+        st.text(max_size=12), st.from_regex(r"-?[0-9.]{1,6}(ms|s|m|h|d)?", fullmatch=True)
+    )
+)
+def test_the_timeout_option_is_a_positive_duration_or_a_usage_error(text: str) -> None:
+    try:
+        seconds = _duration(text)
+    except argparse.ArgumentTypeError as exc:
+        assert str(exc)  # a message argparse prints
+    else:
+        assert seconds > 0
