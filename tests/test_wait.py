@@ -103,10 +103,12 @@ def test_wait_covers_the_writes_made_before_it_while_writes_go_on(
             assert reply["ok"], reply
             return int(driver.call(op="status")["status"]["disks"][0]["journaled_seq"])
 
+    during: list[int] = []  # journaled seqs of the writes made while the wait ran
+
     def keep_writing() -> None:
         seed = 1000
         while not stop.is_set():
-            write(seed)
+            during.append(write(seed))
             seed += 1
             time.sleep(0.005)
 
@@ -122,6 +124,7 @@ def test_wait_covers_the_writes_made_before_it_while_writes_go_on(
             stop.set()
             writer.join()
         assert out.returncode == 0, out.stderr  # it returned while the disk was still written
+        assert during and during[-1] > before, "no write went on during the wait"
         row = json.loads(out.stdout)["disks"][0]
         assert row["target_seq"] >= before and row["acked_seq"] >= row["target_seq"]
         # The process server's own account: everything through the target is cached there.
