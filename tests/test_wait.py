@@ -9,7 +9,6 @@ import asyncio
 import json
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -162,18 +161,24 @@ def test_wait_ends_when_the_agent_stops(dep: Deployment, tmp_path: Path) -> None
     make_image(image, 8 * MiB, seed=4)
     spec = dep.add_agent("a1", {"d1": image})
     dep.start_agent("a1")  # no process server: the disk never gets protected
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "wait", "--config", str(spec.config), "d1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(1.0)
-    assert waiting.poll() is None  # still waiting
-    dep.stop_agent("a1")
-    _, err = waiting.communicate(timeout=30)
-    assert waiting.returncode == 1
-    assert "error: the agent is stopping" in err, err
+
+    async def wait_through_a_stop() -> dict:
+        # The request itself, not the CLI: a CLI still starting when the agent stops would
+        # find no socket, and the test would be about a race instead of the answer.
+        reader, writer = await asyncio.open_unix_connection(str(spec.state_dir / "admin.sock"))
+        try:
+            writer.write(json.dumps({"cmd": "wait", "disks": ["d1"]}).encode() + b"\n")
+            await writer.drain()
+            await asyncio.sleep(1.0)
+            assert not reader.at_eof()  # still waiting
+            await asyncio.to_thread(dep.stop_agent, "a1")
+            return dict(json.loads(await asyncio.wait_for(reader.readline(), 30)))
+        finally:
+            writer.close()
+
+    reply = asyncio.run(wait_through_a_stop())
+    assert reply["ok"] is False and reply["error"] == "the agent is stopping", reply
+    assert reply["disks"][0]["disk"] == "d1" and not reply["disks"][0]["protected"]
 
 
 def test_malformed_wait_requests_get_a_clear_error(dep: Deployment, tmp_path: Path) -> None:
