@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,26 @@ def _duration(text: str) -> float:
     return seconds
 
 
+def _not_running(cfg: AgentConfig, exc: OSError) -> int:
+    """A request that found no agent, or lost it before the answer."""
+    print(
+        f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _report(reply: dict[str, Any], as_json: bool, lines: Callable[[], list[str]]) -> int:
+    """Print an admin reply: as JSON, or ``lines()`` when it succeeded, or its error."""
+    if as_json:
+        print_json(reply)
+    elif reply.get("ok"):
+        print("\n".join(lines()))
+    else:
+        print(f"error: {reply.get('error')}", file=sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
 async def _run(config: Path) -> int:
     from agent.service import Agent
     from common.ops import ServiceOps, run_service
@@ -160,11 +181,7 @@ async def _verify(config: Path, disk_id: str, repair: bool, as_json: bool) -> in
             show=sys.stderr.isatty() and not as_json,
         )
     except OSError as exc:
-        print(
-            f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
-            file=sys.stderr,
-        )
-        return 1
+        return _not_running(cfg, exc)
     return print_verify_report(reply, as_json)
 
 
@@ -205,20 +222,15 @@ async def _resync(config: Path, disk_id: str, as_json: bool, wait: bool = True) 
             else:
                 reply["state"] = level["disks"][0]["state"]
     except OSError as exc:
-        print(
-            f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
-            file=sys.stderr,
-        )
-        return 1
-    if as_json:
-        print_json(reply)
-    elif reply.get("ok"):
-        print(
-            f"{disk_id}: {reply['marked_bytes']} bytes compared by digests; state {reply.get('state', 'resyncing')}"
-        )
-    else:
-        print(f"error: {reply.get('error')}", file=sys.stderr)
-    return 0 if reply.get("ok") else 1
+        return _not_running(cfg, exc)
+    return _report(
+        reply,
+        as_json,
+        lambda: [
+            f"{disk_id}: {reply['marked_bytes']} bytes compared by digests; "
+            f"state {reply.get('state', 'resyncing')}"
+        ],
+    )
 
 
 async def _point(config: Path, disk_id: str, tag: str, as_json: bool) -> int:
@@ -228,18 +240,12 @@ async def _point(config: Path, disk_id: str, tag: str, as_json: bool) -> int:
             cfg.admin_socket, {"cmd": "point", "disk": disk_id, "tag": tag}, timeout=7200
         )
     except OSError as exc:
-        print(
-            f"error: the agent is not running ({cfg.admin_socket}: {exc.strerror or exc})",
-            file=sys.stderr,
-        )
-        return 1
-    if as_json:
-        print_json(reply)
-    elif reply.get("ok"):
-        print(f"{disk_id}: app-consistent point {reply['point_id']} at seq {reply['seq']}")
-    else:
-        print(f"error: {reply.get('error')}", file=sys.stderr)
-    return 0 if reply.get("ok") else 1
+        return _not_running(cfg, exc)
+    return _report(
+        reply,
+        as_json,
+        lambda: [f"{disk_id}: app-consistent point {reply['point_id']} at seq {reply['seq']}"],
+    )
 
 
 async def _wait(config: Path, disk_ids: list[str], timeout: float | None, as_json: bool) -> int:
@@ -251,20 +257,14 @@ async def _wait(config: Path, disk_ids: list[str], timeout: float | None, as_jso
             cfg.admin_socket, request, disk_ids[0] if disk_ids else "", show=show
         )
     except OSError as exc:
-        print(
-            f"error: the agent is not running or stopped ({cfg.admin_socket}: "
-            f"{exc.strerror or exc})",
-            file=sys.stderr,
-        )
-        return 1
-    if as_json:
-        print_json(reply)
-    elif reply.get("ok"):
-        for row in reply["disks"]:
-            print(f"{row['disk']}: protected through seq {row['target_seq']}")
-    else:
-        print(f"error: {reply.get('error')}", file=sys.stderr)
-    return 0 if reply.get("ok") else 1
+        return _not_running(cfg, exc)
+    return _report(
+        reply,
+        as_json,
+        lambda: [
+            f"{row['disk']}: protected through seq {row['target_seq']}" for row in reply["disks"]
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

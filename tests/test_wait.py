@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from agent.cli import _duration
 from agent.service import _wait_disks, _wait_timeout
-from benchmarks.deploy import Deployment, Driver
+from benchmarks.deploy import AgentSpec, Deployment, Driver
 from common.admin import admin_request
 
 MiB = 1 << 20
@@ -35,6 +36,15 @@ def make_image(path: Path, size: int, seed: int) -> None:
             if rnd.random() < 0.5:
                 f.seek(offset)
                 f.write(rnd.randbytes(MiB))
+
+
+def protected_image(
+    dep: Deployment, tmp_path: Path, size: int, seed: int
+) -> tuple[AgentSpec, Path]:
+    """An image of ``size`` bytes (``make_image``) as disk d1 of agent a1, not started."""
+    image = tmp_path / "src.img"
+    make_image(image, size, seed)
+    return dep.add_agent("a1", {"d1": image}), image
 
 
 def cmp(a: Path, b: Path) -> bool:
@@ -61,9 +71,7 @@ def dep(tmp_path: Path) -> Iterator[Deployment]:
 def test_wait_times_out_without_the_process_server_then_returns_once_synced(
     dep: Deployment, tmp_path: Path
 ) -> None:
-    image = tmp_path / "src.img"
-    make_image(image, 64 * MiB, seed=1)
-    dep.add_agent("a1", {"d1": image})
+    _, image = protected_image(dep, tmp_path, 64 * MiB, seed=1)
     dep.start_agent("a1")  # no process server yet: the initial sync cannot run
 
     t0 = time.monotonic()
@@ -86,9 +94,7 @@ def test_wait_times_out_without_the_process_server_then_returns_once_synced(
 def test_wait_covers_the_writes_made_before_it_while_writes_go_on(
     dep: Deployment, tmp_path: Path
 ) -> None:
-    image = tmp_path / "src.img"
-    make_image(image, 32 * MiB, seed=2)
-    dep.add_agent("a1", {"d1": image})
+    _, image = protected_image(dep, tmp_path, 32 * MiB, seed=2)
     dep.start_ps()
     driver = Driver(dep, "a1")
     stop = threading.Event()
@@ -140,9 +146,7 @@ def test_wait_covers_the_writes_made_before_it_while_writes_go_on(
 
 
 def test_wait_refuses_what_it_cannot_wait_for(dep: Deployment, tmp_path: Path) -> None:
-    image = tmp_path / "src.img"
-    make_image(image, 8 * MiB, seed=3)
-    dep.add_agent("a1", {"d1": image})
+    protected_image(dep, tmp_path, 8 * MiB, seed=3)
 
     out = wait_cli(dep, "a1", "d1", "--timeout", "5s")  # the agent is not running
     assert out.returncode == 1 and "not running" in out.stderr, out
@@ -157,9 +161,7 @@ def test_wait_refuses_what_it_cannot_wait_for(dep: Deployment, tmp_path: Path) -
 
 
 def test_wait_ends_when_the_agent_stops(dep: Deployment, tmp_path: Path) -> None:
-    image = tmp_path / "src.img"
-    make_image(image, 8 * MiB, seed=4)
-    spec = dep.add_agent("a1", {"d1": image})
+    spec, _ = protected_image(dep, tmp_path, 8 * MiB, seed=4)
     dep.start_agent("a1")  # no process server: the disk never gets protected
 
     async def wait_through_a_stop() -> dict:
@@ -182,12 +184,10 @@ def test_wait_ends_when_the_agent_stops(dep: Deployment, tmp_path: Path) -> None
 
 
 def test_malformed_wait_requests_get_a_clear_error(dep: Deployment, tmp_path: Path) -> None:
-    image = tmp_path / "src.img"
-    make_image(image, 8 * MiB, seed=5)
-    spec = dep.add_agent("a1", {"d1": image})
+    spec, _ = protected_image(dep, tmp_path, 8 * MiB, seed=5)
     dep.start_agent("a1")
     sock = spec.state_dir / "admin.sock"
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"disks": "d1"}, "bad request: disks must be a list of disk ids"),
         ({"disks": [1]}, "bad request: disks must be a list of disk ids"),
         ({"disks": []}, "no disk to wait for"),
