@@ -25,7 +25,7 @@ from common.cli import (
 from common.config import AgentConfig, load_agent_config
 from common.durable import read_json
 from common.errors import TidemarkError
-from common.units import parse_duration
+from common.units import duration_option
 
 STATUS_COLUMNS = [
     "disk",
@@ -37,6 +37,10 @@ STATUS_COLUMNS = [
     "journal_bytes",
     "path",
 ]
+
+
+wait_timeout = duration_option(lambda s: s > 0, "must be longer than 0 s: {text!r}")
+"""``wait --timeout``: a duration longer than 0."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,20 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, type=Path, help="agent.toml")
     p.add_argument("disks", nargs="*", metavar="DISK", help="disk ids (default: every disk)")
     p.add_argument(
-        "--timeout", type=_duration, default=None, help='give up after this long, e.g. "30m"'
+        "--timeout",
+        type=wait_timeout,
+        default=None,
+        help='give up after this long, e.g. "30m"',
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
-
-
-def _duration(text: str) -> float:
-    try:
-        seconds = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be longer than 0 s: {text!r}")
-    return seconds
 
 
 def _not_running(cfg: AgentConfig, exc: OSError) -> int:

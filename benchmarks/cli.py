@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks.metrics import GIB, MIB, Figure, Params, ScenarioResult, machine_info
+from common.units import duration_option
 
 SCENARIOS: dict[str, str] = {
     "replication": "benchmarks.replication",
@@ -69,18 +70,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0.5 <= n <= 24 * 3600:
         raise argparse.ArgumentTypeError("seconds must be between 0.5 and 86400")
-    return n
-
-
-def _duration(text: str) -> float:
-    from common.units import parse_duration
-
-    try:
-        n = parse_duration(text)
-    except (ValueError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not 30 <= n <= 7 * 86400:
-        raise argparse.ArgumentTypeError("duration must be between 30s and 7 days")
     return n
 
 
@@ -182,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--duration",
-        type=_duration,
+        type=duration_option(
+            lambda s: 30 <= s <= 7 * 86400, "duration must be between 30s and 7 days"
+        ),
         default=None,
         metavar="D",
         help="soak: how long to run (seconds, or 30s / 10m / 1h); sets --seconds "

@@ -5,7 +5,9 @@ Rule: a parse either returns a non-negative number or raises ValueError naming t
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Callable
 
 _SIZE_UNITS = {
     "": 1,
@@ -54,6 +56,23 @@ def parse_duration(value: str | int | float) -> float:
     if not match or (unit and unit not in _DURATION_UNITS):
         raise ValueError(f'not a duration: {value!r} (examples: "250ms", "30s", "24h")')
     return float(match.group(1)) * _DURATION_UNITS.get(unit, 1.0)
+
+
+def duration_option(accept: Callable[[float], bool], refusal: str) -> Callable[[str], float]:
+    """An argparse ``type=`` for a duration option: seconds from :func:`parse_duration`, kept
+    only when ``accept(seconds)``; otherwise ``refusal`` (``{text}``: the text given) is the
+    usage error argparse prints."""
+
+    def parse(text: str) -> float:
+        try:
+            seconds = parse_duration(text)
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if not accept(seconds):
+            raise argparse.ArgumentTypeError(refusal.format(text=text))
+        return seconds
+
+    return parse
 
 
 def format_size(n: float) -> str:

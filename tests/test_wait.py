@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.cli import _duration
+from agent.cli import wait_timeout
 from agent.service import _wait_disks, _wait_timeout
 from benchmarks.deploy import AgentSpec, Deployment, Driver
 from common.admin import admin_request
@@ -262,7 +262,7 @@ def test_wait_request_fields_are_valid_or_a_value_error(disks: object, timeout: 
 )
 def test_the_timeout_option_is_a_positive_duration_or_a_usage_error(text: str) -> None:
     try:
-        seconds = _duration(text)
+        seconds = wait_timeout(text)
     except argparse.ArgumentTypeError as exc:
         assert str(exc)  # a message argparse prints
     else:
