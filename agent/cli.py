@@ -23,6 +23,7 @@ from common.cli import (
     setup_logging,
 )
 from common.config import AgentConfig, load_agent_config
+from common.credentials import BundleCheck
 from common.durable import read_json
 from common.errors import TidemarkError
 from common.units import duration_option
@@ -112,12 +113,11 @@ def _report(reply: dict[str, Any], as_json: bool, lines: Callable[[], list[str]]
     return 0 if reply.get("ok") else 1
 
 
-async def _run(config: Path) -> int:
+async def _run(cfg: AgentConfig, credentials: BundleCheck) -> int:
     from agent.service import Agent
     from common.ops import ServiceOps, run_service
 
-    cfg = load_agent_config(config)
-    agent = Agent(cfg)
+    agent = Agent(cfg, credentials=credentials)
     ops = ServiceOps(agent, cfg, role="agent")  # systemd, SIGHUP, metrics, alerts
     return await run_service(ops, agent.start, agent.stop)
 
@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
 
             configure_service_logging()
             stage_trace.enable("agent")
-            return run_loop(_run(args.config))
+            cfg = load_agent_config(args.config)
+            # first: the check runs in a child while this process imports the service
+            credentials = BundleCheck.start(cfg.credentials)
+            return run_loop(_run(cfg, credentials))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
         if args.command == "verify":

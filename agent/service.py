@@ -28,9 +28,9 @@ from agent.resync import Resyncer, Scanner
 from agent.shipper import Shipper, drained
 from common.admin import AdminServer
 from common.config import AgentConfig
+from common.credentials import BundleCheck
 from common.errors import TidemarkError
 from common.state_lock import hold_state_dir
-from process_server.pki import load_bundle
 
 log = logging.getLogger("tidemark.agent")
 
@@ -40,8 +40,13 @@ WAIT_POLL = 0.01  # seconds between looks at the disks while a ``wait`` request 
 class Agent:
     """One agent: every ``[[disk]]`` of its config, replicated to one process server."""
 
-    def __init__(self, cfg: AgentConfig, *, nbd: bool = True) -> None:
+    def __init__(
+        self, cfg: AgentConfig, *, nbd: bool = True, credentials: BundleCheck | None = None
+    ) -> None:
+        """``credentials``: the bundle's check, already started (``tidemark-agent run`` starts
+        it first, common/credentials.py); by default :meth:`start` makes it."""
         self.cfg = cfg
+        self._credentials = credentials
         self.disks: dict[str, ProtectedDisk] = {}
         self.shipper: Shipper | None = None
         self._ship_task: asyncio.Task[None] | None = None
@@ -69,7 +74,10 @@ class Agent:
     async def start(self) -> None:
         """Open disks, start replication and exports. Raises TidemarkError, OSError."""
         self._stopping = False
-        creds = load_bundle(self.cfg.credentials)
+        check, self._credentials = self._credentials, None
+        if check is None:
+            check = BundleCheck.start(self.cfg.credentials, fork=False)
+        creds = await asyncio.to_thread(check.result)
         if creds.name != self.cfg.name:
             raise TidemarkError(
                 f"{self.cfg.path}: agent.name is {self.cfg.name!r} but {self.cfg.credentials} was issued to {creds.name!r}"

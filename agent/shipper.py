@@ -34,6 +34,7 @@ from agent.disk import ProtectedDisk
 from agent.journal import JournalEntry
 from common.aio import first_leaf, wait_event
 from common.config import AgentConfig
+from common.credentials import Credentials
 from common.digests import zero_block_runs
 from common.errors import IntegrityError
 from common.failpoints import failpoint
@@ -42,7 +43,6 @@ from common.rate_limit import limiter_for
 from common.segment_log import Cursor
 from common.stage_trace import stamp
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
-from process_server.pki import Credentials
 from protocol.batch import CODEC_RAW, CODEC_ZSTD, Coalescer, Extent, encode_batch_parts
 from protocol.control import BulkState, ControlBody, decode_control, encode_control
 from protocol.errors import ErrorCode, ProtocolError

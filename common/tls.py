@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.credentials import SERVER_IDENTITY
 from common.errors import TidemarkError
-from process_server.pki import SERVER_IDENTITY
 
 if TYPE_CHECKING:
-    from process_server.pki import Credentials
+    from common.credentials import Credentials
 
 __all__ = [
     "CLIENT_SERVER_HOSTNAME",

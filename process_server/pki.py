@@ -15,21 +15,21 @@ import json
 import os
 import re
 import secrets
-import stat
 import tempfile
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import TidemarkError
+from common.credentials import SERVER_IDENTITY, Credentials, PemBlocks, PkiError, read_bundle
 
 __all__ = [
     "ROLES",
@@ -37,6 +37,7 @@ __all__ = [
     "SERVER_ROLE",
     "Credentials",
     "PkiError",
+    "check_bundle",
     "init_pki",
     "issue_credentials",
     "load_bundle",
@@ -44,10 +45,6 @@ __all__ = [
     "pki_summary",
     "revoke",
 ]
-
-SERVER_IDENTITY = "tidemark-process-server"
-"""DNS SAN of the process server certificate. Clients verify this name, not the address they
-dialled, so the process server can be reached by any address."""
 
 SERVER_ROLE = "process-server"
 """OU of the process server certificate (never accepted in a bundle)."""
@@ -67,23 +64,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _RESERVED_NAMES = frozenset({SERVER_IDENTITY, "localhost"})
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 _MAX_DAYS = 36500
-_MAX_BUNDLE_BYTES = 64 * 1024
-_PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(?:.*?\r?\n)?-----END \1-----", re.DOTALL)
-
-
-class PkiError(TidemarkError):
-    """A PKI operation or check failed; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A checked credential bundle: the CA to trust, our certificate and its private key."""
-
-    name: str
-    role: str
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes = field(repr=False)
 
 
 # --------------------------------------------------------------------------- files
@@ -468,46 +448,29 @@ def issue_credentials(
 
 
 def load_bundle(path: Path) -> Credentials:
-    """Read and check a credential bundle written by :func:`issue_credentials`.
+    """Read and check a credential bundle written by :func:`issue_credentials`: the file's
+    checks (:func:`common.credentials.read_bundle`), then :func:`check_bundle`'s."""
+    return check_bundle(Path(path), read_bundle(path))
 
-    Checks: the file is a regular file not readable by group or others; it holds exactly one CA
-    certificate, then one certificate signed by that CA, then the matching private key; the
-    certificate's CN is a valid name and its OU a known role. Raises PkiError naming the file
-    and the failed check.
-    """
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
-    except OSError as exc:
-        raise PkiError(f"{path}: cannot open credentials: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise PkiError(f"{path}: credentials must be a regular file")
-        if st.st_mode & 0o077:
-            raise PkiError(
-                f"{path}: credentials are readable by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        data = f.read(_MAX_BUNDLE_BYTES + 1)
-    if len(data) > _MAX_BUNDLE_BYTES:
-        raise PkiError(f"{path}: too large for a credential bundle")
 
-    blocks = [(m.group(1).decode(), m.group(0)) for m in _PEM_RE.finditer(data)]
-    labels = [label for label, _ in blocks]
-    if labels != ["CERTIFICATE", "CERTIFICATE", "PRIVATE KEY"]:
-        raise PkiError(
-            f"{path}: expected PEM blocks CERTIFICATE (CA), CERTIFICATE, PRIVATE KEY in that "
-            f"order, found {labels or 'none'}"
-        )
+def check_bundle(path: Path, blocks: PemBlocks) -> Credentials:
+    """Check a bundle's PEM blocks (read from ``path``, named in errors): the first is a CA
+    certificate, the second a certificate signed by that CA, the third the matching private
+    key; the certificate's CN is a valid name and its OU a known role. Raises PkiError naming
+    the file and the failed check."""
     try:
-        ca = x509.load_pem_x509_certificate(blocks[0][1])
-        cert = x509.load_pem_x509_certificate(blocks[1][1])
-    except ValueError as exc:
+        with warnings.catch_warnings():
+            # what cryptography only warns about (a serial that is not positive) is refused
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            ca = x509.load_pem_x509_certificate(blocks.ca)
+            cert = x509.load_pem_x509_certificate(blocks.cert)
+            for parsed in (ca, cert):  # parsed lazily: a damaged part would raise later
+                _ = parsed.extensions, parsed.subject, parsed.public_key()
+    except (ValueError, UnsupportedAlgorithm, CryptographyDeprecationWarning) as exc:
         raise PkiError(f"{path}: malformed certificate: {exc}") from exc
     try:
-        key = serialization.load_pem_private_key(blocks[2][1], password=None)
-    except (ValueError, TypeError) as exc:
+        key = serialization.load_pem_private_key(blocks.key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise PkiError(f"{path}: malformed or encrypted private key: {exc}") from exc
 
     if not _is_ca(ca):
@@ -527,15 +490,7 @@ def load_bundle(path: Path) -> Credentials:
     if role not in ROLES:
         raise PkiError(f"{path}: certificate role (OU) {role!r} is not one of {sorted(ROLES)}")
     return Credentials(
-        name=name,
-        role=role,
-        ca_pem=_cert_pem(ca),
-        cert_pem=_cert_pem(cert),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+        name=name, role=role, ca_pem=blocks.ca, cert_pem=blocks.cert, key_pem=blocks.key
     )
 
 
