@@ -28,7 +28,7 @@ from agent.resync import Resyncer, Scanner
 from agent.shipper import Shipper, drained
 from common.admin import AdminServer
 from common.config import AgentConfig
-from common.credentials import BundleCheck
+from common.credentials import BundleCheck, checked_credentials
 from common.errors import TidemarkError
 from common.state_lock import hold_state_dir
 
@@ -75,9 +75,7 @@ class Agent:
         """Open disks, start replication and exports. Raises TidemarkError, OSError."""
         self._stopping = False
         check, self._credentials = self._credentials, None
-        if check is None:
-            check = BundleCheck.start(self.cfg.credentials, fork=False)
-        creds = await asyncio.to_thread(check.result)
+        creds = await checked_credentials(check, self.cfg.credentials)
         if creds.name != self.cfg.name:
             raise TidemarkError(
                 f"{self.cfg.path}: agent.name is {self.cfg.name!r} but {self.cfg.credentials} was issued to {creds.name!r}"

@@ -1,13 +1,14 @@
-# A credential bundle as an agent reads it when it starts. Rule kept: a bundle is used only
+# A credential bundle as a peer (agent, master target) reads it when it starts. Rule kept: a bundle is used only
 # once it has passed every check of process_server.pki.check_bundle (CA, signatures, key match,
 # name, role), on the very bytes that are then used. Those checks need `cryptography`, whose
 # import is ~40 ms of an agent's ~155 ms start (counted by the initial sync's benchmark), so
-# `tidemark-agent run` has them made in a forked child, on the other core, while it goes on
+# `tidemark-agent run` and `tidemark-mt run` have them made in a forked child, on the other core, while it goes on
 # importing and opening its disks; it waits for the verdict before it uses the credentials.
 """Credential bundles: the file's checks, its PEM blocks, and their full check in a child process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ __all__ = [
     "Credentials",
     "PemBlocks",
     "PkiError",
+    "checked_credentials",
     "read_bundle",
 ]
 
@@ -179,6 +181,14 @@ class BundleCheck:
             os.close(fd)
             os.waitpid(pid, 0)
         return _parse_verdict(b"".join(chunks))
+
+
+async def checked_credentials(check: BundleCheck | None, path: Path) -> Credentials:
+    """``check``'s credentials (its verdict waited for in a thread), or, without one, those
+    of ``path`` checked now, in this process."""
+    if check is None:
+        check = BundleCheck.start(path, fork=False)
+    return await asyncio.to_thread(check.result)
 
 
 def _verdict(path: Path, blocks: PemBlocks) -> bytes:

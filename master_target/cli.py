@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from common.cli import print_disk_table, print_json, query_status, run_loop, setup_logging
-from common.config import load_mt_config
+from common.config import MasterTargetConfig, load_mt_config
+from common.credentials import BundleCheck
 from common.errors import TidemarkError
 from common.sdnotify import Notifier
 
@@ -35,11 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(config: Path) -> int:
+async def _run(cfg: MasterTargetConfig, credentials: BundleCheck) -> int:
     from master_target.service import MasterTarget
 
-    cfg = load_mt_config(config)
-    mt = MasterTarget(cfg)
+    mt = MasterTarget(cfg, credentials=credentials)
     notifier = Notifier()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             setup_logging(args.log_level)
-            return run_loop(_run(args.config))
+            cfg = load_mt_config(args.config)
+            # first: the check runs in a child while this process imports the service
+            credentials = BundleCheck.start(cfg.credentials)
+            return run_loop(_run(cfg, credentials))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
     except TidemarkError as exc:

@@ -27,13 +27,13 @@ from agent.failback_state import reset_after_failback, source_divergence
 from common.admin import AdminServer
 from common.aio import first_leaf, wait_event
 from common.config import MasterTargetConfig, MtDiskConfig
+from common.credentials import BundleCheck, checked_credentials
 from common.digests import DigestTracker, chunk_digests, verify_chunk
 from common.durable import atomic_write_json, read_json
 from common.errors import TidemarkError
 from common.failpoints import failpoint
 from common.framed import FramedStream, open_framed
 from common.tls import CLIENT_SERVER_HOSTNAME, client_context
-from process_server.pki import load_bundle
 from process_server.replica import ReplicaDisk
 from protocol.batch import Limits
 from protocol.control import (
@@ -68,8 +68,11 @@ DIGESTS_PER_MESSAGE = 1024
 class MasterTarget:
     """Every ``[[disk]]`` of a master-target configuration."""
 
-    def __init__(self, cfg: MasterTargetConfig) -> None:
+    def __init__(self, cfg: MasterTargetConfig, *, credentials: BundleCheck | None = None) -> None:
+        """``credentials``: the bundle's check, already started (``tidemark-mt run`` starts it
+        first, common/credentials.py); by default :meth:`run` makes it."""
         self.cfg = cfg
+        self._credentials = credentials
         self.disks: dict[str, ReplicaDisk] = {}
         self.done: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
@@ -83,7 +86,8 @@ class MasterTarget:
 
     # ----------------------------------------------------------------- lifecycle
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        creds = load_bundle(self.cfg.credentials)
+        check, self._credentials = self._credentials, None
+        creds = await checked_credentials(check, self.cfg.credentials)
         if creds.role != "master-target":
             raise TidemarkError(
                 f"{self.cfg.credentials} is a {creds.role} credential; a master target needs "

@@ -217,3 +217,27 @@ def test_agent_run_refuses_a_bundle_issued_to_another_name(tmp_path: Path) -> No
         assert "was issued to 'a2'" in proc.stderr
     finally:
         dep.stop_all()
+
+
+def test_mt_run_refuses_an_agent_bundle(pki_dir: Path, tmp_path: Path) -> None:
+    bundle = issue(pki_dir, tmp_path / "mt01.bundle", name="mt01", role="agent")
+    image = tmp_path / "fb1.img"
+    image.write_bytes(b"\0" * 4096)
+    config = tmp_path / "mt.toml"
+    config.write_text(
+        "[master_target]\n"
+        'name = "mt01"\n'
+        f'state_dir = "{tmp_path / "mt"}"\n'
+        'process_server = "127.0.0.1:9"\n'
+        f'credentials = "{bundle}"\n'
+        f'\n[[disk]]\nid = "fb1"\npath = "{image}"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "master_target.cli", "run", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc
+    assert "is a agent credential; a master target needs one issued with --role" in proc.stderr
