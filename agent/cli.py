@@ -113,13 +113,16 @@ def _report(reply: dict[str, Any], as_json: bool, lines: Callable[[], list[str]]
     return 0 if reply.get("ok") else 1
 
 
-async def _run(cfg: AgentConfig, credentials: BundleCheck) -> int:
-    from agent.service import Agent
-    from common.ops import ServiceOps, run_service
+async def _run(cfg: AgentConfig, bundle_check: BundleCheck) -> int:
+    try:
+        from agent.service import Agent
+        from common.ops import ServiceOps, run_service
 
-    agent = Agent(cfg, credentials=credentials)
-    ops = ServiceOps(agent, cfg, role="agent")  # systemd, SIGHUP, metrics, alerts
-    return await run_service(ops, agent.start, agent.stop)
+        agent = Agent(cfg, bundle_check=bundle_check)
+        ops = ServiceOps(agent, cfg, role="agent")  # systemd, SIGHUP, metrics, alerts
+        return await run_service(ops, agent.start, agent.stop)
+    finally:
+        bundle_check.close()  # a start that failed before the check was waited for
 
 
 def offline_status(cfg: AgentConfig) -> dict[str, Any]:
@@ -275,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_trace.enable("agent")
             cfg = load_agent_config(args.config)
             # first: the check runs in a child while this process imports the service
-            credentials = BundleCheck.start(cfg.credentials)
-            return run_loop(_run(cfg, credentials))
+            bundle_check = BundleCheck.start(cfg.credentials)
+            return run_loop(_run(cfg, bundle_check))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
         if args.command == "verify":

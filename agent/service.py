@@ -28,7 +28,7 @@ from agent.resync import Resyncer, Scanner
 from agent.shipper import Shipper, drained
 from common.admin import AdminServer
 from common.config import AgentConfig
-from common.credentials import BundleCheck, checked_credentials
+from common.credentials import BundleCheck
 from common.errors import TidemarkError
 from common.state_lock import hold_state_dir
 
@@ -41,12 +41,12 @@ class Agent:
     """One agent: every ``[[disk]]`` of its config, replicated to one process server."""
 
     def __init__(
-        self, cfg: AgentConfig, *, nbd: bool = True, credentials: BundleCheck | None = None
+        self, cfg: AgentConfig, *, nbd: bool = True, bundle_check: BundleCheck | None = None
     ) -> None:
-        """``credentials``: the bundle's check, already started (``tidemark-agent run`` starts
-        it first, common/credentials.py); by default :meth:`start` makes it."""
+        """``bundle_check``: the credentials' check, already started (``tidemark-agent run``
+        starts it first, common/credentials.py); by default :meth:`start` makes it."""
         self.cfg = cfg
-        self._credentials = credentials
+        self._bundle_check = bundle_check
         self.disks: dict[str, ProtectedDisk] = {}
         self.shipper: Shipper | None = None
         self._ship_task: asyncio.Task[None] | None = None
@@ -74,8 +74,10 @@ class Agent:
     async def start(self) -> None:
         """Open disks, start replication and exports. Raises TidemarkError, OSError."""
         self._stopping = False
-        check, self._credentials = self._credentials, None
-        creds = await checked_credentials(check, self.cfg.credentials)
+        check, self._bundle_check = self._bundle_check, None
+        if check is None:
+            check = BundleCheck.start(self.cfg.credentials, fork=False)
+        creds = await check.credentials()
         if creds.name != self.cfg.name:
             raise TidemarkError(
                 f"{self.cfg.path}: agent.name is {self.cfg.name!r} but {self.cfg.credentials} was issued to {creds.name!r}"

@@ -45,7 +45,7 @@ def bound_heap() -> None:
       their own (peak RSS of the process server in an initial sync: 214 MiB with two,
       300 MiB with the default)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")  # glibc's soname; find_library would cost ~2 ms
+        libc = ctypes.CDLL(None)  # the C library Python runs on (find_library: ~2 ms)
         libc.mallopt(M_MMAP_THRESHOLD, 8 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
         libc.mallopt(M_ARENA_MAX, 2)

@@ -36,10 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(cfg: MasterTargetConfig, credentials: BundleCheck) -> int:
+async def _run(cfg: MasterTargetConfig, bundle_check: BundleCheck) -> int:
+    try:
+        return await _serve(cfg, bundle_check)
+    finally:
+        bundle_check.close()  # a start that failed before the check was waited for
+
+
+async def _serve(cfg: MasterTargetConfig, bundle_check: BundleCheck) -> int:
     from master_target.service import MasterTarget
 
-    mt = MasterTarget(cfg, credentials=credentials)
+    mt = MasterTarget(cfg, bundle_check=bundle_check)
     notifier = Notifier()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(args.log_level)
             cfg = load_mt_config(args.config)
             # first: the check runs in a child while this process imports the service
-            credentials = BundleCheck.start(cfg.credentials)
-            return run_loop(_run(cfg, credentials))
+            bundle_check = BundleCheck.start(cfg.credentials)
+            return run_loop(_run(cfg, bundle_check))
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
     except TidemarkError as exc:

@@ -27,7 +27,7 @@ from agent.failback_state import reset_after_failback, source_divergence
 from common.admin import AdminServer
 from common.aio import first_leaf, wait_event
 from common.config import MasterTargetConfig, MtDiskConfig
-from common.credentials import BundleCheck, checked_credentials
+from common.credentials import BundleCheck
 from common.digests import DigestTracker, chunk_digests, verify_chunk
 from common.durable import atomic_write_json, read_json
 from common.errors import TidemarkError
@@ -68,11 +68,11 @@ DIGESTS_PER_MESSAGE = 1024
 class MasterTarget:
     """Every ``[[disk]]`` of a master-target configuration."""
 
-    def __init__(self, cfg: MasterTargetConfig, *, credentials: BundleCheck | None = None) -> None:
-        """``credentials``: the bundle's check, already started (``tidemark-mt run`` starts it
-        first, common/credentials.py); by default :meth:`run` makes it."""
+    def __init__(self, cfg: MasterTargetConfig, *, bundle_check: BundleCheck | None = None) -> None:
+        """``bundle_check``: the credentials' check, already started (``tidemark-mt run``
+        starts it first, common/credentials.py); by default :meth:`run` makes it."""
         self.cfg = cfg
-        self._credentials = credentials
+        self._bundle_check = bundle_check
         self.disks: dict[str, ReplicaDisk] = {}
         self.done: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
@@ -86,8 +86,10 @@ class MasterTarget:
 
     # ----------------------------------------------------------------- lifecycle
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        check, self._credentials = self._credentials, None
-        creds = await checked_credentials(check, self.cfg.credentials)
+        check, self._bundle_check = self._bundle_check, None
+        if check is None:
+            check = BundleCheck.start(self.cfg.credentials, fork=False)
+        creds = await check.credentials()
         if creds.role != "master-target":
             raise TidemarkError(
                 f"{self.cfg.credentials} is a {creds.role} credential; a master target needs "

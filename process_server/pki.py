@@ -30,6 +30,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.credentials import SERVER_IDENTITY, Credentials, PemBlocks, PkiError, read_bundle
+from common.durable import write_all
 
 __all__ = [
     "ROLES",
@@ -87,9 +88,7 @@ def _atomic_write(path: Path, data: bytes, mode: int, *, overwrite: bool = True)
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

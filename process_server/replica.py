@@ -29,10 +29,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.aio import to_thread_outliving_cancel
-from common.at_rest import Sealer
 from common.digests import chunk_digests
 from common.direct_write import DirectWriter
 from common.durable import GroupCommit, atomic_write_json, pwrite_all, read_json, zero_range
@@ -45,6 +44,9 @@ from process_server.pit import PointView
 from process_server.undo import RECORD_MAX, TAG_CUT, UndoLog
 from protocol.batch import Batch, BatchHeader, Extent, Limits, decode_batch, validate_disk_id
 from protocol.errors import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from common.at_rest import Sealer  # imports cryptography: only where logs are sealed
 
 log = logging.getLogger("tidemark.ps.replica")
 

@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.at_rest import Sealer
 from common.digests import data_ranges, in_hole, is_zero
 from common.durable import atomic_write_json, read_json
 from common.failpoints import failpoint
@@ -33,6 +33,9 @@ from protocol.batch import (
     read_batch_table,
     read_batch_table_in,
 )
+
+if TYPE_CHECKING:
+    from common.at_rest import Sealer  # imports cryptography: only where logs are sealed
 
 TAG_UNDO = 2
 TAG_CUT = 3

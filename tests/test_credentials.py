@@ -6,11 +6,15 @@ only costs the check made in the parent."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,18 +24,26 @@ from hypothesis import strategies as st
 from benchmarks.deploy import Deployment
 from common import credentials
 from common.credentials import BundleCheck, Credentials, PkiError, read_bundle
+from common.tls import client_context
 from process_server.pki import init_pki, issue_credentials, load_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
 _PROBE = """
-import json, sys
+import asyncio, json, sys
 from pathlib import Path
+import agent.cli, agent.service, master_target.cli, master_target.service
 from common.credentials import BundleCheck
 check = BundleCheck.start(Path(sys.argv[1]))
-c = check.result()
+c = asyncio.run(check.credentials())
 print(json.dumps([c.name, c.role, "cryptography" in sys.modules]))
 """
+
+
+@pytest.fixture(autouse=True)
+def short_check_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child stuck in a fork made inside pytest fails a test in seconds, not minutes."""
+    monkeypatch.setattr(credentials, "CHECK_TIMEOUT", 10.0)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +58,23 @@ def issue(pki_dir: Path, path: Path, name: str = "web01", role: str = "agent") -
     return path
 
 
-def outcome(fn: object) -> Credentials | str:
+def outcome(fn: Callable[[], Credentials]) -> Credentials | str:
     """The credentials ``fn()`` returns, or the message of the PkiError it raises."""
     try:
-        return fn()  # type: ignore[operator,no-any-return]
+        return fn()
     except PkiError as exc:
         return str(exc)
 
 
-def test_the_child_checks_and_the_agent_process_never_imports_cryptography(
+def through_child(bundle: Path) -> Credentials:
+    """The credentials from a forked check's own verdict (never the in-process fallback)."""
+    check = BundleCheck.start(bundle)
+    verdict = check.verdict()
+    assert verdict is not None, "the child gave no verdict"
+    return check.credentials_from(verdict)
+
+
+def test_the_child_checks_and_the_services_never_import_cryptography(
     pki_dir: Path, tmp_path: Path
 ) -> None:
     bundle = issue(pki_dir, tmp_path / "web01.bundle", role="master-target")
@@ -67,7 +87,7 @@ def test_the_child_checks_and_the_agent_process_never_imports_cryptography(
     )
     assert json.loads(out.stdout) == ["web01", "master-target", False]
 
-    creds = BundleCheck.start(bundle).result()
+    creds = through_child(bundle)
     assert creds == load_bundle(bundle)
     assert creds.ca_pem + creds.cert_pem + creds.key_pem == bundle.read_bytes()
 
@@ -82,16 +102,17 @@ def test_bad_bundles_get_the_full_checks_own_message(pki_dir: Path, tmp_path: Pa
     cases = {
         "key of another certificate": other.ca_pem + other.cert_pem + mine.key_pem,
         "signed by another CA": mine.ca_pem + other.cert_pem + other.key_pem,
-        "damaged certificate": good[:cert_at] + b"!" + good[cert_at + 1 :],
+        "damaged certificate": good[:cert_at] + b"AAAA" + good[cert_at + 4 :],  # still base64
     }
     for label, data in cases.items():
         bundle = tmp_path / f"{label}.bundle"
         bundle.write_bytes(data)
         os.chmod(bundle, 0o600)
-        expected = outcome(lambda b=bundle: load_bundle(b))
+        expected = outcome(functools.partial(load_bundle, bundle))
         assert isinstance(expected, str), label
+        assert BundleCheck.start(bundle).verdict() == {"error": expected}, label
         with pytest.raises(PkiError) as caught:
-            BundleCheck.start(bundle).result()
+            through_child(bundle)
         assert str(caught.value) == expected, label
 
 
@@ -106,22 +127,49 @@ def test_the_files_own_checks_fail_at_once_in_the_parent(pki_dir: Path, tmp_path
         BundleCheck.start(bundle)
 
 
+def test_blocks_are_what_openssl_loads_crlf_yes_headers_no(pki_dir: Path, tmp_path: Path) -> None:
+    bundle = issue(pki_dir, tmp_path / "b.bundle")
+    lf = load_bundle(bundle)
+    crlf = tmp_path / "crlf.bundle"
+    crlf.write_bytes(bundle.read_bytes().replace(b"\n", b"\r\n"))
+    os.chmod(crlf, 0o600)
+    creds = through_child(crlf)
+    assert creds == lf  # the same canonical blocks
+    client_context(creds)  # and OpenSSL loads them
+
+    text = bundle.read_bytes()
+    headed = tmp_path / "headed.bundle"
+    headed.write_bytes(
+        text.replace(
+            b"-----BEGIN CERTIFICATE-----\n", b"-----BEGIN CERTIFICATE-----\nFoo: bar\n\n", 1
+        )
+    )
+    os.chmod(headed, 0o600)
+    with pytest.raises(PkiError, match="not base64 \\(PEM headers are not accepted\\)"):
+        BundleCheck.start(headed)
+
+
 def test_the_bytes_checked_are_the_bytes_used(pki_dir: Path, tmp_path: Path) -> None:
     bundle = issue(pki_dir, tmp_path / "b.bundle")
     first = bundle.read_bytes()
     check = BundleCheck.start(bundle)
     issue(pki_dir, bundle, name="web02")  # rotated while the check runs
-    creds = check.result()
+    creds = check.credentials_from(check.verdict())
     assert creds.name == "web01"
     assert creds.ca_pem + creds.cert_pem + creds.key_pem == first
 
 
-def _silent_child() -> tuple[int, int]:
-    """A child that exits without a verdict: (pid, read end of its pipe)."""
+def _silent_child(hang: bool = False) -> tuple[int, int]:
+    """A child that gives no verdict (exits, or ``hang``s holding its pipe open): (pid, read
+    end of its pipe)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os._exit(3)
+        try:
+            while hang:
+                signal.pause()
+        finally:
+            os._exit(3)
     os.close(w)
     return pid, r
 
@@ -129,34 +177,56 @@ def _silent_child() -> tuple[int, int]:
 def test_no_verdict_means_the_parent_checks(pki_dir: Path, tmp_path: Path) -> None:
     bundle = issue(pki_dir, tmp_path / "b.bundle")
     blocks = read_bundle(bundle)
-    assert BundleCheck(bundle, blocks, _silent_child()).result() == load_bundle(bundle)
+    check = BundleCheck(bundle, blocks, _silent_child())
+    assert check.verdict() is None
+    assert check.credentials_from(None) == load_bundle(bundle)
+    assert asyncio.run(BundleCheck(bundle, blocks, _silent_child()).credentials()) == load_bundle(
+        bundle
+    )
 
     bad = tmp_path / "bad.bundle"
     bad.write_bytes(blocks.ca + blocks.ca + blocks.key)  # a CA certificate without its key
     os.chmod(bad, 0o600)
     with pytest.raises(PkiError, match="does not match"):
-        BundleCheck(bad, read_bundle(bad), _silent_child()).result()
+        asyncio.run(BundleCheck(bad, read_bundle(bad), _silent_child()).credentials())
 
 
 def test_a_child_silent_too_long_is_killed_and_the_parent_checks(
-    pki_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pki_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     bundle = issue(pki_dir, tmp_path / "b.bundle")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        while True:  # holds the pipe open and never answers
-            signal.pause()
-    os.close(w)
+    pid, r = _silent_child(hang=True)
     monkeypatch.setattr(credentials, "CHECK_TIMEOUT", 0.2)
-    assert BundleCheck(bundle, read_bundle(bundle), (pid, r)).result() == load_bundle(bundle)
+    check = BundleCheck(bundle, read_bundle(bundle), (pid, r))
+    with caplog.at_level(logging.WARNING, logger="tidemark.credentials"):
+        assert check.verdict() is None
+    assert "event=credentials_check_silent" in caplog.text
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # killed and reaped
+    assert check.credentials_from(None) == load_bundle(bundle)
+
+
+def test_close_ends_a_check_never_waited_for(pki_dir: Path, tmp_path: Path) -> None:
+    bundle = issue(pki_dir, tmp_path / "b.bundle")
+    pid, r = _silent_child(hang=True)
+    BundleCheck(bundle, read_bundle(bundle), (pid, r)).close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # killed and reaped
+    with pytest.raises(OSError):
+        os.fstat(r)  # its pipe closed
+    check = BundleCheck.start(bundle)
+    check.close()
+    assert check.verdict() is None  # nothing left to wait for
 
 
 def test_without_fork_the_check_is_made_in_process(
-    pki_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pki_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     bundle = issue(pki_dir, tmp_path / "b.bundle")
 
@@ -164,8 +234,12 @@ def test_without_fork_the_check_is_made_in_process(
         raise OSError("fork refused")
 
     monkeypatch.setattr(os, "fork", no_fork)
-    assert BundleCheck.start(bundle).result() == load_bundle(bundle)
-    assert BundleCheck.start(bundle, fork=False).result() == load_bundle(bundle)
+    with caplog.at_level(logging.WARNING, logger="tidemark.credentials"):
+        check = BundleCheck.start(bundle)
+    assert "event=credentials_check_inline" in caplog.text
+    assert check.verdict() is None
+    assert asyncio.run(check.credentials()) == load_bundle(bundle)
+    assert asyncio.run(BundleCheck.start(bundle, fork=False).credentials()) == load_bundle(bundle)
 
 
 @settings(
@@ -191,7 +265,7 @@ def test_any_bundle_bytes_get_the_same_outcome_as_the_full_check(
     bundle.write_bytes(mutated)
     os.chmod(bundle, 0o600)
     expected = outcome(lambda: load_bundle(bundle))
-    assert outcome(lambda: BundleCheck.start(bundle).result()) == expected
+    assert outcome(lambda: through_child(bundle)) == expected
 
 
 def test_agent_run_refuses_a_bundle_issued_to_another_name(tmp_path: Path) -> None:
