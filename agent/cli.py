@@ -114,15 +114,12 @@ def _report(reply: dict[str, Any], as_json: bool, lines: Callable[[], list[str]]
 
 
 async def _run(cfg: AgentConfig, bundle_check: BundleCheck) -> int:
-    try:
-        from agent.service import Agent
-        from common.ops import ServiceOps, run_service
+    from agent.service import Agent
+    from common.ops import ServiceOps, run_service
 
-        agent = Agent(cfg, bundle_check=bundle_check)
-        ops = ServiceOps(agent, cfg, role="agent")  # systemd, SIGHUP, metrics, alerts
-        return await run_service(ops, agent.start, agent.stop)
-    finally:
-        bundle_check.close()  # a start that failed before the check was waited for
+    agent = Agent(cfg, bundle_check=bundle_check)
+    ops = ServiceOps(agent, cfg, role="agent")  # systemd, SIGHUP, metrics, alerts
+    return await run_service(ops, agent.start, agent.stop)
 
 
 def offline_status(cfg: AgentConfig) -> dict[str, Any]:
@@ -279,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_agent_config(args.config)
             # first: the check runs in a child while this process imports the service
             bundle_check = BundleCheck.start(cfg.credentials)
-            return run_loop(_run(cfg, bundle_check))
+            try:
+                return run_loop(_run(cfg, bundle_check))
+            finally:
+                bundle_check.close()  # a start that failed before the check was waited for
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
         if args.command == "verify":

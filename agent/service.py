@@ -74,10 +74,8 @@ class Agent:
     async def start(self) -> None:
         """Open disks, start replication and exports. Raises TidemarkError, OSError."""
         self._stopping = False
-        check, self._bundle_check = self._bundle_check, None
-        if check is None:
-            check = BundleCheck.start(self.cfg.credentials, fork=False)
-        creds = await check.credentials()
+        check, self._bundle_check = self._bundle_check, None  # a check serves one start
+        creds = await (check or BundleCheck.start(self.cfg.credentials, fork=False)).credentials()
         if creds.name != self.cfg.name:
             raise TidemarkError(
                 f"{self.cfg.path}: agent.name is {self.cfg.name!r} but {self.cfg.credentials} was issued to {creds.name!r}"

@@ -38,7 +38,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from common.durable import fsync_dir
+from common.durable import fsync_dir, write_all
 from common.errors import IntegrityError, TidemarkError
 
 __all__ = [
@@ -230,9 +230,7 @@ def _write_key_file(path: Path, keys: dict[int, bytes], *, exclusive: bool) -> N
     try:
         try:
             os.fchmod(fd, 0o600)
-            data = memoryview(_format(keys))
-            while data:
-                data = data[os.write(fd, data) :]
+            write_all(fd, _format(keys))
             os.fsync(fd)
         finally:
             os.close(fd)

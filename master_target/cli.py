@@ -37,13 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(cfg: MasterTargetConfig, bundle_check: BundleCheck) -> int:
-    try:
-        return await _serve(cfg, bundle_check)
-    finally:
-        bundle_check.close()  # a start that failed before the check was waited for
-
-
-async def _serve(cfg: MasterTargetConfig, bundle_check: BundleCheck) -> int:
     from master_target.service import MasterTarget
 
     mt = MasterTarget(cfg, bundle_check=bundle_check)
@@ -97,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_mt_config(args.config)
             # first: the check runs in a child while this process imports the service
             bundle_check = BundleCheck.start(cfg.credentials)
-            return run_loop(_run(cfg, bundle_check))
+            try:
+                return run_loop(_run(cfg, bundle_check))
+            finally:
+                bundle_check.close()  # a start that failed before the check was waited for
         if args.command == "status":
             return run_loop(_status(args.config, args.json))
     except TidemarkError as exc:

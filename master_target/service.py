@@ -86,10 +86,8 @@ class MasterTarget:
 
     # ----------------------------------------------------------------- lifecycle
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        check, self._bundle_check = self._bundle_check, None
-        if check is None:
-            check = BundleCheck.start(self.cfg.credentials, fork=False)
-        creds = await check.credentials()
+        check, self._bundle_check = self._bundle_check, None  # a check serves one start
+        creds = await (check or BundleCheck.start(self.cfg.credentials, fork=False)).credentials()
         if creds.role != "master-target":
             raise TidemarkError(
                 f"{self.cfg.credentials} is a {creds.role} credential; a master target needs "
