@@ -380,13 +380,15 @@ class PySpy:
             # TIDEMARK_BENCH_PYSPY_IDLE=1: every thread, waiting included (where time goes);
             # TIDEMARK_BENCH_PYSPY_NATIVE=1: every running thread with its C frames (where
             # CPU goes, zstd and hashing included); default: the thread holding the GIL.
+            # TIDEMARK_BENCH_PYSPY_RATE: samples a second (default 100).
             if os.environ.get(PYSPY_ENV + "_IDLE"):
                 mode = ["--idle"]
             elif os.environ.get(PYSPY_ENV + "_NATIVE"):
                 mode = ["--native"]
             else:
                 mode = ["--gil"]
-            cmd = [exe, "record", *mode, "-f", "raw", "-r", "100", "-o", str(out)]
+            rate = os.environ.get(PYSPY_ENV + "_RATE", "100")  # samples a second
+            cmd = [exe, "record", *mode, "-f", "raw", "-r", rate, "-o", str(out)]
             self.procs.append(
                 subprocess.Popen(
                     [*cmd, "--pid", str(pid)],
@@ -526,10 +528,12 @@ def tidemark_initial(
     poll: float = 0.05,
     on_sample: OnSample | None = None,
     label: str = "",
+    on_start: Callable[[], object] | None = None,
 ) -> tuple[Deployment, dict[str, Any]]:
     """A fresh deployment; time from starting the agent until ``image`` is level.
     ``options``: more agent settings; ``poll`` and ``on_sample``: as :func:`wait_level`;
-    ``label``: told apart in the profiles' names (one per round)."""
+    ``label``: told apart in the profiles' names (one per round); ``on_start``: called just
+    before the clock starts (benchmarks/sync_ab.py reads the machine's CPU times there)."""
     dep = Deployment(root)
     if (err := _check_paths(dep)) is not None:
         raise RuntimeError(err)
@@ -539,6 +543,8 @@ def tidemark_initial(
         pids[f"ps-{disk}"] = dep.start_ps().pid
         cache = warm(image)
         before = _Snapshot(connections_to(dep.port), _LinkCounts(0, 0))  # no agent yet
+        if on_start is not None:
+            on_start()
         t0 = time.monotonic()
         agent = dep.start_agent(AGENT)
         pids[f"agent-{disk}"] = agent.pid
