@@ -387,7 +387,7 @@ class PySpy:
                 mode = ["--native"]
             else:
                 mode = ["--gil"]
-            rate = os.environ.get(PYSPY_ENV + "_RATE", "100")  # samples a second
+            rate = os.environ.get(PYSPY_ENV + "_RATE", "100")
             cmd = [exe, "record", *mode, "-f", "raw", "-r", rate, "-o", str(out)]
             self.procs.append(
                 subprocess.Popen(

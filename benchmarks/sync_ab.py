@@ -13,8 +13,9 @@ agent settings (``--option NAME:KEY=VALUE``). The services of a run import the v
 code (``PYTHONPATH``, and ``PYTHONSAFEPATH`` so that no current directory comes first); the
 harness is this tree's. Each run is :func:`benchmarks.sync.tidemark_initial` on one image
 (half holes and half 2:1-compressible data, or ``--random`` bytes), timed from starting the
-agent until the replica is level and applied, with the machine's idle and steal seconds
-(``/proc/stat``) over the same window; every replica is compared with its source.
+agent until the replica is level and applied, with the machine's busy, idle and steal
+seconds (``/proc/stat``) from the clock's start until the run's figures are in (a few
+tens of ms more); every replica is compared with its source.
 
     python -m benchmarks.sync_ab --variant base=HEAD --variant new=. [--pairs 10]
         [--option new:compression_fast_level=-50] [--size-mib 4096] [--random]
