@@ -8,8 +8,9 @@ its mean CPU-s per service, and against the first variant how many pairs it won 
 two-sided sign test: what the "alternating pairs" in docs/benchmarks.md are.
 
 A variant is ``NAME=REV``: a git revision of this repository (exported with ``git archive``
-into a temporary directory and byte-compiled) or ``.``, the working tree as it is, plus
-agent settings (``--option NAME:KEY=VALUE``). The services of a run import the variant's
+into a temporary directory and byte-compiled), ``.``, the working tree as it is, or the path
+of another tree (with a ``/``: a throwaway copy holding an experiment), plus agent settings
+(``--option NAME:KEY=VALUE``). The services of a run import the variant's
 code (``PYTHONPATH``, and ``PYTHONSAFEPATH`` so that no current directory comes first); the
 harness is this tree's. Each run is :func:`benchmarks.sync.tidemark_initial` on one image
 (half holes and half 2:1-compressible data, or ``--random`` bytes), timed from starting the
@@ -59,7 +60,9 @@ class Variant:
 def parse_variant(text: str) -> Variant:
     name, sep, rev = text.partition("=")
     if not sep or not name.isidentifier() or not rev:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=REV (REV a git revision or .)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=REV (REV a git revision, . or a tree's path)"
+        )
     return Variant(name, rev)
 
 
@@ -73,9 +76,17 @@ def parse_variant_option(text: str) -> tuple[str, str, Any]:
 
 def prepare(variant: Variant, workdir: Path) -> None:
     """Put the variant's code in a tree of its own (``git archive``), byte-compiled as an
-    installed package would be. ``.`` is this tree."""
+    installed package would be. ``.`` is this tree; a path to a directory (it has a ``/``)
+    is a tree of its own, used as it is (a throwaway copy with an experiment in it)."""
     if variant.rev == ".":
         variant.tree = REPO
+        return
+    if os.sep in variant.rev and Path(variant.rev).is_dir():  # a tree of its own, as it is
+        tree = Path(variant.rev).resolve()
+        if not (tree / "agent" / "cli.py").is_file():
+            raise SystemExit(f"{variant.rev}: not a tidemark tree (no agent/cli.py)")
+        _compile(tree)
+        variant.tree = tree
         return
     tree = workdir / f"tree-{variant.name}"
     tree.mkdir()
@@ -87,12 +98,14 @@ def prepare(variant: Variant, workdir: Path) -> None:
     if archive.returncode != 0:
         raise SystemExit(f"git archive {variant.rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    compileall.compile_dir(
-        tree,
-        quiet=1,
-        invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
-    )
+    _compile(tree)
     variant.tree = tree
+
+
+def _compile(tree: Path) -> None:
+    compileall.compile_dir(
+        tree, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH
+    )
 
 
 def cpu_times() -> tuple[float, float, float]:

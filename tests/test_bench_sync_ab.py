@@ -1,6 +1,6 @@
 """``python -m benchmarks.sync_ab`` (a diagnostic, docs/benchmarks.md): each variant's
 services run that variant's code (a marker planted in a revision's exported tree is written
-by its services, and not by the working tree's), every replica equals its source (checked
+by its services, also when that tree is named by its path, and not by the working tree's), every replica equals its source (checked
 here with a digest of both files, outside the code under test), the summary counts what the
 runs say, and bad arguments get a clear error."""
 
@@ -56,11 +56,17 @@ def test_each_variant_runs_its_own_code(tmp_path: Path, monkeypatch: pytest.Monk
     assert marker.read_text().split(), "the revision's services did not run its code"
     assert _digest(image) == source  # the source was only read
 
+    marker.unlink()  # the same tree named by its path: used as it is, marker and all
+    elsewhere = Variant("dir", str(revision.tree))
+    prepare(elsewhere, tmp_path)
+    assert elsewhere.tree == revision.tree.resolve()
+    assert one_run(elsewhere, tmp_path / "run-1", image)["equal"] and marker.exists()
+
     marker.unlink()
     here = Variant("here", ".")
     prepare(here, tmp_path)
     assert here.tree == REPO
-    run2 = one_run(here, tmp_path / "run-1", image)
+    run2 = one_run(here, tmp_path / "run-2", image)
     assert run2["equal"] and not marker.exists()
     assert run2["machine_busy"] > 0 and run2["machine_idle"] >= 0
 
@@ -111,6 +117,8 @@ def test_bad_options_and_arguments_are_refused(capsys: pytest.CaptureFixture[str
     assert "no variant named 'c'" in capsys.readouterr().err
 
 
-def test_an_unknown_revision_is_a_clear_error(tmp_path: Path) -> None:
+def test_an_unknown_revision_or_a_foreign_tree_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="git archive no-such-revision"):
         prepare(Variant("x", "no-such-revision"), tmp_path)
+    with pytest.raises(SystemExit, match="not a tidemark tree"):
+        prepare(Variant("x", str(tmp_path)), tmp_path)
