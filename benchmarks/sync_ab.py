@@ -2,7 +2,8 @@
 
 Why: on the shared 2-core VM the machine's pace for CPU-heavy work moves by the minute, so
 one run of each version says nothing: the same code's copy of the ``sync`` image spread over
-2.0-3.3 s in one hour (docs/benchmarks.md, "sync"). This runs the variants in turns, the
+2.0-3.3 s in one hour, and ten alternating pairs of it against itself gave medians 13%
+apart (docs/benchmarks.md, "sync"). This runs the variants in turns, the
 order of each pair alternating, and reports each variant's sorted times, median and mean,
 its mean CPU-s per service, and against the first variant how many pairs it won with a
 two-sided sign test: what the "alternating pairs" in docs/benchmarks.md are.
@@ -52,7 +53,7 @@ RUN_TIMEOUT = 300.0  # seconds for one copy to be level
 @dataclass
 class Variant:
     name: str
-    rev: str  # a git revision, or "." for the working tree
+    rev: str  # a git revision, "." for the working tree, or the path of another tree
     options: dict[str, Any] = field(default_factory=dict)
     tree: Path = REPO  # where its code is (set up by prepare)
 
