@@ -15,12 +15,10 @@ held, 1 when one FAILED (an error, or e.g. a replica that differs from its sourc
 from __future__ import annotations
 
 import argparse
-import compileall
 import datetime as dt
 import importlib
 import json
 import os
-import py_compile
 import shlex
 import sys
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from benchmarks.deploy import compile_packages
 from benchmarks.metrics import GIB, MIB, Figure, Params, ScenarioResult, machine_info
 from common.units import duration_option
 
@@ -241,20 +240,13 @@ def format_table(results: list[ScenarioResult]) -> str:
     return "\n".join(lines)
 
 
-PACKAGES = ("agent", "common", "protocol", "process_server", "master_target")
-
-
 def compile_bytecode() -> None:
     """Byte-compile tidemark's packages as ``scripts/bootstrap`` does (each .pyc checked
     against its source's hash). Without it, a module edited since the bootstrap is compiled
     from source in every agent the benchmarks start when ``PYTHONDONTWRITEBYTECODE`` is set,
     and the initial sync's clock counts the agent's start (six modules: ~12 ms, measured
     2026-12-07). Where the tree is not writable, nothing changes."""
-    root = Path(__file__).resolve().parent.parent
-    for name in PACKAGES:
-        compileall.compile_dir(
-            root / name, quiet=2, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH
-        )
+    compile_packages(Path(__file__).resolve().parent.parent)
 
 
 def main(argv: list[str] | None = None) -> int:

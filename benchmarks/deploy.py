@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import py_compile
 import signal
 import socket
 import subprocess
@@ -36,6 +37,19 @@ def ensure_bytecode() -> None:
     for package in PACKAGES:
         with contextlib.suppress(OSError):  # a read-only checkout: start as it is
             compileall.compile_dir(root / package, quiet=2)
+
+
+SERVICE_PACKAGES = ("agent", "common", "protocol", "process_server", "master_target")
+
+
+def compile_packages(root: Path) -> None:
+    """Byte-compile the services' packages under ``root`` as ``scripts/bootstrap`` does (each
+    .pyc checked against its source's hash), so that processes importing them from there load
+    the .pyc files even where ``PYTHONDONTWRITEBYTECODE`` is set."""
+    for name in SERVICE_PACKAGES:
+        compileall.compile_dir(
+            root / name, quiet=2, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH
+        )
 
 
 def free_port() -> int:

@@ -27,12 +27,10 @@ tens of ms more); every replica is compared with its source.
 from __future__ import annotations
 
 import argparse
-import compileall
 import contextlib
 import json
 import math
 import os
-import py_compile
 import shutil
 import statistics
 import subprocess
@@ -43,6 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from benchmarks.deploy import compile_packages
 from benchmarks.sync import INIT_DISK, make_half_holes, make_random, same, tidemark_initial
 from benchmarks.sync_timeline import _option
 
@@ -86,7 +87,7 @@ def prepare(variant: Variant, workdir: Path) -> None:
         tree = Path(variant.rev).resolve()
         if not (tree / "agent" / "cli.py").is_file():
             raise SystemExit(f"{variant.rev}: not a tidemark tree (no agent/cli.py)")
-        _compile(tree)
+        compile_packages(tree)
         variant.tree = tree
         return
     tree = workdir / f"tree-{variant.name}"
@@ -99,24 +100,14 @@ def prepare(variant: Variant, workdir: Path) -> None:
     if archive.returncode != 0:
         raise SystemExit(f"git archive {variant.rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    _compile(tree)
+    compile_packages(tree)
     variant.tree = tree
-
-
-def _compile(tree: Path) -> None:
-    compileall.compile_dir(
-        tree, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH
-    )
 
 
 def cpu_times() -> tuple[float, float, float]:
     """(busy, idle + iowait, steal) seconds of the whole machine so far (``/proc/stat``)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]
-    steal = fields[7] if len(fields) > 7 else 0
-    return (sum(fields[:8]) - idle - steal) / tick, idle / tick, steal / tick
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq, t.idle + t.iowait, t.steal
 
 
 @contextlib.contextmanager
