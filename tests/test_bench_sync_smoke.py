@@ -139,7 +139,16 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     assert ini["tidemark"]["replica_allocated_bytes"] <= ini["source_allocated_bytes"] * 1.05
     assert 0.3 * ini["data_bytes"] < ini["tidemark"]["wire_bytes"] < 0.8 * ini["data_bytes"]
     assert "--flush" in ini["nbdcopy"]["command"]
+    # the judged baseline's nbdkit listens on TCP loopback; the unix socket's is reported
+    assert ini["nbdcopy"]["transport"] == "tcp" and " nbd://127.0.0.1:" in ini["nbdcopy"]["command"]
+    assert "-i 127.0.0.1 -p " in ini["nbdcopy"]["server"]
+    unix = ini["nbdcopy_unix"]
+    assert unix["transport"] == "unix" and "nbd+unix:///?socket=" in unix["command"]
+    assert unix["equal"] is True and "--flush" in unix["command"]
+    by_unix = _figure(result, "initial sync: tidemark vs nbdcopy --flush -> nbdkit file, unix")
+    assert by_unix["baseline"] == unix["seconds"] and by_unix["value"] == ini["tidemark"]["seconds"]
     init = _figure(result, "initial sync over TLS")
+    assert init["target"] == "<= 1.2x nbdcopy, TCP loopback"
     assert init["baseline"] == ini["nbdcopy"]["seconds"] > 0 and init["passed"] in (True, False)
     # --quick times one round; its times are the first round's
     (only,) = ini["rounds"]
@@ -164,16 +173,24 @@ def _run_quick(tmp_path: Path, private_tmp: Path) -> None:
     # Nothing left behind: no files in the temp dir, no process still running.
     assert list(private_tmp.iterdir()) == []
     pids = details["pids"]
-    assert {"ps-init0", "agent-init0", "ps-resync0", "agent-resync0-2", "nbdkit-b"} <= set(pids)
+    assert {
+        "ps-init0",
+        "agent-init0",
+        "ps-resync0",
+        "agent-resync0-2",
+        "nbdkit-b",
+        "nbdkit-u",
+    } <= set(pids)
     assert {"tls_floor-server", "tls_zstd_floor-client"} <= set(pids)
     assert_nothing_left(private_tmp, pids)
 
 
 @pytest.mark.timeout(120)
 def test_each_initial_round_is_timed_compared_and_cleaned_up() -> None:
-    """Two rounds on a small image, in turn nbdcopy first and tidemark first: each pair timed
-    and compared with the source, each on a fresh deployment (a later one gone after its
-    round), every process accounted for and stopped."""
+    """Two rounds on a small image, the order turned by one (nbdcopy first, then tidemark
+    first): tidemark and nbdcopy on both transports timed and compared with the source in
+    each, each round on a fresh deployment (a later one gone after its round), every process
+    accounted for and stopped."""
     require_tools(*TOOLS)
     private_tmp = Path(tempfile.mkdtemp(prefix="tms-rounds-", dir="/tmp"))
     pids: dict[str, int] = {}
@@ -183,11 +200,20 @@ def test_each_initial_round_is_timed_compared_and_cleaned_up() -> None:
         rounds = out["rounds"]
         assert len(rounds) == 2
         assert [r["first"] for r in rounds] == ["nbdcopy", "tidemark"]
+        assert [r["order"] for r in rounds] == [
+            ["nbdcopy", "tidemark", "nbdcopy_unix"],
+            ["tidemark", "nbdcopy_unix", "nbdcopy"],
+        ]
         for r in rounds:
             assert r["equal"] is True and r["tidemark_seconds"] > 0 and r["nbdcopy_seconds"] > 0
             assert r["ratio"] == pytest.approx(r["tidemark_seconds"] / r["nbdcopy_seconds"])
+            assert r["ratio_unix"] == pytest.approx(
+                r["tidemark_seconds"] / r["nbdcopy_unix_seconds"]
+            )
         assert rounds[0]["tidemark_seconds"] == out["tidemark"]["seconds"]
         assert rounds[0]["nbdcopy_seconds"] == out["nbdcopy"]["seconds"]
+        assert rounds[0]["nbdcopy_unix_seconds"] == out["nbdcopy_unix"]["seconds"]
+        assert (out["nbdcopy"]["transport"], out["nbdcopy_unix"]["transport"]) == ("tcp", "unix")
         # the first round's deployment stays for the floors' PKI; a later one is removed
         assert (private_tmp / "i" / "d").is_dir() and not (private_tmp / "i" / "d-2").exists()
         assert {
@@ -196,6 +222,8 @@ def test_each_initial_round_is_timed_compared_and_cleaned_up() -> None:
             f"ps-{INIT_DISK}-2",
             "nbdkit-b",
             "nbdkit-b-2",
+            "nbdkit-u",
+            "nbdkit-u-2",
         } <= set(pids)
         assert_nothing_left(private_tmp, pids)
     finally:
@@ -248,12 +276,38 @@ def test_initial_target_is_judged_on_the_medians() -> None:
     assert equal["passed"] is False and equal["critical"] is True
 
 
+def test_the_unix_socket_baseline_is_reported_and_the_tcp_one_judged() -> None:
+    """The target is judged against nbdcopy into nbdkit on TCP loopback; the same copy on a
+    unix socket (faster) is reported beside it, with its own ratio, and decides nothing."""
+    details = _initial_details([(2.4, 2.1, True), (2.6, 2.2, True), (2.5, 2.0, True)])
+    ini = details["initial"]
+    ini["nbdcopy"]["transport"] = "tcp"
+    for row, unix_s in zip(ini["rounds"], (1.9, 1.8, 2.0), strict=True):
+        row["nbdcopy_unix_seconds"] = unix_s
+        row["ratio_unix"] = row["tidemark_seconds"] / unix_s
+    result = {"figures": [f.__dict__ for f in _figures(details)]}
+    head = _figure(result, "initial sync over TLS")
+    assert (head["value"], head["baseline"]) == (2.5, 2.1)
+    assert head["target"] == f"<= {TARGET_INITIAL}x nbdcopy, TCP loopback"
+    assert head["passed"] is True  # 1.19x; against the unix socket it would be 1.32x
+    unix = _figure(result, "initial sync: tidemark vs nbdcopy --flush -> nbdkit file, unix")
+    assert (unix["value"], unix["baseline"]) == (2.5, 1.9)
+    assert unix["ratio"] == pytest.approx(2.5 / 1.9) and unix["passed"] is None
+    assert "TCP loopback" in _figure(result, "initial sync: nbdcopy --flush")["name"]
+    told = _figure(result, "initial sync rounds")
+    assert "unix socket" in told["name"]
+    assert told["value"].startswith("2.40/2.10 (1.14x); /1.90 (1.26x), 2.60/2.20")
+
+
 def test_a_json_from_before_the_rounds_still_gives_its_figures() -> None:
     details = _initial_details([(3.0, 2.6, True)])
     del details["initial"]["rounds"]
     result = {"figures": [f.__dict__ for f in _figures(details)]}
     head = _figure(result, "initial sync over TLS")
     assert "one round" in head["name"] and (head["value"], head["baseline"]) == (3.0, 2.6)
+    # its baseline ran on a unix socket (no transport recorded then), and says so
+    assert head["target"].endswith("unix socket")
+    assert "unix socket" in _figure(result, "initial sync: nbdcopy --flush")["name"]
     assert _figure(result, "initial sync: replica / nbdkit copy")["passed"] is True
 
 
