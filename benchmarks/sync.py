@@ -111,7 +111,7 @@ CHANGE_FRACTION = 0.01
 TARGET_RESYNC = 0.33  # x the faster of rsync and bdsync
 TARGET_WIRE = 1.1  # x the changed bytes
 TARGET_INITIAL = 1.2  # x nbdcopy into nbdkit file
-INITIAL_ROUNDS = 3  # nbdcopy / tidemark pairs of the initial sync (1 with --quick)
+INITIAL_ROUNDS = 3  # rounds of the initial sync, each timing ROUND_ORDER (1 with --quick)
 # What each round times, the first going first in round 1, then turned by one each round.
 # "nbdcopy": into nbdkit on TCP loopback (the target's baseline); "nbdcopy_unix": the same
 # on a unix socket (the baseline until 2026-12-07, reported; docs/resync.md says why).
@@ -692,7 +692,8 @@ def phase_initial(
         suffix = "" if n == 0 else f"-{n + 1}"
         # The order turns each round: none always runs first, or right after another's
         # clean-up.
-        order = [*ROUND_ORDER[n % 3 :], *ROUND_ORDER[: n % 3]]
+        turn = n % len(ROUND_ORDER)
+        order = [*ROUND_ORDER[turn:], *ROUND_ORDER[:turn]]
         copies: dict[str, dict[str, Any]] = {}
         for who in order:
             if who == "tidemark":
