@@ -64,7 +64,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,7 +73,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks.deploy import PYTHON, Deployment
+from benchmarks.deploy import PYTHON, Deployment, free_port
 from benchmarks.driver import compressible
 from benchmarks.metrics import MIB, Figure, Params, ProcessSampler, ScenarioResult, ratio
 from benchmarks.tcp_bytes import Counts, Endpoints, WireCountError, connections_to, wire_between
@@ -327,13 +326,6 @@ def _wait_ready(pidfile: Path, proc: subprocess.Popen[bytes], timeout: float = 1
     raise TimeoutError(f"nbdkit: {pidfile} did not appear within {timeout}s")
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (nbdkit binds it next)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_nbdcopy(
     src: Path,
     target: Path,
@@ -359,7 +351,7 @@ def run_nbdcopy(
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()  # nbdkit leaves them behind when terminated
     if transport == "tcp":
-        port = _free_port()
+        port = free_port()  # nothing listens on it now; nbdkit binds it next
         listen = ["-i", "127.0.0.1", "-p", str(port)]
         uri = f"nbd://127.0.0.1:{port}"
     else:
@@ -1083,7 +1075,8 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
                 "s",
             )
         )
-        if all("nbdcopy_unix_seconds" in x for x in rounds):
+        unix = all("nbdcopy_unix_seconds" in x for x in rounds)
+        if unix:
             unix_s = statistics.median(x["nbdcopy_unix_seconds"] for x in rounds)
             figs.append(
                 Figure(
@@ -1097,7 +1090,6 @@ def _figures(details: dict[str, Any]) -> list[Figure]:
                 )
             )
         if len(rounds) > 1:
-            unix = all("nbdcopy_unix_seconds" in x for x in rounds)
             figs.append(
                 Figure(
                     NAME,
